@@ -1,0 +1,279 @@
+"""The recipe: one typed config, validated before anything heavy loads.
+
+A recipe is a YAML file whose sections map onto the models below. Every section forbids unknown
+keys, and errors name the offending key with the nearest valid one (``lora.rnak`` -> ``lora.rank``).
+Command-line overrides use dotted keys (``lora.rank=4 train.steps=50``); their values are parsed as
+YAML scalars, so ``lora.rank=full`` and ``train.lr=2e-4`` both do what they say.
+
+Configs hold specs (names, paths, numbers), never loaded objects, so they pickle across processes
+and serialise into the run folder and W&B.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rl_lora.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    """Which policy to train and how to load it."""
+
+    # "builtin:arithmetic-tiny" (the embedded default), a local folder, or a hub id.
+    policy: str = "builtin:arithmetic-tiny"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    # Supervised warm-up steps for the built-in model (0 = random init). Ignored for other models.
+    warmup_steps: int = Field(default=1000, ge=0)
+
+
+class LoraSpec(_Section):
+    """The adapter. ``rank: full`` trains every parameter instead (the baseline)."""
+
+    rank: int | Literal["full"] = 1
+    alpha: float = Field(default=32.0, gt=0)
+    # "all-linear" = every linear layer of attention and MLP (not the output head).
+    targets: str | list[str] = "all-linear"
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # LoRA LR = multiplier x train.lr (the full-parameter LR). None = the findings' rule.
+    lr_multiplier: float | None = Field(default=None, gt=0)
+    # An explicit LoRA LR; wins over the multiplier.
+    lr: float | None = Field(default=None, gt=0)
+
+    @field_validator("rank")
+    @classmethod
+    def _positive_rank(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("rank must be >= 1, or 'full' for the full-parameter baseline")
+        return value
+
+    @property
+    def is_full(self) -> bool:
+        return self.rank == "full"
+
+
+class GrpoSpec(_Section):
+    """Group-relative policy optimisation (TRL's GRPOTrainer)."""
+
+    num_generations: int = Field(default=8, ge=2)
+    max_completion_length: int = Field(default=5, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    # KL coefficient to the reference (the policy with its adapter disabled). 0 = no reference pass.
+    beta: float = Field(default=0.0, ge=0)
+    epsilon: float = Field(default=0.2, gt=0)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+
+
+class RewardFunctionSpec(_Section):
+    """One reward: a built-in name or ``module.path:function``, with its weight."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardSpec(_Section):
+    functions: list[RewardFunctionSpec] = Field(
+        default_factory=lambda: [RewardFunctionSpec(name="exact_answer")]
+    )
+
+    @field_validator("functions")
+    @classmethod
+    def _not_empty(cls, value: list[RewardFunctionSpec]) -> list[RewardFunctionSpec]:
+        if not value:
+            raise ValueError("at least one reward function is needed")
+        return value
+
+
+class DataSpec(_Section):
+    """The task. ``arithmetic`` is the built-in synthetic task (two-operand addition)."""
+
+    task: Literal["arithmetic"] = "arithmetic"
+    min_operand: int = Field(default=10, ge=0)
+    max_operand: int = Field(default=99, ge=1)
+    eval_size: int = Field(default=300, ge=1)
+    # The held-out split is fixed by this seed, independent of the training seed.
+    split_seed: int = 1234
+
+
+class TrainSpec(_Section):
+    steps: int = Field(default=300, ge=1)
+    # Completions per optimizer step (prompts per step = batch_size / num_generations).
+    batch_size: int = Field(default=64, ge=1)
+    # The full-parameter learning rate; LoRA runs scale it (see lora.lr_multiplier).
+    lr: float = Field(default=2e-4, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    seed: int = 1
+    eval_every: int = Field(default=50, ge=1)
+    log_every: int = Field(default=1, ge=1)
+    threads: int | None = Field(default=None, ge=1)
+
+
+class LoggingSpec(_Section):
+    output_dir: str = "runs"
+    run_name: str | None = None
+    wandb: bool = True
+    wandb_project: str = "rl-lora"
+    wandb_group: str | None = None
+    progress: bool = True
+
+
+class RecipeConfig(_Section):
+    """A whole recipe."""
+
+    name: str = "recipe"
+    algorithm: Literal["grpo"] = "grpo"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    logging: LoggingSpec = Field(default_factory=LoggingSpec)
+
+    @model_validator(mode="after")
+    def _batch_holds_whole_groups(self) -> RecipeConfig:
+        if self.algorithm == "grpo" and self.train.batch_size % self.grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                f"grpo.num_generations ({self.grpo.num_generations}): each prompt's group is scored together"
+            )
+        if self.data.min_operand > self.data.max_operand:
+            raise ValueError(
+                f"data.min_operand ({self.data.min_operand}) is larger than data.max_operand ({self.data.max_operand})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
+    """The field names at ``path`` inside ``model`` (for "did you mean" hints)."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        candidates = [annotation, *args]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields) if hasattr(current, "model_fields") else []
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(RecipeConfig, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+        return f"unknown key '{dotted}'{hint} (valid keys here: {', '.join(valid)})"
+    if not loc:  # a cross-field check: its message names the fields itself
+        return str(error["msg"]).removeprefix("Value error, ")
+    got = error.get("input")
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    return f"'{dotted}': {msg} (got {got!r})"
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> RecipeConfig:
+    """Validate a raw mapping into a RecipeConfig, or raise ConfigError naming each bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return RecipeConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.path=value")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"override '{text}': '{key}' is not a dotted key like lora.rank")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value does not parse ({exc.problem})") from None
+    return key.split("."), _coerce_float_string(parsed)
+
+
+def _coerce_float_string(value: Any) -> Any:
+    # PyYAML (YAML 1.1) reads "2e-4" as a string; users mean a float.
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        return float(value)
+    return value
+
+
+def _normalise_floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _normalise_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_normalise_floats(v) for v in node]
+    return _coerce_float_string(node)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each dotted override applied (sections are created as needed)."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """Read a recipe YAML file into a raw mapping, with clear errors for missing or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"recipe '{path}'{where}: malformed YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe '{path}' cannot be read ({exc})") from None
+    if raw is None:
+        raise ConfigError(f"recipe '{path}' is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe '{path}': a recipe must be a YAML mapping, got {type(raw).__name__}")
+    return _normalise_floats(raw)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read, override and validate a recipe. Raises ConfigError; loads no model."""
+    raw = apply_overrides(read_recipe_file(path), overrides or [])
+    return validate(raw, source=f"recipe '{path}'")

@@ -1,0 +1,29 @@
+"""The project's exception hierarchy.
+
+Every error a user can cause by what they wrote (a recipe, a data file, a reward plug-in) is one of
+these, so the command line can print it as one clear line and exit non-zero.
+"""
+
+
+class RlLoraError(Exception):
+    """Base class: a problem the user can fix, reported without a traceback."""
+
+
+class ConfigError(RlLoraError):
+    """A recipe or command-line override that does not validate."""
+
+
+class DataError(RlLoraError):
+    """A dataset file, row or field that cannot be used."""
+
+
+class RewardError(RlLoraError):
+    """A reward plug-in that cannot be found, raised, or returned unusable scores."""
+
+
+class ModelError(RlLoraError):
+    """A model or tokenizer that cannot be loaded or does not fit the recipe."""
+
+
+class CheckpointError(RlLoraError):
+    """A run folder or checkpoint that cannot be written or read."""

@@ -1,0 +1,1 @@
+"""Models: the built-in tokenizer and model, and loading of any policy a recipe names."""

@@ -1,0 +1,47 @@
+"""Loading the policy a recipe names: the built-in default, a local folder, or a hub id."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rl_lora.config import DataSpec, ModelSpec
+from rl_lora.errors import ModelError
+from rl_lora.models.builtin import BUILTIN_PREFIX, builtin_path
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_policy_path(spec: ModelSpec, data: DataSpec, progress: bool = True) -> str:
+    """A path or hub id ``from_pretrained`` can load; builds the built-in model on first use."""
+    if spec.policy.startswith(BUILTIN_PREFIX):
+        name = spec.policy.removeprefix(BUILTIN_PREFIX)
+        return str(builtin_path(name, spec.warmup_steps, data, progress=progress))
+    return spec.policy
+
+
+def load_policy(
+    spec: ModelSpec, data: DataSpec, progress: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """(model, tokenizer, source) for the recipe's policy, with a usable pad token."""
+    source = resolve_policy_path(spec, data, progress)
+    if not spec.policy.startswith(BUILTIN_PREFIX) and Path(source).exists() and not Path(source).is_dir():
+        raise ModelError(f"model.policy '{source}' is a file; expected a model folder or a hub id")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=_DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"tokenizer of '{spec.policy}' has neither a pad nor an eos token")
+        # Generation masks everything after the first EOS, so pad = EOS is safe for RL rollouts.
+        warnings.warn(f"tokenizer of '{spec.policy}' has no pad token; using its eos token", stacklevel=2)
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, source

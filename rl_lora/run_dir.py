@@ -1,0 +1,54 @@
+"""The run folder: ``runs/<run-name>/`` with the resolved config, metrics, summary and weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rl_lora.config import RecipeConfig
+from rl_lora.errors import CheckpointError
+
+
+def default_run_name(config: RecipeConfig) -> str:
+    rank = "full" if config.lora.is_full else f"r{config.lora.rank}"
+    return f"{config.name}-{rank}-s{config.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def create_run_dir(config: RecipeConfig) -> Path:
+    """Make a fresh run folder (never reusing an existing one) and check that it is writable."""
+    root = Path(config.logging.output_dir)
+    name = config.logging.run_name or default_run_name(config)
+    path = root / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        suffix = 1
+        while path.exists():  # two runs started in the same second, or a reused run_name
+            suffix += 1
+            path = root / f"{name}-{suffix}"
+        path.mkdir()
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"output folder '{path}' cannot be written ({exc.strerror or exc})") from None
+    return path
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON so that a reader sees either the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, resolved: dict[str, Any]) -> None:
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False), encoding="utf-8")

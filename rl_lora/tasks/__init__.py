@@ -1,0 +1,1 @@
+"""Built-in tasks: synthetic problems with exact answers and a fixed held-out split."""

@@ -1,0 +1,169 @@
+"""Metrics: one record per logged step, written to ``metrics.jsonl`` and to W&B alike.
+
+TRL's trainers log their own figures (loss, reward, entropy, KL, ...) through transformers'
+callback system but no memory and no held-out accuracy; ``RunTracker`` merges those in, so the
+file and the dashboard always hold the same record. Only the main process writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from rl_lora.memory import peak_memory, state_bytes
+
+# TRL's key -> ours. Keys not listed are kept under their own names.
+_RENAME = {"loss": "loss", "reward": "reward", "reward_std": "reward_std", "learning_rate": "lr", "kl": "kl"}
+
+
+def wandb_mode() -> str:
+    """'online' when a W&B login is present, else 'offline'; WANDB_MODE, when set, wins."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+class WandbSink:
+    """A W&B run living in the run folder; offline unless the user is logged in."""
+
+    def __init__(self, run_dir: Path, project: str, name: str, group: str | None, config: dict[str, Any],
+                 tags: list[str], job_type: str) -> None:
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+
+        self.mode = wandb_mode()
+        self.run = wandb.init(
+            project=project, name=name, group=group, job_type=job_type, tags=tags, config=config,
+            dir=str(run_dir), mode=self.mode, reinit="finish_previous",
+        )
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
+
+    def finish(self, summary: dict[str, Any]) -> str | None:
+        """Close the run; returns the `wandb sync` command for an offline run."""
+        for key, value in summary.items():
+            if isinstance(value, (int, float, str, bool)):
+                self.run.summary[key] = value
+        run_dir = getattr(self.run, "dir", None)
+        self.run.finish()
+        if self.mode == "offline" and run_dir:
+            return f"wandb sync {Path(run_dir).parent}"
+        return None
+
+
+class RunTracker(TrainerCallback):
+    """Adds step time, tokens/s, memory and held-out accuracy to each logged record and writes it."""
+
+    def __init__(
+        self,
+        metrics_path: Path,
+        evaluate: Callable[[Any], dict[str, float]],
+        eval_every: int,
+        static: dict[str, Any],
+        sink: WandbSink | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.metrics_path = metrics_path
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.static = static
+        self.sink = sink
+        self.progress = progress
+        self.records: list[dict[str, Any]] = []
+        self.start_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self._pending_eval: dict[str, float] = {}
+        self._step_times: list[float] = []
+        self._last_tick = 0.0
+        self._last_tokens = 0.0
+        self._bar: tqdm | None = None
+        self._model: Any = None
+        self._optimizer: Any = None
+
+    # -- transformers callback hooks -------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, **kwargs: Any) -> None:
+        self._model = model
+        self.start_eval = self.evaluate(model)
+        self.last_eval = dict(self.start_eval)
+        record = {"step": 0, **{f"eval/{k}": v for k, v in self.start_eval.items()}, **peak_memory()}
+        self._write(record)
+        self._bar = tqdm(total=state.max_steps, desc="train", mininterval=2.0,
+                         disable=not self.progress or not state.is_world_process_zero)
+        self._last_tick = time.perf_counter()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, optimizer: Any = None, **kwargs: Any) -> None:
+        now = time.perf_counter()
+        self._step_times.append(now - self._last_tick)
+        self._last_tick = now
+        self._model, self._optimizer = model, optimizer
+        if state.global_step % self.eval_every == 0 or state.global_step >= state.max_steps:
+            self._pending_eval = self.evaluate(model)
+            self.last_eval = dict(self._pending_eval)
+            control.should_log = True  # so the eval lands in a record of its own step
+        if self._bar is not None:
+            self._bar.update(1)
+        # The eval's own time is not part of the next step's time.
+        self._last_tick = time.perf_counter()
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        logs = dict(logs or {})
+        if "train_runtime" in logs:  # the end-of-training summary, not a step
+            return
+        record: dict[str, Any] = {"step": state.global_step}
+        for key, value in logs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                record[_RENAME.get(key, key)] = value
+        times = self._step_times or [float("nan")]
+        record["step_time"] = sum(times) / len(times)
+        record["steps_per_s"] = 1.0 / record["step_time"] if record["step_time"] > 0 else float("nan")
+        tokens = float(logs.get("num_tokens", self._last_tokens))
+        elapsed = sum(self._step_times)
+        record["tokens_per_s"] = (tokens - self._last_tokens) / elapsed if elapsed > 0 else float("nan")
+        self._last_tokens = tokens
+        self._step_times = []
+        record.update(peak_memory())
+        if self._model is not None:
+            record.update(state_bytes(self._model, self._optimizer))
+        record.update({f"eval/{k}": v for k, v in self._pending_eval.items()})
+        self._pending_eval = {}
+        record.update(self.static)
+        self._write(record)
+        if self._bar is not None:
+            postfix = {"reward": f"{record.get('reward', float('nan')):.3f}"}
+            if "accuracy" in self.last_eval:
+                postfix["held-out"] = f"{self.last_eval['accuracy']:.3f}"
+            self._bar.set_postfix(postfix, refresh=False)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _write(self, record: dict[str, Any]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.records.append(clean)
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+        if self.sink is not None:
+            self.sink.log(clean, step=record["step"])

@@ -1,0 +1,1 @@
+"""Trainers: thin wiring around TRL where TRL has the algorithm."""
