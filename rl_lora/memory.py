@@ -20,10 +20,12 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """Bytes of parameters (all and trainable), gradients and optimizer state held right now."""
+    """Bytes of parameters (all and trainable), gradients (during backward) and optimizer state."""
     params = sum(_tensor_bytes(p) for p in model.parameters())
     trainable = sum(_tensor_bytes(p) for p in model.parameters() if p.requires_grad)
-    grads = sum(_tensor_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    # Gradients live from backward to the optimizer step, one per trainable parameter and of its
+    # dtype; at a step boundary they are already freed, so count what backward allocates.
+    grads = trainable
     optim = 0
     if optimizer is not None:
         for state in optimizer.state.values():

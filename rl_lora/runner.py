@@ -6,6 +6,7 @@ input without loading a model (reward names, the run folder) is checked before t
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 import warnings
@@ -22,7 +23,7 @@ from rl_lora.config import RecipeConfig
 from rl_lora.errors import CheckpointError
 from rl_lora.evaluation import exact_answer_accuracy
 from rl_lora.lora import count_parameters
-from rl_lora.lr_rule import resolve_lr
+from rl_lora.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.memory import peak_memory
 from rl_lora.models.loading import load_policy
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
@@ -70,7 +71,24 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
 
 
-def run_recipe(config: RecipeConfig) -> RunResult:
+@dataclass
+class PreparedRun:
+    """Everything set up and ready to train: nothing has been trained yet."""
+
+    config: RecipeConfig
+    run_dir: Path
+    trainer: Any
+    tracker: RunTracker
+    tokenizer: Any
+    sink: WandbSink | None
+    method: str
+    lr: ResolvedLR
+    source: str
+    started: float
+
+
+def prepare_run(config: RecipeConfig) -> PreparedRun:
+    """Setup: check rewards and the output folder, load the policy, build the trainer."""
     started = time.perf_counter()
     _quiet_libraries()
     for f in config.reward.functions:  # fail on a bad reward name before any model loads
@@ -101,7 +119,7 @@ def run_recipe(config: RecipeConfig) -> RunResult:
         tags = [method, config.algorithm, "full" if config.lora.is_full else "lora"]
         sink = WandbSink(
             run_dir, config.logging.wandb_project, run_dir.name, config.logging.wandb_group,
-            {**resolved, "rank": str(config.lora.rank), "lr": lr.lr, "seed": config.train.seed},
+            {**resolved, "rank": str(config.lora.rank), "method": method, "lr": lr.lr, "seed": config.train.seed},
             tags, job_type=method,
         )
     max_new = config.grpo.max_completion_length
@@ -117,43 +135,57 @@ def run_recipe(config: RecipeConfig) -> RunResult:
     trainable, total = count_parameters(trainer.model)
     tracker.static = {"trainable_params": trainable, "total_params": total}
     _say(f"rl-lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+    return PreparedRun(config, run_dir, trainer, tracker, tokenizer, sink, method, lr, source, started)
 
-    train_started = time.perf_counter()
-    trainer.train()
-    train_seconds = time.perf_counter() - train_started
 
-    out = run_dir / ("model" if config.lora.is_full else "adapter")
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    if not config.lora.is_full:
+def save_policy(run: PreparedRun) -> Path:
+    """The adapter (PEFT format) or the full model, as safetensors, with the tokenizer beside it."""
+    out = run.run_dir / ("model" if run.config.lora.is_full else "adapter")
+    run.trainer.model.save_pretrained(str(out))
+    run.tokenizer.save_pretrained(str(out))
+    if not run.config.lora.is_full:
         check_saved_adapter(out)
+    return out
 
-    rewards = [r["reward"] for r in tracker.records if r.get("reward") is not None]
+
+def finish_run(run: PreparedRun, train_seconds: float) -> RunResult:
+    """Save, write summary.json, close W&B and print the closing lines."""
+    out = save_policy(run)
+    shutil.rmtree(run.run_dir / "trainer", ignore_errors=True)  # TRL's scratch folder; we save ourselves
+    records = run.tracker.records
+    rewards = [r["reward"] for r in records if r.get("reward") is not None]
     window = rewards[-FINAL_REWARD_WINDOW:]
     summary = {
-        "recipe": config.name,
-        "algorithm": config.algorithm,
-        "method": method,
-        "rank": config.lora.rank,
-        "seed": config.train.seed,
-        "steps": config.train.steps,
-        "lr": lr.lr,
-        "lr_reason": lr.reason,
-        "start_accuracy": tracker.start_eval.get("accuracy"),
-        "final_accuracy": tracker.last_eval.get("accuracy"),
+        "recipe": run.config.name,
+        "algorithm": run.config.algorithm,
+        "method": run.method,
+        "rank": run.config.lora.rank,
+        "seed": run.config.train.seed,
+        "steps": run.config.train.steps,
+        "lr": run.lr.lr,
+        "lr_reason": run.lr.reason,
+        "start_accuracy": run.tracker.start_eval.get("accuracy"),
+        "final_accuracy": run.tracker.last_eval.get("accuracy"),
         "final_reward": sum(window) / len(window) if window else None,
-        "trainable_params": trainable,
-        "total_params": total,
+        **run.tracker.static,
         "train_seconds": round(train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - started, 2),
+        "wall_seconds": round(time.perf_counter() - run.started, 2),
         "saved": str(out),
-        "base_model": source,
+        "base_model": run.source,
         **peak_memory(),
     }
-    write_json_atomic(run_dir / "summary.json", summary)
-    sync = sink.finish(summary) if sink is not None else None
-    _print_summary(summary, run_dir, sync)
-    return RunResult(run_dir, summary)
+    write_json_atomic(run.run_dir / "summary.json", summary)
+    sync = run.sink.finish(summary) if run.sink is not None else None
+    _print_summary(summary, run.run_dir, sync)
+    return RunResult(run.run_dir, summary)
+
+
+def run_recipe(config: RecipeConfig) -> RunResult:
+    """Setup -> train -> save -> summary."""
+    run = prepare_run(config)
+    train_started = time.perf_counter()
+    run.trainer.train()
+    return finish_run(run, time.perf_counter() - train_started)
 
 
 def _print_summary(s: dict[str, Any], run_dir: Path, sync: str | None) -> None:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
-from rl_lora.config import DataSpec
 from reward_models.exact_answer import extract_answer
+from rl_lora.config import DataSpec
 from rl_lora.errors import DataError
 
 __all__ = ["Problem", "extract_answer", "split", "to_dataset"]
