@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="path to a recipe YAML file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=4 train.steps=50")
-        p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+        # SUPPRESS: a --debug given before the subcommand must survive the subparser's defaults.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
 

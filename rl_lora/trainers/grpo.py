@@ -20,6 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 from reward_models import resolve_reward
 from reward_models.protocol import check_scores
 from rl_lora.config import RecipeConfig
+from rl_lora.errors import RewardError
 from rl_lora.lora import peft_config
 
 
@@ -32,7 +33,13 @@ def trl_reward(name: str, fn: Callable, kwargs: dict[str, Any]) -> Callable:
         columns.pop("log_extra", None)
         columns.pop("log_metric", None)
         step = getattr(state, "global_step", None)
-        scores = fn(prompts, completions, **columns, **kwargs)
+        try:
+            scores = fn(prompts, completions, **columns, **kwargs)
+        except Exception as exc:  # a plug-in's failure, reported as the plug-in's, with the step
+            raise RewardError(
+                f"reward '{name}' raised at step {step} on a batch of {len(completions)} completions "
+                f"(first prompt {prompts[0]!r}): {type(exc).__name__}: {exc}"
+            ) from exc
         return check_scores(name, scores, len(completions), step=step)
 
     reward.__name__ = name.replace(":", ".").replace("/", ".")

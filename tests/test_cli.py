@@ -1,0 +1,104 @@
+"""The command line: bad input ends with one clear line and exit code 2, before any model loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests_support import tiny_raw
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rl_lora.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def _one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("rl-lora: error: ")
+    return lines[0]
+
+
+def test_missing_recipe(tmp_path: Path) -> None:
+    line = _one_line_error(_cli("run", str(tmp_path / "missing.yaml")))
+    assert "missing.yaml' does not exist" in line
+
+
+def test_malformed_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: {rank: 1\n")
+    assert "malformed YAML" in _one_line_error(_cli("run", str(bad)))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("lora.rnak=2", "unknown key 'lora.rnak'; did you mean 'lora.rank'?"),
+        ("train.steps=abc", "'train.steps'"),
+        ("lora.rank", "is not of the form key.path=value"),
+    ],
+)
+def test_bad_overrides_fail_before_any_output(tmp_path: Path, override: str, expected: str) -> None:
+    out = tmp_path / "runs"
+    line = _one_line_error(_cli("run", "recipes/grpo_arithmetic.yaml", override, f"logging.output_dir={out}"))
+    assert expected in line
+    assert not out.exists(), "a bad recipe must not create a run folder"
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    proc = _cli("--debug", "run", str(tmp_path / "missing.yaml"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_bad_reward_name_fails_before_the_model_loads(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    raw = tiny_raw(tmp_path / "runs", reward={"functions": [{"name": "no_such_pkg_q:score"}]})
+    recipe.write_text(yaml.safe_dump(raw))
+    line = _one_line_error(_cli("run", str(recipe)))
+    assert "reward 'no_such_pkg_q:score': cannot import module" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_reward_that_raises_is_named_with_its_step(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    raw = tiny_raw(tmp_path / "runs", reward={"functions": [{"name": "reward_helpers:raises"}]})
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "rl_lora.cli", "run", str(recipe)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**__import__("os").environ, "PYTHONPATH": str(REPO / "tests")},
+    )
+    assert proc.returncode == 2
+    assert "reward 'reward_helpers:raises' raised at step 0" in proc.stderr
+    assert "scoring server unreachable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_validate_prints_resolved_lr() -> None:
+    proc = _cli("validate", "recipes/grpo_arithmetic.yaml", "lora.rank=4")
+    assert proc.returncode == 0, proc.stderr
+    assert "rank: 4" in proc.stdout and "# resolved lr: 0.001 (10 x train.lr 0.0001" in proc.stdout
+
+
+def test_run_end_to_end_through_the_console_command(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_raw(tmp_path / "runs", train={"steps": 2})))
+    exe = Path(sys.executable).parent / "rl-lora"
+    proc = subprocess.run(
+        [str(exe), "run", str(recipe), "logging.run_name=cli"], cwd=REPO, capture_output=True, text=True,
+        timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO / "tests")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "held-out accuracy:" in proc.stdout
+    summary = json.loads((tmp_path / "runs" / "cli" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["method"] == "lora-r1"

@@ -1,0 +1,121 @@
+"""Recipe validation: unknown keys, wrong types, overrides, files, and every shipped recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rl_lora.config import RecipeConfig, apply_overrides, load_recipe, parse_override, validate
+from rl_lora.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_defaults_validate() -> None:
+    config = validate({})
+    assert config.lora.rank == 1 and config.lora.alpha == 32 and config.lora.targets == "all-linear"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path: Path) -> None:
+    config = load_recipe(path)
+    assert isinstance(config, RecipeConfig)
+    assert path.read_text().lstrip().startswith("#"), "recipe header must show how to run it"
+    assert "rl-lora run" in path.read_text().split("\n\n")[0]
+
+
+def test_there_is_a_default_recipe() -> None:
+    assert (REPO / "recipes" / "grpo_arithmetic.yaml") in RECIPES
+
+
+def test_unknown_key_names_key_and_nearest() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate({"lora": {"rnak": 2}})
+    assert "unknown key 'lora.rnak'" in str(err.value)
+    assert "did you mean 'lora.rank'" in str(err.value)
+
+
+def test_unknown_section_suggests_nearest() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'.*did you mean 'train'"):
+        validate({"trian": {"steps": 3}})
+
+
+def test_wrong_type_names_field_and_expectation() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate({"train": {"steps": "many"}})
+    assert "'train.steps'" in str(err.value) and "integer" in str(err.value)
+
+
+def test_rank_full_or_positive_int() -> None:
+    assert validate({"lora": {"rank": "full"}}).lora.is_full
+    with pytest.raises(ConfigError, match="lora.rank"):
+        validate({"lora": {"rank": 0}})
+    with pytest.raises(ConfigError, match="lora.rank"):
+        validate({"lora": {"rank": "half"}})
+
+
+def test_batch_must_hold_whole_groups() -> None:
+    with pytest.raises(ConfigError, match=r"train.batch_size \(60\).*grpo.num_generations \(8\)"):
+        validate({"train": {"batch_size": 60}, "grpo": {"num_generations": 8}})
+
+
+def test_override_parsing() -> None:
+    assert parse_override("lora.rank=4") == (["lora", "rank"], 4)
+    assert parse_override("lora.rank=full") == (["lora", "rank"], "full")
+    assert parse_override("train.lr=2e-4") == (["train", "lr"], 2e-4)  # YAML 1.1 would read a string
+    assert parse_override("logging.wandb=false") == (["logging", "wandb"], False)
+
+
+@pytest.mark.parametrize("bad", ["lora.rank", "=4", "lora..rank=1", "lora.rank=[1"])
+def test_bad_override_is_a_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError, match="override"):
+        parse_override(bad)
+
+
+def test_override_applies_and_then_validates() -> None:
+    raw = apply_overrides({"lora": {"rank": 1}}, ["lora.rank=8", "train.steps=50"])
+    config = validate(raw)
+    assert config.lora.rank == 8 and config.train.steps == 50
+    with pytest.raises(ConfigError, match="unknown key 'lora.ranks'"):
+        validate(apply_overrides({}, ["lora.ranks=8"]))
+
+
+def test_override_through_a_scalar_is_refused() -> None:
+    with pytest.raises(ConfigError, match="'name' is not a section"):
+        apply_overrides({"name": "x"}, ["name.inner=1"])
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora:\n  rank: 1\n train: [\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml' line \d+.*malformed YAML"):
+        load_recipe(bad)
+
+
+def test_empty_and_non_mapping_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_recipe(empty)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_recipe(listed)
+
+
+def test_float_strings_in_files_are_floats(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  lr: 2e-4\n")
+    assert load_recipe(recipe).train.lr == pytest.approx(2e-4)
+
+
+def test_config_round_trips_through_dict() -> None:
+    config = validate({"lora": {"rank": "full"}, "train": {"lr": 3e-5}})
+    assert validate(config.to_dict()) == config
