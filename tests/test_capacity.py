@@ -1,0 +1,184 @@
+"""The LoRA capacity estimate: parameter counts from meta-device shapes, checked by hand and against PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from rl_lora.capacity import (
+    CapacityEstimate,
+    estimate,
+    linear_shapes,
+    lora_parameter_count,
+    rl_data_bits,
+    token_data_bits,
+)
+from rl_lora.errors import ConfigError
+
+LLAMA_8B_RANK1 = 2_621_440  # 32 layers x 81,920 (docs/findings.md)
+TINY_RANK1 = 10_240
+
+
+def _tiny_llama() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=100,
+    )
+
+
+def _tiny_moe() -> transformers.PretrainedConfig:
+    return transformers.Qwen3MoeConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=100,
+    )
+
+
+def _peft_trainable(model: torch.nn.Module) -> dict[str, int]:
+    """{parameter name: numel} of what PEFT's rank-1 "all-linear" LoRA makes trainable on ``model``."""
+    peft_model = get_peft_model(model, LoraConfig(r=1, lora_alpha=32, target_modules="all-linear"))
+    return {name: p.numel() for name, p in peft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def llama_8b_shapes() -> dict[str, tuple[int, int]]:
+    # Meta device: the 8B model is built without allocating its weights.
+    return linear_shapes(
+        LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+        )
+    )
+
+
+def test_llama_8b_rank1_all_linear(llama_8b_shapes: dict[str, tuple[int, int]]) -> None:
+    assert len(llama_8b_shapes) == 32 * 7  # q, k, v, o, gate, up, down; lm_head excluded
+    assert "lm_head" not in llama_8b_shapes
+    assert lora_parameter_count(llama_8b_shapes, 1, "all-linear") == LLAMA_8B_RANK1
+
+
+def test_llama_8b_count_is_linear_in_rank(llama_8b_shapes: dict[str, tuple[int, int]]) -> None:
+    assert lora_parameter_count(llama_8b_shapes, 8, "all-linear") == 8 * LLAMA_8B_RANK1
+
+
+def test_llama_8b_q_and_v_only(llama_8b_shapes: dict[str, tuple[int, int]]) -> None:
+    """q_proj is 4096 -> 4096 (32 heads x 128): 4096 + 4096 = 8,192 per layer at rank 1.
+
+    v_proj is 4096 -> 1024 (8 KV heads x 128): 4096 + 1024 = 5,120. Together 13,312 per layer,
+    x 32 layers = 425,984.
+    """
+    assert lora_parameter_count(llama_8b_shapes, 1, ["q_proj", "v_proj"]) == 32 * (4096 + 4096 + 4096 + 1024)
+    assert lora_parameter_count(llama_8b_shapes, 1, ["q_proj", "v_proj"]) == 425_984
+
+
+def test_tiny_llama_matches_peft() -> None:
+    cfg = _tiny_llama()
+    count = lora_parameter_count(linear_shapes(cfg), 1, "all-linear")
+    assert count == TINY_RANK1  # 4 layers x (4 x (128 + 128) + 3 x (128 + 384))
+    torch.manual_seed(0)
+    assert sum(_peft_trainable(LlamaForCausalLM(cfg)).values()) == count
+
+
+def _strip_lora_suffix(param_name: str) -> str:
+    """'base_model.model.X.lora_A.default.weight' -> 'X', the adapted module's name."""
+    module = param_name.removeprefix("base_model.model.")
+    return module.split(".lora_", 1)[0]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_moe_linear_coverage() -> None:
+    """What linear_shapes covers on an MoE model (Qwen3-MoE, transformers 5.x).
+
+    The experts are one ``Qwen3MoeExperts`` module per layer holding fused 3-D parameters
+    (``mlp.experts.gate_up_proj`` (E, 2 x moe_inter, hidden), ``mlp.experts.down_proj``
+    (E, hidden, moe_inter)), and the router ``mlp.gate`` is a ``Qwen3MoeTopKRouter``, not an
+    ``nn.Linear``. So only the attention projections are listed, and they agree with PEFT exactly;
+    PEFT's "all-linear" additionally adapts the experts and the router as parameters.
+    """
+    cfg = _tiny_moe()
+    shapes = linear_shapes(cfg)
+    assert shapes
+    assert {name.rsplit(".", 1)[-1] for name in shapes} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert len(shapes) == 4 * cfg.num_hidden_layers
+
+    trainable = _peft_trainable(AutoModelForCausalLM.from_config(cfg))
+    on_linears = sum(n for name, n in trainable.items() if _strip_lora_suffix(name) in shapes)
+    assert on_linears == lora_parameter_count(shapes, 1, "all-linear")
+    others = {_strip_lora_suffix(name) for name in trainable if _strip_lora_suffix(name) not in shapes}
+    assert all(".mlp.experts" in name or name.endswith(".mlp.gate") for name in others), others
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_moe_all_linear_matches_peft() -> None:
+    cfg = _tiny_moe()
+    with torch.device("meta"):
+        meta_model = AutoModelForCausalLM.from_config(cfg)
+    fused = sorted(name for name, p in meta_model.named_parameters() if p.dim() == 3)
+    if fused:
+        pytest.skip(
+            f"MoE experts are fused 3-D parameters in transformers {transformers.__version__} ({fused[0]}, ...), "
+            "not nn.Linear; PEFT adapts them as parameters, which linear_shapes does not count"
+        )
+    count = lora_parameter_count(linear_shapes(cfg), 1, "all-linear")
+    assert sum(_peft_trainable(AutoModelForCausalLM.from_config(cfg)).values()) == count
+
+
+def test_unknown_targets_raise_config_error() -> None:
+    shapes = linear_shapes(_tiny_llama())
+    with pytest.raises(ConfigError, match="qkv_proj") as err:
+        lora_parameter_count(shapes, 1, ["qkv_proj"])
+    assert "q_proj" in str(err.value)  # lists what is available
+
+
+def test_data_bits() -> None:
+    assert rl_data_bits(64, 400) == 25_600
+    assert token_data_bits(1_000) == 1_000
+
+
+def test_estimate_verdicts() -> None:
+    """Tiny Llama, rank 1: 10,240 parameters x 2 bits = 20,480 bits, against 64 x 400 = 25,600 episodes.
+
+    ceil(25,600 / 20,480) = 2, so rank 2 (40,960 bits) is the smallest that holds the data.
+    """
+    shapes = linear_shapes(_tiny_llama())
+    short = estimate(shapes, 1, "all-linear", rl_data_bits(64, 400))
+    assert short == CapacityEstimate(
+        lora_params=10_240,
+        capacity_bits=20_480.0,
+        data_bits=25_600.0,
+        verdict="rank 1 holds 20,480 bits < data ~25,600 bits: use rank >= 2"
+        " (LoRA will learn more slowly past capacity)",
+        smallest_sufficient_rank=2,
+    )
+    assert any("10,240" in line for line in short.lines())
+
+    enough = estimate(shapes, 2, "all-linear", 25_600)
+    assert enough.verdict == "capacity 40,960 bits >= data ~25,600 bits: rank 2 is enough"
+    assert enough.smallest_sufficient_rank == 2
+
+
+def test_estimate_beyond_full_rank() -> None:
+    # The smallest layer is 128 x 128, so rank 128 (128 x 20,480 = 2,621,440 bits) is the ceiling.
+    shapes = linear_shapes(_tiny_llama())
+    assert estimate(shapes, 1, "all-linear", 2_621_440).smallest_sufficient_rank == 128
+    over = estimate(shapes, 1, "all-linear", 2_621_441)
+    assert over.smallest_sufficient_rank is None
+    assert "no LoRA rank holds it" in over.verdict
