@@ -34,7 +34,7 @@ class ModelSpec(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
     # Supervised warm-up steps for the built-in model (0 = random init). Ignored for other models.
-    warmup_steps: int = Field(default=1000, ge=0)
+    warmup_steps: int = Field(default=600, ge=0)
 
 
 class LoraSpec(_Section):
@@ -108,11 +108,11 @@ class DataSpec(_Section):
 
 
 class TrainSpec(_Section):
-    steps: int = Field(default=300, ge=1)
+    steps: int = Field(default=400, ge=1)
     # Completions per optimizer step (prompts per step = batch_size / num_generations).
     batch_size: int = Field(default=64, ge=1)
     # The full-parameter learning rate; LoRA runs scale it (see lora.lr_multiplier).
-    lr: float = Field(default=2e-4, gt=0)
+    lr: float = Field(default=1e-4, gt=0)
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)

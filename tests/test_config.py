@@ -119,3 +119,23 @@ def test_float_strings_in_files_are_floats(tmp_path: Path) -> None:
 def test_config_round_trips_through_dict() -> None:
     config = validate({"lora": {"rank": "full"}, "train": {"lr": 3e-5}})
     assert validate(config.to_dict()) == config
+
+
+def _dotted_keys() -> list[str]:
+    keys = []
+    for name, field in RecipeConfig.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        keys.extend(f"{name}.{k}" for k in sub) if sub else keys.append(name)
+    return keys
+
+
+def test_recipe_docs_cover_every_key() -> None:
+    text = (REPO / "docs" / "recipes.md").read_text()
+    missing = [k for k in _dotted_keys() if f"`{k}`" not in text and f"`{k}`," not in text]
+    assert not missing, f"docs/recipes.md does not document: {missing}"
+
+
+def test_defaults_match_the_default_recipe() -> None:
+    shipped = load_recipe(REPO / "recipes" / "grpo_arithmetic.yaml")
+    defaults = validate({"name": shipped.name})
+    assert shipped.model_dump(exclude={"logging"}) == defaults.model_dump(exclude={"logging"})
