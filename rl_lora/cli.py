@@ -2,6 +2,8 @@
 
     rl-lora run RECIPE [key.path=value ...] [--debug]
     rl-lora validate RECIPE [key.path=value ...]
+    rl-lora sweep RECIPE --ranks 1,4,16,full --seeds 1,2 [--lr-multipliers 5,10 | --lrs ...] [key.path=value ...]
+    rl-lora report SWEEP_DIR
 
 Errors the user can fix print as one line and exit with status 2; ``--debug`` shows the traceback.
 Heavy libraries (torch, TRL) are imported only after the recipe validates.
@@ -32,7 +34,51 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=4 train.steps=50")
         # SUPPRESS: a --debug given before the subcommand must survive the subparser's defaults.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p = sub.add_parser("sweep", help="run a recipe at several ranks and seeds next to its full-parameter baseline")
+    p.add_argument("recipe", help="path to a recipe YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    p.add_argument("--ranks", default="1,4,16,full", help="comma-separated ranks; 'full' = full-parameter baseline")
+    p.add_argument("--seeds", default="1,2", help="comma-separated seeds")
+    p.add_argument("--lr-multipliers", default=None, help="LoRA LR multipliers to sweep (x train.lr)")
+    p.add_argument("--lrs", default=None, help="explicit LRs to sweep for every method")
+    p.add_argument("--name", default=None, help="sweep name (default: the recipe's name)")
+    p.add_argument("--output-dir", default="sweeps", help="where sweep folders go")
+    p.add_argument("--threshold", type=float, default=0.8, help="held-out accuracy for 'steps to threshold'")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
+    p = sub.add_parser("report", help="write report.md/report.html and plots for a sweep folder")
+    p.add_argument("sweep_dir", help="a folder made by rl-lora sweep")
+    p.add_argument("--threshold", type=float, default=0.8, help="held-out accuracy for 'steps to threshold'")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rl_lora.report import write_report
+    from rl_lora.sweep import parse_numbers, parse_ranks, plan, run_sweep
+
+    config = load_recipe(args.recipe, args.overrides)
+    points = plan(
+        parse_ranks(args.ranks), parse_numbers("--seeds", args.seeds, int),
+        parse_numbers("--lr-multipliers", args.lr_multipliers), parse_numbers("--lrs", args.lrs),
+    )
+    sweep_dir = Path(args.output_dir) / (args.name or config.name)
+    outcome = run_sweep(Path(args.recipe), points, sweep_dir, args.overrides)
+    print(f"sweep {sweep_dir}: {len(outcome['finished'])} finished, {len(outcome['skipped'])} already done, "
+          f"{len(outcome['failed'])} failed" + (f" ({', '.join(outcome['failed'])})" if outcome["failed"] else ""))
+    if outcome["finished"] or outcome["skipped"]:
+        print(f"report: {write_report(sweep_dir, args.threshold)} (and report.html)")
+    return 1 if outcome["failed"] else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rl_lora.report import write_report
+
+    print(f"report: {write_report(Path(args.sweep_dir), args.threshold)} (and report.html)")
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -59,7 +105,8 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"run": _run, "validate": _validate}[args.command](args)
+        commands = {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report}
+        return commands[args.command](args)
     except RlLoraError as exc:
         if args.debug:
             raise

@@ -19,6 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from rl_lora.flops import linear_inventory, peak_tflops, training_flops_per_token
 from rl_lora.memory import peak_memory, state_bytes
 
 # TRL's key -> ours. Keys not listed are kept under their own names.
@@ -56,11 +57,14 @@ class WandbSink:
     def log(self, record: dict[str, Any], step: int) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-    def finish(self, summary: dict[str, Any]) -> str | None:
-        """Close the run; returns the `wandb sync` command for an offline run."""
-        for key, value in summary.items():
+    def update_summary(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
             if isinstance(value, (int, float, str, bool)):
                 self.run.summary[key] = value
+
+    def finish(self, summary: dict[str, Any]) -> str | None:
+        """Close the run; returns the `wandb sync` command for an offline run."""
+        self.update_summary(summary)
         run_dir = getattr(self.run, "dir", None)
         self.run.finish()
         if self.mode == "offline" and run_dir:
@@ -96,11 +100,21 @@ class RunTracker(TrainerCallback):
         self._bar: tqdm | None = None
         self._model: Any = None
         self._optimizer: Any = None
+        # Read off the trainer at on_train_begin: completions (or pairs) per optimizer step, and the
+        # estimated training FLOPs per trained token (rl_lora/flops.py).
+        self.samples_per_step: int | None = None
+        self.flops_per_token: float | None = None
+        self.peak_tflops: float | None = None
 
     # -- transformers callback hooks -------------------------------------------------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kwargs: Any) -> None:
         self._model = model
+        if model is not None:
+            shapes, adapted = linear_inventory(model)
+            self.flops_per_token = training_flops_per_token(shapes, adapted)
+        self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        self.peak_tflops = peak_tflops()
         self.start_eval = self.evaluate(model)
         self.last_eval = dict(self.start_eval)
         record = {"step": 0, **{f"eval/{k}": v for k, v in self.start_eval.items()}, **peak_memory()}
@@ -138,7 +152,8 @@ class RunTracker(TrainerCallback):
         record["steps_per_s"] = 1.0 / record["step_time"] if record["step_time"] > 0 else float("nan")
         tokens = float(logs.get("num_tokens", self._last_tokens))
         elapsed = sum(self._step_times)
-        record["tokens_per_s"] = (tokens - self._last_tokens) / elapsed if elapsed > 0 else float("nan")
+        steps = len(self._step_times)
+        record.update(self._speed(record, tokens - self._last_tokens, elapsed, steps))
         self._last_tokens = tokens
         self._step_times = []
         record.update(peak_memory())
@@ -158,8 +173,39 @@ class RunTracker(TrainerCallback):
                      **kwargs: Any) -> None:
         if self._bar is not None:
             self._bar.close()
+        if self.sink is not None:
+            self.sink.update_summary(self.summary())
 
     # -- helpers ---------------------------------------------------------------------------
+    def _speed(self, record: dict[str, Any], tokens: float, elapsed: float, steps: int) -> dict[str, float]:
+        """Throughput over the steps since the last record (step time includes rollout generation)."""
+        if elapsed <= 0 or steps == 0:
+            return {}
+        out = {"tokens_per_s": tokens / elapsed}  # tokens the training pass ran over (prompt + completion)
+        if self.samples_per_step:
+            out["samples_per_s"] = self.samples_per_step * steps / elapsed
+            if "completions/mean_length" in record:
+                generated = record["completions/mean_length"] * self.samples_per_step * steps
+                out["generated_tokens_per_s"] = generated / elapsed
+        if self.flops_per_token and tokens > 0:
+            flops = self.flops_per_token * tokens
+            out["train_flops_per_step"] = flops / steps
+            out["train_tflops_per_s"] = flops / elapsed / 1e12
+            if self.peak_tflops:
+                out["mfu"] = out["train_tflops_per_s"] / self.peak_tflops
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Run-level figures for summary.json and the W&B summary."""
+        accs = [r["eval/accuracy"] for r in self.records if r.get("eval/accuracy") is not None]
+        times = [r["step_time"] for r in self.records if r.get("step_time") is not None]
+        return {
+            "peak_accuracy": max(accs) if accs else None,
+            "mean_step_time": sum(times) / len(times) if times else None,
+            "optimizer_bytes": next((r["optimizer_bytes"] for r in reversed(self.records) if "optimizer_bytes" in r),
+                                    None),
+        }
+
     def _write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.records.append(clean)

@@ -1,0 +1,360 @@
+"""The sweep report: ranks against the full-parameter baseline, with seed bands, from logged figures.
+
+``rl-lora report SWEEP_DIR`` reads each finished run's ``summary.json`` and ``metrics.jsonl`` and
+writes ``report.md``, a self-contained ``report.html`` (plots embedded) and the PNG plots. Nothing
+in the report is typed in by hand: every number comes from what the runs logged.
+
+Noise: "spread" is sqrt(sd_method² + sd_full²) over seeds (sample standard deviations); a method is
+"within noise of full" when |gap| <= 2 x spread. With one seed there is no noise estimate, and the
+report says so instead of a verdict.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+from rl_lora.errors import RlLoraError  # noqa: E402
+
+REWARD_SMOOTHING = 20  # steps in the reward curve's rolling mean (one step's reward is noisy)
+
+
+@dataclass
+class Run:
+    name: str
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+@dataclass
+class Group:
+    label: str
+    rank: int | str
+    runs: list[Run] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [r.summary[key] for r in self.runs if r.summary.get(key) is not None]
+
+
+def load_runs(sweep_dir: Path) -> list[Run]:
+    runs_dir = sweep_dir / "runs"
+    if not runs_dir.is_dir():
+        raise RlLoraError(f"'{sweep_dir}' is not a sweep folder: it has no runs/ folder")
+    runs = []
+    for folder in sorted(p for p in runs_dir.iterdir() if (p / "summary.json").is_file()):
+        summary = json.loads((folder / "summary.json").read_text())
+        records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        runs.append(Run(folder.name, summary, records))
+    if not runs:
+        raise RlLoraError(f"sweep '{sweep_dir}' has no finished run (no runs/*/summary.json)")
+    return runs
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """One group per (method, LR); labels carry the LR only where a method was run at several."""
+    by_key: dict[tuple[str, float], Group] = {}
+    for run in runs:
+        key = (run.summary["method"], float(run.summary["lr"]))
+        if key not in by_key:
+            by_key[key] = Group(run.summary["method"], run.summary["rank"])
+        by_key[key].runs.append(run)
+    lrs_per_method: dict[str, int] = {}
+    for method, _ in by_key:
+        lrs_per_method[method] = lrs_per_method.get(method, 0) + 1
+    for (method, lr), group in by_key.items():
+        if lrs_per_method[method] > 1:
+            group.label = f"{method} lr={lr:g}"
+
+    def order(g: Group) -> tuple[int, float, str]:
+        return (1, 0.0, g.label) if g.rank == "full" else (0, float(g.rank), g.label)
+
+    return sorted(by_key.values(), key=order)
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    if not values:
+        return math.nan, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def _curve(run: Run, key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in run.records if r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def area_under_curve(steps: list[int], values: list[float]) -> float | None:
+    """Mean held-out accuracy over training (trapezoid area / steps): rewards learning early."""
+    if len(steps) < 2 or steps[-1] == steps[0]:
+        return None
+    area = sum((steps[i + 1] - steps[i]) * (values[i] + values[i + 1]) / 2 for i in range(len(steps) - 1))
+    return area / (steps[-1] - steps[0])
+
+
+def steps_to(steps: list[int], values: list[float], threshold: float) -> int | None:
+    return next((s for s, v in zip(steps, values, strict=True) if v >= threshold), None)
+
+
+def _peak_memory(summary: dict[str, Any]) -> float | None:
+    return summary.get("cuda_max_allocated_bytes") or summary.get("peak_rss_bytes")
+
+
+def _state_bytes(run: Run) -> float | None:
+    """Parameters + gradients + optimizer state, from the last record that logged them."""
+    last = next((r for r in reversed(run.records) if "param_bytes" in r), None)
+    if last is None:
+        return None
+    return last["param_bytes"] + last["grad_bytes"] + last["optimizer_bytes"]
+
+
+@dataclass
+class Row:
+    group: Group
+    final: tuple[float, float | None]
+    gap: float | None
+    spread: float | None
+    verdict: str
+    auc: float | None
+    to_threshold: float | None
+    memory: float | None
+    state: float | None
+    step_time: float | None
+    optim_ratio: float | None
+
+
+def _verdict(gap: float | None, spread: float | None, is_full: bool) -> str:
+    if is_full:
+        return "baseline"
+    if gap is None:
+        return "no full-parameter run to compare with"
+    if spread is None:
+        return "one seed: no noise estimate"
+    if abs(gap) <= 2 * spread:
+        return "within noise of full"
+    return "above full (beyond noise)" if gap > 0 else "below full (beyond noise)"
+
+
+def build_rows(groups: list[Group], threshold: float) -> list[Row]:
+    full = next((g for g in groups if g.rank == "full"), None)
+    full_mean, full_sd = _mean_sd(full.values("final_accuracy")) if full else (None, None)
+    rows = []
+    for g in groups:
+        mean, sd = _mean_sd(g.values("final_accuracy"))
+        gap = None if full is None else mean - full_mean
+        spread = None
+        if full is not None and sd is not None and full_sd is not None:
+            spread = math.sqrt(sd**2 + full_sd**2)
+        curves = [_curve(r, "eval/accuracy") for r in g.runs]
+        aucs = [a for a in (area_under_curve(s, v) for s, v in curves) if a is not None]
+        reach = [steps_to(s, v, threshold) for s, v in curves]
+        states = [s for s in (_state_bytes(r) for r in g.runs) if s is not None]
+        memories = [m for m in (_peak_memory(r.summary) for r in g.runs) if m]
+        lasts = [next((x for x in reversed(r.records) if x.get("optimizer_bytes")), None) for r in g.runs]
+        ratios = [x["optimizer_bytes"] / x["trainable_param_bytes"] for x in lasts
+                  if x and x.get("trainable_param_bytes")]
+        step_times = [statistics.fmean(t) for t in ([x["step_time"] for x in r.records if x.get("step_time")]
+                                                    for r in g.runs) if t]
+        rows.append(Row(
+            group=g, final=(mean, sd), gap=gap, spread=spread, verdict=_verdict(gap, spread, g.rank == "full"),
+            auc=statistics.fmean(aucs) if aucs else None,
+            to_threshold=statistics.fmean(reach) if reach and all(x is not None for x in reach) else None,
+            memory=statistics.fmean(memories) if memories else None,
+            state=statistics.fmean(states) if states else None,
+            step_time=statistics.fmean(step_times) if step_times else None,
+            optim_ratio=statistics.fmean(ratios) if ratios else None,
+        ))
+    return rows
+
+
+def _band_plot(groups: list[Group], key: str, ylabel: str, path: Path, smooth: int = 1) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for g in groups:
+        curves = [_curve(r, key) for r in g.runs]
+        curves = [(s, _smooth(v, smooth)) for s, v in curves if s]
+        if not curves:
+            continue
+        length = min(len(s) for s, _ in curves)
+        steps = curves[0][0][:length]
+        stacked = list(zip(*(v[:length] for _, v in curves), strict=True))
+        mean = [statistics.fmean(col) for col in stacked]
+        (line,) = ax.plot(steps, mean, label=f"{g.label} ({len(curves)} seeds)", lw=2 if g.rank == "full" else 1.5,
+                          ls="--" if g.rank == "full" else "-")
+        if len(curves) > 1:
+            ax.fill_between(steps, [min(c) for c in stacked], [max(c) for c in stacked], color=line.get_color(),
+                            alpha=0.18, lw=0)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ylabel}: mean over seeds, band = min..max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _cost_plot(rows: list[Row], path: Path) -> None:
+    full = next((r for r in rows if r.group.rank == "full"), None)
+    labels = [r.group.label for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+    for ax, attr, title in zip(
+        axes, ("state", "memory", "step_time"),
+        ("param + grad + optimizer bytes", "peak memory (process / CUDA)", "step time"), strict=True,
+    ):
+        base = getattr(full, attr) if full else None
+        values = [(getattr(r, attr) / base) if base and getattr(r, attr) else math.nan for r in rows]
+        ax.bar(labels, values, color=["#888" if r.group.rank == "full" else "#3a7" for r in rows])
+        ax.axhline(1.0, color="k", lw=0.8, ls=":")
+        ax.set_title(f"{title}\nrelative to full", fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _table(rows: list[Row], threshold: float) -> list[str]:
+    full = next((r for r in rows if r.group.rank == "full"), None)
+
+    def rel(row: Row, attr: str) -> str:
+        base = getattr(full, attr) if full else None
+        value = getattr(row, attr)
+        return f"{value / base:.2f}x" if base and value else "n/a"
+
+    head = (f"| method | seeds | trainable params | final held-out acc | gap to full (± spread) | verdict | "
+            f"mean acc over training | steps to {threshold:g} | param+grad+optim | vs full | peak memory | vs full | "
+            f"step time | vs full | optimizer bytes / trainable param bytes |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        mean, sd = r.final
+        params = r.group.values("trainable_params")
+        gap = "—" if r.group.rank == "full" else (
+            f"{100 * r.gap:+.1f} pts" + (f" (± {100 * r.spread:.1f})" if r.spread is not None else "")
+            if r.gap is not None else "n/a")
+        lines.append(
+            f"| {r.group.label} | {len(r.group.runs)} | {int(params[0]):,} | {_fmt(mean)}"
+            f"{' ± ' + _fmt(sd) if sd is not None else ''} | {gap} | {r.verdict} | {_fmt(r.auc)} | "
+            f"{_fmt(r.to_threshold, '.0f')} | {_fmt(r.state / 2**20 if r.state else None, '.2f')} MiB | "
+            f"{rel(r, 'state')} | {_fmt(r.memory / 2**30 if r.memory else None, '.2f')} GiB | {rel(r, 'memory')} | "
+            f"{_fmt(r.step_time)} s | {rel(r, 'step_time')} | {_fmt(r.optim_ratio, '.2f')} |"
+        )
+    return lines
+
+
+def _findings(rows: list[Row]) -> list[str]:
+    full = next((r for r in rows if r.group.rank == "full"), None)
+    if full is None:
+        return ["No full-parameter run in this sweep: add `full` to --ranks to compare against a baseline."]
+    out = []
+    for r in rows:
+        if r is full or r.gap is None:
+            continue
+        out.append(
+            f"- **{r.group.label}**: final held-out accuracy {_fmt(r.final[0])} vs full {_fmt(full.final[0])} "
+            f"({100 * r.gap:+.1f} points): {r.verdict}."
+        )
+    return out
+
+
+def write_report(sweep_dir: Path, threshold: float = 0.8) -> Path:
+    """Write report.md, report.html and the plots into ``sweep_dir``; returns report.md's path."""
+    groups = group_runs(load_runs(sweep_dir))
+    rows = build_rows(groups, threshold)
+    plots = {
+        "accuracy.png": "Held-out accuracy",
+        "reward.png": f"Reward (rolling mean over {REWARD_SMOOTHING} steps)",
+        "cost.png": "Memory and speed relative to the full-parameter run",
+    }
+    _band_plot(groups, "eval/accuracy", "held-out accuracy", sweep_dir / "accuracy.png")
+    _band_plot(groups, "reward", "reward", sweep_dir / "reward.png", smooth=REWARD_SMOOTHING)
+    _cost_plot(rows, sweep_dir / "cost.png")
+    failures = sweep_dir / "failures.jsonl"
+    failed = [json.loads(x)["run"] for x in failures.read_text().splitlines() if x.strip()] if failures.exists() else []
+    any_run = groups[0].runs[0].summary
+    failed_note = f", failed attempts: {', '.join(failed)}" if failed else ""
+    md = [
+        f"# Sweep report: {sweep_dir.name}",
+        "",
+        f"Recipe `{any_run.get('recipe')}`, algorithm {any_run.get('algorithm')}, {any_run.get('steps')} steps "
+        f"per run; {sum(len(g.runs) for g in groups)} finished runs{failed_note}.",
+        "",
+        "## What it found",
+        "",
+        *_findings(rows),
+        "",
+        "Within noise: |gap| <= 2 x spread, spread = sqrt(sd_method² + sd_full²) over seeds.",
+        "",
+        "## Table",
+        "",
+        *_table(rows, threshold),
+        "",
+        "Memory on CPU is the process's peak RSS, which includes the Python and torch runtime; the "
+        "param+grad+optim column is the training state itself. For AdamW the last column is 2.00 "
+        "(two fp32 moments per trainable parameter).",
+        "",
+    ]
+    for name, title in plots.items():
+        md += [f"## {title}", "", f"![{title}]({name})", ""]
+    (sweep_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
+    (sweep_dir / "report.html").write_text(_html(md, sweep_dir), encoding="utf-8")
+    return sweep_dir / "report.md"
+
+
+def _html(md_lines: list[str], sweep_dir: Path) -> str:
+    """A self-contained page: the markdown's table and text, images embedded as base64."""
+    body: list[str] = []
+    table: list[str] = []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        cells = [[c.strip() for c in row.strip("|").split("|")] for row in table if not set(row) <= set("|-")]
+        body.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells[0]) + "</tr>"
+                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+                    + "</table>")
+        table.clear()
+
+    for line in md_lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("!["):
+            name = line[line.rindex("](") + 2 : -1]
+            data = base64.b64encode((sweep_dir / name).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.strip():
+            text = html.escape(line.lstrip("- ")).replace("**", "")
+            body.append(f"<p>{text}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px}"
+             "th{background:#f3f3f3}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>rl-lora report</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>"
