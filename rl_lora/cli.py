@@ -4,6 +4,7 @@
     rl-lora validate RECIPE [key.path=value ...]
     rl-lora sweep RECIPE --ranks 1,4,16,full --seeds 1,2 [--lr-multipliers 5,10 | --lrs ...] [key.path=value ...]
     rl-lora report SWEEP_DIR
+    rl-lora capacity RECIPE [key.path=value ...]
 
 Errors the user can fix print as one line and exit with status 2; ``--debug`` shows the traceback.
 Heavy libraries (torch, TRL) are imported only after the recipe validates.
@@ -28,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("run", "run a recipe (train, evaluate, save)"),
         ("validate", "validate a recipe and print the resolved config; loads no model"),
+        ("capacity", "estimate LoRA capacity against the data and check the guardrails; loads no weights"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="path to a recipe YAML file")
@@ -91,6 +93,14 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capacity(args: argparse.Namespace) -> int:
+    from rl_lora.advisor import capacity_lines
+
+    config = load_recipe(args.recipe, args.overrides)
+    print("\n".join(capacity_lines(config)))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     config = load_recipe(args.recipe, args.overrides)
     if not os.path.exists("/dev/nvidiactl"):
@@ -105,7 +115,8 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report}
+        commands = {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report,
+                    "capacity": _capacity}
         return commands[args.command](args)
     except RlLoraError as exc:
         if args.debug:

@@ -108,7 +108,7 @@ class DataSpec(_Section):
 
 
 class TrainSpec(_Section):
-    steps: int = Field(default=400, ge=1)
+    steps: int = Field(default=300, ge=1)
     # Completions per optimizer step (prompts per step = batch_size / num_generations).
     batch_size: int = Field(default=64, ge=1)
     # The full-parameter learning rate; LoRA runs scale it (see lora.lr_multiplier).

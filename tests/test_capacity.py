@@ -11,8 +11,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from rl_lora.capacity import (
     CapacityEstimate,
     estimate,
+    full_estimate,
+    full_parameter_count,
     linear_shapes,
     lora_parameter_count,
+    parameter_count,
     rl_data_bits,
     token_data_bits,
 )
@@ -182,3 +185,30 @@ def test_estimate_beyond_full_rank() -> None:
     over = estimate(shapes, 1, "all-linear", 2_621_441)
     assert over.smallest_sufficient_rank is None
     assert "no LoRA rank holds it" in over.verdict
+
+
+def test_llama_8b_full_weights(llama_8b_shapes: dict[str, tuple[int, int]]) -> None:
+    """Per layer: q, o 4096 x 4096; k, v 4096 x 1024; gate, up, down 4096 x 14336.
+
+    2 x 16,777,216 + 2 x 4,194,304 + 3 x 58,720,256 = 218,103,808; x 32 layers = 6,979,321,856.
+    """
+    assert full_parameter_count(llama_8b_shapes, "all-linear") == 6_979_321_856
+    est = full_estimate(llama_8b_shapes, "all-linear", rl_data_bits(64, 400))
+    assert est.full and est.lora_params == 6_979_321_856
+    assert "capacity is not a limit" in est.verdict
+    assert est.lines()[0].startswith("full weights (targeted): 6,979,321,856")
+
+
+def test_llama_8b_parameter_count() -> None:
+    """Embeddings and untied head 2 x 128,256 x 4096 = 1,050,673,152; 32 layers x (218,103,808 linear
+    weights + 2 x 4096 norms) = 6,979,584,000; final norm 4096. Total 8,030,261,248 (Llama-3.1-8B's size).
+    """
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+    assert parameter_count(cfg) == 8_030_261_248

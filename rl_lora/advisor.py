@@ -1,0 +1,364 @@
+"""The LoRA advisor: a recipe's capacity estimate and guardrails, from its model's shapes alone.
+
+    rl-lora capacity RECIPE [key.path=value ...]     # prints capacity_lines(config)
+
+No weights are loaded: the model config comes from the built-in model's code or a folder's
+``config.json`` (a folder holding nothing else works), and the layer shapes from a model built on the
+meta device (rl_lora/capacity.py). A run calls ``advise(config)`` before its model loads: the
+guardrails that fire are warned about (``LoraAdvice``) or, with ``advisor.strict``, refuse the run
+with a ConfigError. Each rule, its threshold and its source in docs/findings.md: docs/advisor.md.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import transformers
+from transformers import AutoConfig
+
+from rl_lora.capacity import (
+    ALL_LINEAR,
+    BITS_PER_EPISODE,
+    BITS_PER_PARAM,
+    CapacityEstimate,
+    estimate,
+    full_estimate,
+    linear_shapes,
+    parameter_count,
+    rl_data_bits,
+    targeted_shapes,
+)
+from rl_lora.config import RecipeConfig
+from rl_lora.errors import ConfigError, ModelError
+from rl_lora.lr_rule import resolve_lr
+from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, tiny_llama_config
+from rl_lora.models.tokenizer import build_char_tokenizer
+
+Shapes = dict[str, tuple[int, int]]
+ModuleKind = Literal["attention", "mlp", "other"]
+
+# The guardrails, in the order check_recipe reports them (docs/advisor.md numbers them the same way).
+ATTENTION_ONLY = "attention-only"
+LR_TOO_LOW = "lr-too-low"
+LARGE_BATCH = "large-batch"
+BELOW_CAPACITY = "below-capacity"
+RULES = (ATTENTION_ONLY, LR_TOO_LOW, LARGE_BATCH, BELOW_CAPACITY)
+
+# Full-parameter LRs run 5e-7..5e-6 (docs/findings.md, users' complaints: 5e-7..1e-6; Unsloth's RL guide
+# uses 5e-6), and LoRA's optimum is ~10x full fine-tuning's (claim 5). A LoRA LR at or below the top of
+# the full-parameter range is the usual cause of "LoRA RL does not learn".
+LORA_LR_CEILING_OF_FULL_RANGE = 5e-6
+
+# docs/findings.md claim 3: large batches hurt LoRA more than full fine-tuning, the gap is small at
+# batch 32 and grows with the batch, and more rank does not fix it (it is a property of the B·A
+# product). 256 completions = 32 prompts x the default 8 completions per prompt (grpo.num_generations):
+# at that size the step holds the batch of 32 the findings call safe, counted in prompts. Counted in
+# completions it is already 8x past 32, so the rule is lenient on purpose: it flags clearly large GRPO
+# batches, not every batch above 32 (the default recipe alone uses 64 = 8 x 8). The evidence against
+# points the same way: an OpenReview submission reports high-rank LoRA collapsing under large-batch GRPO.
+LARGE_BATCH_COMPLETIONS = 256
+
+# Module-name parts that mark a linear as attention or MLP. Layers that hold their MLP linears
+# directly (OPT's fc1/fc2) are recognised by the linear's own name instead.
+_ATTENTION_PARTS = frozenset({"attn", "self_attn", "attention", "self_attention", "cross_attn", "linear_attn"})
+_MLP_PARTS = frozenset(
+    {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "experts", "shared_expert", "shared_experts"}
+)
+_MLP_NAMES = frozenset(
+    {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3", "c_fc", "dense_h_to_4h", "dense_4h_to_h"}
+)
+
+
+@dataclass(frozen=True)
+class Advice:
+    """One guardrail that fired: its code (one of RULES) and a one-line message naming the keys to change."""
+
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class LoraAdvice(UserWarning):
+    """A LoRA advisor guardrail that fired on a recipe (see docs/advisor.md)."""
+
+
+# --- the recipe's model, without its weights ------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def recipe_model_config(config: RecipeConfig) -> transformers.PretrainedConfig:
+    """The transformers config of the recipe's policy; loads no weights and builds nothing.
+
+    Raises ModelError when the policy names an unknown built-in model, a file, or a folder or hub id
+    whose config cannot be read.
+    """
+    policy = config.model.policy
+    if policy.startswith(BUILTIN_PREFIX):
+        name = policy.removeprefix(BUILTIN_PREFIX)
+        if name not in BUILTIN_NAMES:
+            raise ModelError(f"unknown built-in model '{policy}' (known: {', '.join(BUILTIN_NAMES)})")
+        # The config rl_lora.models.builtin trains from; its shapes do not depend on the warm-up, so the
+        # model need not be built (or cached) to be measured.
+        tokenizer = build_char_tokenizer()
+        return tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    if Path(policy).exists() and not Path(policy).is_dir():
+        raise ModelError(f"model.policy '{policy}' is a file; expected a model folder or a hub id")
+    try:
+        return AutoConfig.from_pretrained(policy, trust_remote_code=config.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.policy '{policy}': cannot read its config ({_first_line(exc)})") from exc
+
+
+def _shapes_of(model_config: transformers.PretrainedConfig, config: RecipeConfig) -> Shapes:
+    try:
+        return linear_shapes(model_config, trust_remote_code=config.model.trust_remote_code)
+    except (ValueError, KeyError, ImportError) as exc:
+        raise ModelError(
+            f"model.policy '{config.model.policy}': transformers cannot build a causal LM from its config "
+            f"({_first_line(exc)})"
+        ) from exc
+
+
+def recipe_shapes(config: RecipeConfig) -> Shapes:
+    """{linear module name: (in_features, out_features)} of the recipe's policy (output head excluded)."""
+    return _shapes_of(recipe_model_config(config), config)
+
+
+def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
+    """(bits the recipe's training data carries, how that number was made)."""
+    if config.algorithm == "grpo":
+        # Claim 1: a policy-gradient episode (one completion) carries ~1 bit, its one scalar advantage.
+        bits = rl_data_bits(config.train.batch_size, config.train.steps)
+        return bits, f"{config.train.batch_size} completions/step x {config.train.steps} steps, 1 bit per episode"
+    raise ConfigError(f"algorithm '{config.algorithm}': the advisor has no data-bits estimate for it yet")
+
+
+def recipe_capacity(config: RecipeConfig, shapes: Shapes | None = None) -> CapacityEstimate:
+    """The capacity estimate of the recipe's adapter against its data; ``shapes`` saves rebuilding them.
+
+    For ``lora.rank: full`` the count is the targeted linears' weights and the verdict says capacity
+    is not a limit (rl_lora.capacity.full_estimate).
+    """
+    shapes = recipe_shapes(config) if shapes is None else shapes
+    bits, _ = recipe_data_bits(config)
+    if config.lora.is_full:
+        return full_estimate(shapes, config.lora.targets, bits)
+    return estimate(shapes, int(config.lora.rank), config.lora.targets, bits)
+
+
+def module_kind(name: str) -> ModuleKind:
+    """'attention', 'mlp' or 'other' for a linear module's full name (MoE experts count as MLP)."""
+    parts = name.split(".")
+    if parts[-1] in _MLP_NAMES or any(p in _MLP_PARTS for p in parts[:-1]):
+        return "mlp"
+    if any(p in _ATTENTION_PARTS for p in parts[:-1]):
+        return "attention"
+    return "other"
+
+
+def params_by_kind(
+    shapes: Shapes, rank: int | Literal["full"], targets: str | list[str]
+) -> dict[ModuleKind, tuple[int, int]]:
+    """{kind: (trainable parameters, number of linears)} over the targeted linears, kinds that occur only.
+
+    A rank-r adapter adds r x (d_in + d_out) per linear; ``rank="full"`` counts the weights d_in x d_out.
+    """
+    result: dict[ModuleKind, tuple[int, int]] = {}
+    for name, (d_in, d_out) in targeted_shapes(shapes, targets).items():
+        kind = module_kind(name)
+        params, count = result.get(kind, (0, 0))
+        added = d_in * d_out if rank == "full" else rank * (d_in + d_out)
+        result[kind] = (params + added, count + 1)
+    return result
+
+
+# --- the guardrails -------------------------------------------------------------------------------
+
+
+def _attention_only(config: RecipeConfig, shapes: Shapes) -> Advice | None:
+    targets = config.lora.targets
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return None
+    if any(module_kind(name) == "mlp" for name in targeted_shapes(shapes, targets)):
+        return None
+    mlp_names = sorted({name.rsplit(".", 1)[-1] for name in shapes if module_kind(name) == "mlp"})
+    also = f" (or add {', '.join(mlp_names)})" if mlp_names else ""
+    listed = targets if isinstance(targets, str) else ", ".join(targets)
+    return Advice(
+        ATTENTION_ONLY,
+        f"lora.targets [{listed}] adapts no MLP layer: set lora.targets to all-linear{also}; attention-only "
+        "r=256 (0.25B params) lost to MLP-only r=128 (0.24B) at matched size (docs/findings.md claim 4)",
+    )
+
+
+def _lr_too_low(config: RecipeConfig) -> Advice | None:
+    lr = resolve_lr(config.train.lr, config.lora, config.train.steps)
+    if lr.lr > LORA_LR_CEILING_OF_FULL_RANGE:
+        return None
+    if config.lora.lr is not None:
+        source, keys = f"lora.lr {lr.lr:g}", "lora.lr"
+    elif config.lora.lr_multiplier is not None:
+        source, keys = f"{lr.multiplier:g} x train.lr {config.train.lr:g}", "lora.lr_multiplier or train.lr"
+    else:
+        source = f"{lr.multiplier:g} x train.lr {config.train.lr:g}"
+        keys = "train.lr (the full-parameter LR the LoRA LR is scaled from) or set lora.lr"
+    return Advice(
+        LR_TOO_LOW,
+        f"LoRA LR {lr.lr:g} ({source}) is within the typical full-parameter range 5e-7..5e-6, where LoRA RL "
+        f"'does not learn'; LoRA wants ~10x a full-parameter LR (docs/findings.md claim 5, users' complaints): "
+        f"raise {keys}",
+    )
+
+
+def _large_batch(config: RecipeConfig) -> Advice | None:
+    batch, steps = config.train.batch_size, config.train.steps
+    if batch <= LARGE_BATCH_COMPLETIONS:
+        return None
+    group = config.grpo.num_generations
+    # The largest batch within the threshold that still holds whole groups (config validation requires it).
+    smaller = LARGE_BATCH_COMPLETIONS // group * group
+    keep = f"{batch * steps:,} episodes"
+    if smaller == 0:
+        fix = f"lower grpo.num_generations ({group}) and train.batch_size to <= {LARGE_BATCH_COMPLETIONS}"
+    else:
+        fix = f"lower train.batch_size to {smaller} and raise train.steps to {math.ceil(batch * steps / smaller)}"
+    return Advice(
+        LARGE_BATCH,
+        f"train.batch_size {batch} completions per step is over {LARGE_BATCH_COMPLETIONS}: large batches hurt "
+        f"LoRA more than full fine-tuning and a higher lora.rank does not fix it (docs/findings.md claim 3): "
+        f"{fix} (keeps the {keep})",
+    )
+
+
+def _below_capacity(config: RecipeConfig, shapes: Shapes) -> Advice | None:
+    est = recipe_capacity(config, shapes)
+    if est.capacity_bits >= est.data_bits:
+        return None
+    _, how = recipe_data_bits(config)
+    # GRPO data bits are batch x steps x 1 bit, so the longest run this adapter holds is a floor division.
+    max_steps = math.floor(est.capacity_bits / (BITS_PER_EPISODE * config.train.batch_size))
+    fewer = f"train.steps to <= {max_steps}" if max_steps >= 1 else "train.batch_size"
+    if est.smallest_sufficient_rank is None:
+        fix = f"no LoRA rank holds it: set lora.rank to full, or lower {fewer}"
+    else:
+        fix = f"set lora.rank to >= {est.smallest_sufficient_rank}, or lower {fewer}"
+    return Advice(
+        BELOW_CAPACITY,
+        f"rank-{config.lora.rank} LoRA holds ~{est.capacity_bits:,.0f} bits < ~{est.data_bits:,.0f} bits of data "
+        f"({how}); past capacity LoRA learns more slowly (docs/findings.md claims 1-2): {fix}",
+    )
+
+
+def check_recipe(config: RecipeConfig, shapes: Shapes | None = None) -> list[Advice]:
+    """The guardrails that fire on a LoRA recipe, in RULES order; none for a full-parameter run.
+
+    ``shapes`` (from ``recipe_shapes``) saves rebuilding the meta model. Raises ConfigError if
+    ``lora.targets`` matches no linear layer, and ModelError if the policy's config cannot be read.
+    """
+    if config.lora.is_full:
+        return []
+    shapes = recipe_shapes(config) if shapes is None else shapes
+    found = [
+        _attention_only(config, shapes),
+        _lr_too_low(config),
+        _large_batch(config),
+        _below_capacity(config, shapes),
+    ]
+    return [advice for advice in found if advice is not None]
+
+
+def enforce(advice: list[Advice], strict: bool, stacklevel: int = 2) -> None:
+    """Refuse (strict: ConfigError listing every piece of advice) or warn (one ``LoraAdvice`` each)."""
+    if not advice:
+        return
+    if strict:
+        listed = "; ".join(str(a) for a in advice)
+        raise ConfigError(
+            f"the LoRA advisor refuses this recipe (advisor.strict is on): {listed}. "
+            "Change the keys named, or set advisor.strict=false to run with warnings instead"
+        )
+    for a in advice:
+        warnings.warn(str(a), LoraAdvice, stacklevel=stacklevel)
+
+
+def advise(config: RecipeConfig, shapes: Shapes | None = None, strict: bool | None = None) -> list[Advice]:
+    """check_recipe + enforce, for the start of a run; returns the advice given.
+
+    ``strict`` defaults to the recipe's ``advisor.strict`` once that key exists, and to False before.
+    """
+    if strict is None:
+        strict = bool(getattr(getattr(config, "advisor", None), "strict", False))
+    advice = check_recipe(config, shapes)
+    enforce(advice, strict, stacklevel=3)
+    return advice
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def _shape_summary(model_config: transformers.PretrainedConfig) -> str:
+    text = model_config.get_text_config()
+    fields = (
+        ("hidden", ("hidden_size",)),
+        ("layers", ("num_hidden_layers",)),
+        ("heads", ("num_attention_heads",)),
+        ("KV heads", ("num_key_value_heads",)),
+        ("MLP", ("intermediate_size",)),
+        ("experts", ("num_experts", "num_local_experts")),
+        ("experts/token", ("num_experts_per_tok",)),
+        ("expert MLP", ("moe_intermediate_size",)),
+        ("vocab", ("vocab_size",)),
+    )
+    parts = [str(model_config.model_type)]
+    for label, attrs in fields:
+        value = next((getattr(text, a) for a in attrs if getattr(text, a, None)), None)
+        if value is not None:
+            parts.append(f"{label} {value}")
+    return " | ".join(parts)
+
+
+def _by_kind_text(by_kind: dict[ModuleKind, tuple[int, int]]) -> str:
+    names = {"attention": "attention", "mlp": "MLP", "other": "other"}
+    return " + ".join(f"{names[kind]} {params:,} ({count} linears)" for kind, (params, count) in by_kind.items())
+
+
+def capacity_lines(config: RecipeConfig) -> list[str]:
+    """What ``rl-lora capacity RECIPE`` prints: model shape, adapter size by module kind, capacity, data, advice."""
+    model_config = recipe_model_config(config)
+    shapes = _shapes_of(model_config, config)
+    total = parameter_count(model_config, trust_remote_code=config.model.trust_remote_code)
+    est = recipe_capacity(config, shapes)
+    _, how = recipe_data_bits(config)
+    targets = config.lora.targets if isinstance(config.lora.targets, str) else ", ".join(config.lora.targets)
+    by_kind = _by_kind_text(params_by_kind(shapes, config.lora.rank, config.lora.targets))
+    if config.lora.is_full:
+        method, counted = "full-parameter", "full weights (targeted)"
+        smallest_label = "smallest sufficient LoRA rank (to compare)"
+    else:
+        method, counted = f"LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}", "LoRA parameters"
+        smallest_label = "smallest sufficient rank"
+    smallest = est.smallest_sufficient_rank
+    lines = [
+        f"recipe:   {config.name} ({config.algorithm}, {method}, targets {targets})",
+        f"policy:   {config.model.policy}",
+        f"model:    {_shape_summary(model_config)} | {total:,} parameters",
+        f"linears:  {len(shapes)} (output head excluded), {len(targeted_shapes(shapes, config.lora.targets))} targeted",
+        f"{counted}: {est.lora_params:,} = {by_kind}",
+        f"capacity: {est.capacity_bits:,.0f} bits ({BITS_PER_PARAM:g} bits per parameter)",
+        f"data:     ~{est.data_bits:,.0f} bits ({how})",
+        f"verdict:  {est.verdict}",
+        f"{smallest_label}: {'none up to full rank' if smallest is None else smallest}",
+    ]
+    advice = check_recipe(config, shapes)
+    lines += [f"advice:   {a}" for a in advice] or ["advice:   none"]
+    return lines
