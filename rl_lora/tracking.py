@@ -57,6 +57,9 @@ class WandbSink:
     def log(self, record: dict[str, Any], step: int) -> None:
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
+    def update_config(self, values: dict[str, Any]) -> None:
+        self.run.config.update(values, allow_val_change=True)
+
     def update_summary(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             if isinstance(value, (int, float, str, bool)):
@@ -115,6 +118,8 @@ class RunTracker(TrainerCallback):
             self.flops_per_token = training_flops_per_token(shapes, adapted)
         self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self.peak_tflops = peak_tflops()
+        if self.sink is not None:  # trainable/total params are known only once the trainer has wrapped the model
+            self.sink.update_config(self.static)
         self.start_eval = self.evaluate(model)
         self.last_eval = dict(self.start_eval)
         record = {"step": 0, **{f"eval/{k}": v for k, v in self.start_eval.items()}, **peak_memory()}
