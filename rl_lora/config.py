@@ -73,6 +73,8 @@ class GrpoSpec(_Section):
     epsilon: float = Field(default=0.2, gt=0)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    # Generate rollouts with the adapters folded into the weights (rl_lora/rollout.py): plain-model speed.
+    merge_rollouts: bool = True
 
 
 class RewardFunctionSpec(_Section):

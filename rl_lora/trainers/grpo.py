@@ -22,6 +22,7 @@ from reward_models.protocol import check_scores
 from rl_lora.config import RecipeConfig
 from rl_lora.errors import RewardError
 from rl_lora.lora import peft_config
+from rl_lora.rollout import merged_adapters
 
 
 def trl_reward(name: str, fn: Callable, kwargs: dict[str, Any]) -> Callable:
@@ -44,6 +45,22 @@ def trl_reward(name: str, fn: Callable, kwargs: dict[str, Any]) -> Callable:
 
     reward.__name__ = name.replace(":", ".").replace("/", ".")
     return reward
+
+
+class MergedRolloutGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer, generating rollouts with the LoRA adapters folded into the weights.
+
+    Only generation changes; the training forward and backward run the usual unmerged adapters.
+    """
+
+    merge_rollouts: bool = True
+
+    def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        if not self.merge_rollouts or zero3:
+            return super()._generate_single_turn(*args, **kwargs)
+        with merged_adapters(self.model):
+            return super()._generate_single_turn(*args, **kwargs)
 
 
 def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
@@ -89,7 +106,7 @@ def build_grpo_trainer(
     callbacks: list[TrainerCallback],
 ) -> GRPOTrainer:
     rewards = [trl_reward(f.name, resolve_reward(f.name), f.kwargs) for f in config.reward.functions]
-    trainer = GRPOTrainer(
+    trainer = MergedRolloutGRPOTrainer(
         model=model,
         reward_funcs=rewards,
         args=grpo_args(config, lr, output_dir),
@@ -98,6 +115,7 @@ def build_grpo_trainer(
         peft_config=peft_config(config.lora),
         callbacks=callbacks,
     )
+    trainer.merge_rollouts = config.grpo.merge_rollouts
     # Our tracker draws the progress bar and writes the records; transformers' printers would
     # print every log dict to the console as well.
     trainer.remove_callback(PrinterCallback)
