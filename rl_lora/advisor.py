@@ -22,7 +22,6 @@ from transformers import AutoConfig
 
 from rl_lora.capacity import (
     ALL_LINEAR,
-    BITS_PER_EPISODE,
     BITS_PER_PARAM,
     CapacityEstimate,
     estimate,
@@ -31,12 +30,14 @@ from rl_lora.capacity import (
     parameter_count,
     rl_data_bits,
     targeted_shapes,
+    token_data_bits,
 )
 from rl_lora.config import RecipeConfig
 from rl_lora.errors import ConfigError, ModelError
 from rl_lora.lr_rule import resolve_lr
 from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, tiny_llama_config
 from rl_lora.models.tokenizer import build_char_tokenizer
+from rl_lora.tasks.arithmetic import answer_tokens
 
 Shapes = dict[str, tuple[int, int]]
 ModuleKind = Literal["attention", "mlp", "other"]
@@ -136,10 +137,19 @@ def recipe_shapes(config: RecipeConfig) -> Shapes:
 
 def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
     """(bits the recipe's training data carries, how that number was made)."""
-    if config.algorithm == "grpo":
+    if config.algorithm in ("grpo", "ppo"):
         # Claim 1: a policy-gradient episode (one completion) carries ~1 bit, its one scalar advantage.
         bits = rl_data_bits(config.train.batch_size, config.train.steps)
         return bits, f"{config.train.batch_size} completions/step x {config.train.steps} steps, 1 bit per episode"
+    if config.algorithm in ("dpo", "reward"):
+        # Claim 2: supervised and preference data carry <~1 bit per trained completion token; a pair trains
+        # two completions (chosen and rejected). Token count: the built-in task's answer length; a user's
+        # file is not read here (no data loads before the run), so its pairs count as built-in-sized.
+        tokens = answer_tokens(config.data)
+        pairs = config.train.batch_size * config.train.steps
+        bits = token_data_bits(pairs * 2 * tokens)
+        how = f"{config.train.batch_size} pairs/step x {config.train.steps} steps x 2 completions x {tokens} tokens"
+        return bits, f"{how}, 1 bit per token"
     raise ConfigError(f"algorithm '{config.algorithm}': the advisor has no data-bits estimate for it yet")
 
 
@@ -245,8 +255,8 @@ def _below_capacity(config: RecipeConfig, shapes: Shapes) -> Advice | None:
     if est.capacity_bits >= est.data_bits:
         return None
     _, how = recipe_data_bits(config)
-    # GRPO data bits are batch x steps x 1 bit, so the longest run this adapter holds is a floor division.
-    max_steps = math.floor(est.capacity_bits / (BITS_PER_EPISODE * config.train.batch_size))
+    # Data bits grow linearly with steps, so the longest run this adapter holds is a floor division.
+    max_steps = math.floor(config.train.steps * est.capacity_bits / est.data_bits)
     fewer = f"train.steps to <= {max_steps}" if max_steps >= 1 else "train.batch_size"
     if est.smallest_sufficient_rank is None:
         fix = f"no LoRA rank holds it: set lora.rank to full, or lower {fewer}"

@@ -77,12 +77,62 @@ class GrpoSpec(_Section):
     merge_rollouts: bool = True
 
 
+class PpoSpec(_Section):
+    """PPO with a critic (rl_lora/trainers/ppo.py). Completions per step = train.batch_size."""
+
+    # Prompts per step = train.batch_size / samples_per_prompt.
+    samples_per_prompt: int = Field(default=4, ge=1)
+    max_completion_length: int = Field(default=5, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    # Passes over each rollout batch, in minibatches of minibatch_size completions (one update each).
+    epochs: int = Field(default=2, ge=1)
+    minibatch_size: int = Field(default=32, ge=1)
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    clip: float = Field(default=0.2, gt=0)
+    value_clip: float = Field(default=0.2, gt=0)
+    vf_coef: float = Field(default=0.1, gt=0)
+    # Per-token KL penalty to the reference (the adapter-off base in LoRA mode), folded into the reward.
+    kl_coef: float = Field(default=0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    # Ziegler et al. 2019's controller: nudges kl_coef toward target_kl (nats per completion).
+    adaptive_kl: bool = False
+    target_kl: float = Field(default=1.0, gt=0)
+    kl_horizon: int = Field(default=10_000, ge=1)
+    whiten_advantages: bool = True
+    # Critic LR = value_lr_multiplier x the policy's LR.
+    value_lr_multiplier: float = Field(default=1.0, gt=0)
+
+
+LEARNED_PREFIX = "learned:"
+# Options of a learned reward (reward_models/learned.py); other rewards take their function's keywords.
+LEARNED_OPTIONS = {"base", "batch_size"}
+
+
 class RewardFunctionSpec(_Section):
-    """One reward: a built-in name or ``module.path:function``, with its weight."""
+    """One reward, with its weight. ``name`` is one of: a built-in (``exact_answer``), an installed
+    entry point (group ``rl_lora.reward_models``), ``module.path:function``, ``path/to/file.py:function``,
+    or ``learned:<folder>`` (a sequence-classification model or a LoRA adapter of one)."""
 
     name: str
     weight: float = 1.0
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _learned_options(self) -> RewardFunctionSpec:
+        if not self.name.startswith(LEARNED_PREFIX):
+            return self
+        if not self.name.removeprefix(LEARNED_PREFIX).strip():
+            raise ValueError(f"reward '{self.name}': 'learned:' must be followed by a model or adapter folder")
+        unknown = sorted(set(self.kwargs) - LEARNED_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"reward '{self.name}': unknown kwargs {unknown} (a learned reward takes {sorted(LEARNED_OPTIONS)})"
+            )
+        size = self.kwargs.get("batch_size", 1)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"reward '{self.name}': kwargs.batch_size must be an integer >= 1 (got {size!r})")
+        return self
 
 
 class RewardSpec(_Section):
@@ -98,8 +148,17 @@ class RewardSpec(_Section):
         return value
 
 
+BUILTIN_PREFERENCES = "builtin"
+
+
 class DataSpec(_Section):
-    """The task. ``arithmetic`` is the built-in synthetic task (two-operand addition)."""
+    """The task, and for DPO and reward-model training the preference pairs.
+
+    ``arithmetic`` is the built-in synthetic task (two-operand addition). Its preference pairs
+    (``preferences: builtin``) pair each training prompt's correct answer with one of the policy's own
+    wrong samples; ``preferences`` may instead name a JSONL, JSON or parquet file in TRL's preference
+    formats.
+    """
 
     task: Literal["arithmetic"] = "arithmetic"
     min_operand: int = Field(default=10, ge=0)
@@ -107,6 +166,46 @@ class DataSpec(_Section):
     eval_size: int = Field(default=300, ge=1)
     # The held-out split is fixed by this seed, independent of the training seed.
     split_seed: int = 1234
+    # DPO / reward only: "builtin" (null means the same) or a preference file.
+    preferences: str | None = None
+    # Reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a
+    # seeded 10% of a preference file.
+    eval_preferences: str | None = None
+    # Built-in pairs: policy samples per training prompt (temperature 1) to find a wrong one.
+    samples_per_prompt: int = Field(default=2, ge=1)
+
+
+# TRL 1.16's DPO loss names (trl/trainer/dpo_config.py).
+DpoLoss = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+
+
+class DpoSpec(_Section):
+    """Direct preference optimisation (TRL's DPOTrainer)."""
+
+    # Strength of the implicit KL to the reference (the adapter-off policy, or a frozen copy for full).
+    beta: float = Field(default=0.1, gt=0)
+    # TRL's loss names; several are summed with loss_weights (e.g. [sigmoid, sft] = RPO).
+    loss_type: list[DpoLoss] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
+    loss_weights: list[float] | None = None
+    # Prompt + completion tokens; longer sequences are truncated (keep the start).
+    max_length: int = Field(default=512, ge=2)
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class RewardModelSpec(_Section):
+    """Reward-model training (TRL's RewardTrainer): a sequence classifier scoring prompt + completion."""
+
+    # Pairs whose chosen or rejected side is longer than this (in tokens) are dropped, as TRL does.
+    max_length: int = Field(default=512, ge=2)
+    # Pull the mean reward towards 0 (TRL's center_rewards_coefficient; 0.01 is its suggestion).
+    center_rewards_coefficient: float | None = Field(default=None, ge=0)
 
 
 class TrainSpec(_Section):
@@ -138,10 +237,13 @@ class RecipeConfig(_Section):
     """A whole recipe."""
 
     name: str = "recipe"
-    algorithm: Literal["grpo"] = "grpo"
+    algorithm: Literal["grpo", "ppo", "dpo", "reward"] = "grpo"
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     grpo: GrpoSpec = Field(default_factory=GrpoSpec)
+    ppo: PpoSpec = Field(default_factory=PpoSpec)
+    dpo: DpoSpec = Field(default_factory=DpoSpec)
+    reward_model: RewardModelSpec = Field(default_factory=RewardModelSpec)
     reward: RewardSpec = Field(default_factory=RewardSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -158,6 +260,56 @@ class RecipeConfig(_Section):
             raise ValueError(
                 f"data.min_operand ({self.data.min_operand}) is larger than data.max_operand ({self.data.max_operand})"
             )
+        self._check_preference_keys()
+        return self
+
+    def _check_preference_keys(self) -> None:
+        """Keys that only one algorithm reads must not be set for another, where they would be ignored."""
+        # section -> the algorithms that read it; a non-default section elsewhere would be silently ignored.
+        readers = {"dpo": ("dpo",), "reward_model": ("reward",)}
+        if self.algorithm in ("dpo", "reward"):
+            readers.update({"grpo": ("grpo",), "ppo": ("ppo",), "reward": ("grpo", "ppo")})
+        for section, algorithms in readers.items():
+            if self.algorithm not in algorithms and getattr(self, section) != type(getattr(self, section))():
+                raise ValueError(
+                    f"'{section}' is read by algorithm {' or '.join(algorithms)}, not {self.algorithm}: "
+                    f"remove it or set algorithm: {algorithms[0]}"
+                )
+        if self.algorithm not in ("dpo", "reward"):
+            for key in ("preferences", "eval_preferences"):
+                if getattr(self.data, key) is not None:
+                    raise ValueError(f"data.{key} is read by algorithm dpo or reward, not {self.algorithm}")
+            return
+        if self.algorithm == "dpo" and self.data.eval_preferences is not None:
+            raise ValueError(
+                "data.eval_preferences is read by algorithm reward only: DPO is judged by held-out "
+                "exact-answer accuracy on the built-in task"
+            )
+        if self.data.eval_preferences is not None and self.preferences_source == BUILTIN_PREFERENCES:
+            raise ValueError("data.eval_preferences needs data.preferences to name a file (the built-in pairs "
+                             "bring their own held-out pairs)")
+        weights = self.dpo.loss_weights
+        if weights is not None and len(weights) != len(self.dpo.loss_type):
+            raise ValueError(
+                f"dpo.loss_weights has {len(weights)} entries for {len(self.dpo.loss_type)} dpo.loss_type entries"
+            )
+
+    @property
+    def preferences_source(self) -> str:
+        """"builtin" or the preference file a DPO or reward-model recipe trains on."""
+        return self.data.preferences or BUILTIN_PREFERENCES
+
+    @model_validator(mode="after")
+    def _ppo_batch_splits_evenly(self) -> RecipeConfig:
+        if self.algorithm != "ppo":
+            return self
+        batch, ppo = self.train.batch_size, self.ppo
+        for key, size in (("samples_per_prompt", ppo.samples_per_prompt), ("minibatch_size", ppo.minibatch_size)):
+            if batch % size:
+                raise ValueError(
+                    f"train.batch_size ({batch}) must be a multiple of ppo.{key} ({size}): "
+                    "every prompt gets all its samples and every minibatch is full"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,12 +8,13 @@ from torch import nn
 from rl_lora.config import LoraSpec
 
 
-def peft_config(spec: LoraSpec) -> LoraConfig | None:
+def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM") -> LoraConfig | None:
     """PEFT's LoraConfig for ``spec``, or None for the full-parameter baseline.
 
     alpha is fixed (32 by default) rather than scaled with rank: with alpha/r scaling the optimal LR
     barely depends on rank (docs/findings.md, claim 5). B starts at zero, so a fresh adapter leaves
-    the policy exactly equal to the base model.
+    the policy exactly equal to the base model. ``task_type="SEQ_CLS"`` (reward models) also trains
+    the freshly initialised classification head in full: PEFT adds ``score`` to ``modules_to_save``.
     """
     if spec.is_full:
         return None
@@ -23,7 +24,7 @@ def peft_config(spec: LoraSpec) -> LoraConfig | None:
         target_modules=spec.targets,
         lora_dropout=spec.dropout,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

@@ -1,7 +1,9 @@
 """One run of a recipe, top to bottom: setup -> train -> save -> summary.
 
 The config has been validated before this is called; everything that can fail on the user's
-input without loading a model (reward names, the run folder) is checked before the model loads.
+input without loading a model (reward names, preference files, the run folder) is checked before
+the model loads. What differs between algorithms (GRPO, DPO, reward-model training) is three steps
+of an ``Algorithm`` (rl_lora/trainers/common.py), one module each under rl_lora/trainers/.
 """
 
 from __future__ import annotations
@@ -18,20 +20,33 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from reward_models import resolve_reward
 from rl_lora.config import RecipeConfig
-from rl_lora.errors import CheckpointError
-from rl_lora.evaluation import exact_answer_accuracy
+from rl_lora.errors import CheckpointError, ConfigError
 from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.memory import peak_memory
-from rl_lora.models.loading import load_policy
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
-from rl_lora.tasks import arithmetic
 from rl_lora.tracking import RunTracker, WandbSink
+from rl_lora.trainers import dpo, reward_model
+from rl_lora.trainers.common import Algorithm, rollout_algorithm
 from rl_lora.trainers.grpo import build_grpo_trainer
+from rl_lora.trainers.ppo import build_ppo_trainer
 
 FINAL_REWARD_WINDOW = 10  # final reward = mean over the last 10 logged steps (one step is noisy)
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "grpo": rollout_algorithm(build_grpo_trainer, lambda c: c.grpo.max_completion_length),
+    "ppo": rollout_algorithm(build_ppo_trainer, lambda c: c.ppo.max_completion_length),
+    "dpo": dpo.ALGORITHM,
+    "reward": reward_model.ALGORITHM,
+}
+# What the held-out metric means, per algorithm (summary.json "held_out_metric" and the closing lines).
+HELD_OUT_METRIC = {
+    "dpo": "greedy exact-answer accuracy on the held-out problems",
+    "grpo": "greedy exact-answer accuracy on the held-out problems",
+    "ppo": "greedy exact-answer accuracy on the held-out problems",
+    "reward": "pairwise accuracy on held-out preference pairs (chosen scored above rejected)",
+}
 
 
 @dataclass
@@ -67,6 +82,9 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars per load/save
     hf_logging.set_verbosity_error()
+    from datasets.utils import logging as datasets_logging
+
+    datasets_logging.disable_progress_bar()  # "Tokenizing train dataset" bars of DPO / reward trainers
     # TRL 1.16 still passes transformers' deprecated gradient_checkpointing names; not the user's concern.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
 
@@ -85,14 +103,23 @@ class PreparedRun:
     lr: ResolvedLR
     source: str
     started: float
+    algorithm: Algorithm
+    info: dict[str, Any]
+
+
+def algorithm_for(config: RecipeConfig) -> Algorithm:
+    if config.algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm '{config.algorithm}' is not wired into the runner yet "
+                          f"(runnable: {', '.join(sorted(ALGORITHMS))})")
+    return ALGORITHMS[config.algorithm]
 
 
 def prepare_run(config: RecipeConfig) -> PreparedRun:
-    """Setup: check rewards and the output folder, load the policy, build the trainer."""
+    """Setup: check the user's inputs and the output folder, load the model and data, build the trainer."""
     started = time.perf_counter()
     _quiet_libraries()
-    for f in config.reward.functions:  # fail on a bad reward name before any model loads
-        resolve_reward(f.name)
+    algorithm = algorithm_for(config)
+    checked = algorithm.check(config)  # rewards, preference files: fail before any model loads
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     run_dir = create_run_dir(config)
@@ -101,16 +128,16 @@ def prepare_run(config: RecipeConfig) -> PreparedRun:
     _say(f"rl-lora: {config.name} | {config.algorithm} | {method} | lr {lr.lr:g} ({lr.reason})")
     _say(f"rl-lora: run folder {run_dir}")
 
-    train_problems, held_out = arithmetic.split(config.data)
-    model, tokenizer, source = load_policy(config.model, config.data, progress=config.logging.progress)
+    loaded = algorithm.load(config, checked, config.logging.progress)
     resolved = config.to_dict()
     resolved["resolved"] = {
         "method": method,
         "lr": lr.lr,
         "lr_multiplier": lr.multiplier,
         "lr_reason": lr.reason,
-        "policy_path": source,
+        "policy_path": loaded.source,
         "versions": _versions(),
+        **loaded.info,
     }
     write_config(run_dir, resolved)
 
@@ -122,20 +149,26 @@ def prepare_run(config: RecipeConfig) -> PreparedRun:
             {**resolved, "rank": str(config.lora.rank), "method": method, "lr": lr.lr, "seed": config.train.seed},
             tags, job_type=method,
         )
-    max_new = config.grpo.max_completion_length
-
-    def evaluate(m: Any) -> dict[str, float]:
-        return {"accuracy": exact_answer_accuracy(m, tokenizer, held_out, max_new)}
-
-    tracker = RunTracker(run_dir / "metrics.jsonl", evaluate, config.train.eval_every, {}, sink,
+    tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
                          progress=config.logging.progress)
-    trainer = build_grpo_trainer(
-        config, model, tokenizer, arithmetic.to_dataset(train_problems), lr.lr, run_dir / "trainer", [tracker]
-    )
-    trainable, total = count_parameters(trainer.model)
-    tracker.static = {"trainable_params": trainable, "total_params": total}
+    trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer", [tracker])
+    tracker.static = _static_figures(trainer)
+    trainable, total = tracker.static["trainable_params"], tracker.static["total_params"]
     _say(f"rl-lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-    return PreparedRun(config, run_dir, trainer, tracker, tokenizer, sink, method, lr, source, started)
+    return PreparedRun(config, run_dir, trainer, tracker, loaded.tokenizer, sink, method, lr, loaded.source, started,
+                       algorithm, loaded.info)
+
+
+def _static_figures(trainer: Any) -> dict[str, int]:
+    """Parameter counts, and the bytes of a separate reference model (0 when the reference is the
+    adapter-off policy or there is none): findings claim 7's memory difference, measured."""
+    trainable, total = count_parameters(trainer.model)
+    reference = getattr(trainer, "ref_model", None)
+    ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
+    # PPO: bytes of policy + critic + reference with shared tensors counted once, and their ratio to one base.
+    memory = getattr(trainer, "memory_figures", None)
+    return {"trainable_params": trainable, "total_params": total, "reference_param_bytes": ref_bytes,
+            **(memory() if memory is not None else {})}
 
 
 def save_policy(run: PreparedRun) -> Path:
@@ -152,9 +185,6 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult:
     """Save, write summary.json, close W&B and print the closing lines."""
     out = save_policy(run)
     shutil.rmtree(run.run_dir / "trainer", ignore_errors=True)  # TRL's scratch folder; we save ourselves
-    records = run.tracker.records
-    rewards = [r["reward"] for r in records if r.get("reward") is not None]
-    window = rewards[-FINAL_REWARD_WINDOW:]
     summary = {
         "recipe": run.config.name,
         "algorithm": run.config.algorithm,
@@ -164,9 +194,11 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult:
         "steps": run.config.train.steps,
         "lr": run.lr.lr,
         "lr_reason": run.lr.reason,
-        "start_accuracy": run.tracker.start_eval.get("accuracy"),
-        "final_accuracy": run.tracker.last_eval.get("accuracy"),
-        "final_reward": sum(window) / len(window) if window else None,
+        "held_out_metric": HELD_OUT_METRIC.get(run.config.algorithm),
+        **{f"start_{k}": v for k, v in run.tracker.start_eval.items()},
+        **{f"final_{k}": v for k, v in run.tracker.last_eval.items()},
+        **_final_means(run.tracker.records, run.algorithm.final_metrics),
+        **run.info,
         **run.tracker.static,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - run.started, 2),
@@ -176,8 +208,17 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult:
     }
     write_json_atomic(run.run_dir / "summary.json", summary)
     sync = run.sink.finish(summary) if run.sink is not None else None
-    _print_summary(summary, run.run_dir, sync)
+    _print_summary(summary, run.run_dir, list(run.tracker.last_eval), list(run.algorithm.final_metrics), sync)
     return RunResult(run.run_dir, summary)
+
+
+def _final_means(records: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, float | None]:
+    """summary key -> mean of the logged key over the last FINAL_REWARD_WINDOW records that have it."""
+    out = {}
+    for summary_key, logged in keys.items():
+        window = [r[logged] for r in records if r.get(logged) is not None][-FINAL_REWARD_WINDOW:]
+        out[summary_key] = sum(window) / len(window) if window else None
+    return out
 
 
 def run_recipe(config: RecipeConfig) -> RunResult:
@@ -188,13 +229,19 @@ def run_recipe(config: RecipeConfig) -> RunResult:
     return finish_run(run, time.perf_counter() - train_started)
 
 
-def _print_summary(s: dict[str, Any], run_dir: Path, sync: str | None) -> None:
-    start, final = s["start_accuracy"], s["final_accuracy"]
-    reward = s["final_reward"]
-    lines = [
-        f"held-out accuracy: {start:.3f} -> {final:.3f} ({100 * (final - start):+.1f} points)",
-        f"final reward (mean of last {FINAL_REWARD_WINDOW} steps): "
-        + (f"{reward:.3f}" if reward is not None else "n/a"),
+def _print_summary(
+    s: dict[str, Any], run_dir: Path, eval_keys: list[str], final_keys: list[str], sync: str | None
+) -> None:
+    lines = []
+    for key in eval_keys:
+        start, final = s[f"start_{key}"], s[f"final_{key}"]
+        change = f"{100 * (final - start):+.1f} points"
+        lines.append(f"held-out {key.replace('_', ' ')}: {start:.3f} -> {final:.3f} ({change})")
+    for key in final_keys:
+        value = s.get(key)
+        lines.append(f"{key.replace('_', ' ')} (mean of last {FINAL_REWARD_WINDOW} steps): "
+                     + (f"{value:.3f}" if value is not None else "n/a"))
+    lines += [
         f"trainable params: {s['trainable_params']:,} of {s['total_params']:,}",
         f"time: {s['wall_seconds']:.1f} s in all, {s['train_seconds']:.1f} s training; "
         f"peak RSS {s['peak_rss_bytes'] / 2**30:.2f} GiB",

@@ -55,9 +55,16 @@ LLAMA_8B_CONFIG = {
     "torch_dtype": "bfloat16",
 }
 
-# Shipped recipes trip no guardrail. (The default recipe once did: 64 completions x 400 steps = 25,600
+# The RL recipes trip no guardrail. (The default recipe once did: 64 completions x 400 steps = 25,600
 # episode bits > 2 bits x 10,240 rank-1 parameters = 20,480; it now trains 300 steps, 19,200 bits.)
-KNOWN_ADVICE: dict[str, set[str]] = {}
+# The preference recipes are over the per-token estimate on purpose and stay visible here: DPO trains
+# 32 x 200 pairs x 2 x 4 tokens = 51,200 bits against 20,480, yet rank 1 matched full (0.877 vs 0.883,
+# docs/preference.md): preference tokens carry well under 1 bit each, and the advisor's rule is a
+# conservative bound, not a wall. The reward model revisits its 6,234 pairs ~5 times (256,000 token-bits).
+KNOWN_ADVICE: dict[str, set[str]] = {
+    "dpo_arithmetic.yaml": {BELOW_CAPACITY},
+    "rm_arithmetic.yaml": {BELOW_CAPACITY},
+}
 
 
 @pytest.fixture(scope="module")

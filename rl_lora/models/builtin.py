@@ -29,6 +29,7 @@ from rl_lora.warmup import supervised_warmup
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("arithmetic-tiny",)
 BUILD_VERSION = 1  # bump when the build procedure changes
+BUILD_DATA_FIELDS = ("task", "min_operand", "max_operand", "eval_size", "split_seed")
 
 
 def tiny_llama_config(vocab_size: int, pad: int, bos: int, eos: int) -> LlamaConfig:
@@ -58,7 +59,9 @@ def _build_key(name: str, warmup_steps: int, data: DataSpec) -> str:
         "version": BUILD_VERSION,
         "vocab": SPECIALS + CHARS,
         "warmup_steps": warmup_steps,
-        "data": data.model_dump(),
+        # Only the fields that shape the build: keys added to DataSpec later (preference files, ...)
+        # must not invalidate every cached model.
+        "data": data.model_dump(include=set(BUILD_DATA_FIELDS)),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 

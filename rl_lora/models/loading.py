@@ -6,7 +6,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from rl_lora.config import DataSpec, ModelSpec
 from rl_lora.errors import ModelError
@@ -30,11 +36,21 @@ def load_policy(
     source = resolve_policy_path(spec, data, progress)
     if not spec.policy.startswith(BUILTIN_PREFIX) and Path(source).exists() and not Path(source).is_dir():
         raise ModelError(f"model.policy '{source}' is a file; expected a model folder or a hub id")
+    tokenizer = load_tokenizer(spec, source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=_DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
         )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
+    return model, tokenizer, source
+
+
+def load_tokenizer(spec: ModelSpec, source: str) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``source``, with a pad token (its eos token when it has none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
@@ -44,4 +60,21 @@ def load_policy(
         # Generation masks everything after the first EOS, so pad = EOS is safe for RL rollouts.
         warnings.warn(f"tokenizer of '{spec.policy}' has no pad token; using its eos token", stacklevel=2)
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, source
+    return tokenizer
+
+
+def load_reward_backbone(spec: ModelSpec, source: str, pad_token_id: int) -> PreTrainedModel:
+    """The policy's architecture with a one-logit head (``num_labels=1``), its body from ``source``.
+
+    The head (``score``) is not in a causal-LM checkpoint and starts random: seed before calling.
+    """
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=_DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded as a reward model: {first_line}") from exc
+    # The head reads the last non-pad token, so the model must know the pad id.
+    model.config.pad_token_id = pad_token_id
+    return model

@@ -15,7 +15,7 @@ from reward_models.exact_answer import extract_answer
 from rl_lora.config import DataSpec
 from rl_lora.errors import DataError
 
-__all__ = ["Problem", "extract_answer", "split", "to_dataset"]
+__all__ = ["Problem", "answer_tokens", "extract_answer", "split", "to_dataset"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,11 @@ def split(spec: DataSpec) -> tuple[list[Problem], list[Problem]]:
     train = [p for i, p in enumerate(problems) if i not in held]
     evaluation = [problems[i] for i in order[: spec.eval_size]]
     return train, evaluation
+
+
+def answer_tokens(spec: DataSpec) -> int:
+    """Tokens a complete answer needs with the character tokenizer: the largest sum's digits + EOS."""
+    return len(str(2 * spec.max_operand)) + 1
 
 
 def to_dataset(problems: list[Problem]) -> Dataset:

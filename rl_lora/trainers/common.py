@@ -1,0 +1,112 @@
+"""What every algorithm hands the runner, and the TRL settings they share.
+
+An algorithm is three steps, so the runner can read top to bottom (setup -> train -> save -> summary)
+whatever it runs:
+
+1. ``check(config)``: everything that can fail on the user's input without a model (reward names,
+   preference files), run before any model loads and before the run folder exists;
+2. ``load(config, checked, progress)``: the model, tokenizer, training data and held-out evaluation;
+3. ``build(config, loaded, lr, output_dir, callbacks)``: the trainer, with our tracker as a callback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from rl_lora.config import RecipeConfig
+from rl_lora.evaluation import exact_answer_accuracy
+from rl_lora.models.loading import load_policy
+from rl_lora.tasks import arithmetic
+
+
+@dataclass
+class Loaded:
+    """A model ready to train: what ``build`` needs and what the tracker evaluates."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # the folder or hub id the weights came from (the built-in model's cache folder)
+    train_dataset: Dataset
+    evaluate: Callable[[Any], dict[str, float]]  # held-out metrics of a model, e.g. {"accuracy": 0.46}
+    info: dict[str, Any] = field(default_factory=dict)  # figures for summary.json (e.g. pair counts)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    check: Callable[[RecipeConfig], Any]
+    load: Callable[[RecipeConfig, Any, bool], Loaded]
+    build: Callable[[RecipeConfig, Loaded, float, Path, list[TrainerCallback]], Any]
+    # summary.json key -> logged key, averaged over the last logged steps (one step is noisy)
+    final_metrics: dict[str, str] = field(default_factory=dict)
+
+
+def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> dict[str, Any]:
+    """TrainingArguments every TRL trainer here gets: CPU-safe precision, our LR and schedule, no saving."""
+    on_gpu = torch.cuda.is_available()
+    t = config.train
+    return {
+        "output_dir": str(output_dir),
+        "use_cpu": not on_gpu,
+        # bf16 autocast only on a GPU: on CPU it is refused, and a bf16 base ran ~19x slower.
+        "bf16": on_gpu and config.model.dtype == "bfloat16",
+        "gradient_checkpointing": False,
+        "learning_rate": lr,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": int(t.warmup_ratio * t.steps),
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "per_device_train_batch_size": t.batch_size,
+        "max_steps": t.steps,
+        "seed": t.seed,
+        "logging_steps": t.log_every,
+        "report_to": "none",
+        # The runner saves weights itself (safetensors only); TRL would add training_args.bin.
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+def quiet(trainer: Any) -> Any:
+    """Our tracker draws the progress bar and writes the records; transformers' printers would print
+    every log dict to the console as well."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def rollout_algorithm(
+    build: Callable[..., Any], completion_tokens: Callable[[RecipeConfig], int]
+) -> Algorithm:
+    """An RL algorithm that samples completions of the built-in task and scores them with the recipe's
+    rewards (GRPO; PPO has the same shape). ``build`` has build_grpo_trainer's signature."""
+
+    def check(config: RecipeConfig) -> None:
+        from reward_models import check_reward
+
+        for f in config.reward.functions:  # a bad name, keyword or reward-model folder fails here
+            check_reward(f.name, f.kwargs)
+
+    def load(config: RecipeConfig, _: Any, progress: bool) -> Loaded:
+        train_problems, held_out = arithmetic.split(config.data)
+        model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
+        max_new = completion_tokens(config)
+
+        def evaluate(m: Any) -> dict[str, float]:
+            return {"accuracy": exact_answer_accuracy(m, tokenizer, held_out, max_new)}
+
+        return Loaded(model, tokenizer, source, arithmetic.to_dataset(train_problems), evaluate)
+
+    def build_trainer(config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path,
+                      callbacks: list[TrainerCallback]) -> Any:
+        return build(config, loaded.model, loaded.tokenizer, loaded.train_dataset, lr, output_dir, callbacks)
+
+    return Algorithm(check, load, build_trainer, final_metrics={"final_reward": "reward"})

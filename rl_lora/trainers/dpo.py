@@ -1,0 +1,107 @@
+"""DPO through TRL's DPOTrainer: preference pairs -> a policy that prefers the chosen side.
+
+With a LoRA spec TRL wraps the policy with PEFT and the reference is the same network with its
+adapter disabled (no second copy). With ``lora.rank: full`` the reference is an explicit frozen copy
+of the policy: TRL would otherwise try to load one from the model's (empty) hub name.
+
+The pairs are the built-in task's (chosen = the answer, rejected = the policy's own wrong sample;
+rl_lora/tasks/preferences.py) or a preference file. Either way the held-out metric is the built-in
+task's greedy exact-answer accuracy on the same held-out problems as GRPO, since the task is what
+the preferences are meant to improve.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from trl import DPOConfig, DPOTrainer
+
+from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
+from rl_lora.errors import DataError
+from rl_lora.evaluation import exact_answer_accuracy
+from rl_lora.lora import peft_config
+from rl_lora.models.builtin import BUILTIN_PREFIX
+from rl_lora.models.loading import load_policy
+from rl_lora.tasks import arithmetic
+from rl_lora.tasks.preferences import builtin_pairs, is_conversational, read_preference_file
+from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
+
+
+def check_preferences(config: RecipeConfig) -> list[dict[str, Any]] | None:
+    """The validated rows of the recipe's preference file, or None for the built-in pairs."""
+    source = config.preferences_source
+    return None if source == BUILTIN_PREFERENCES else read_preference_file(source)
+
+
+def check_chat_template(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, source: str,
+                        dataset: str) -> None:
+    if is_conversational(rows) and not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"dataset '{dataset}' is conversational (lists of messages) but the tokenizer of '{source}' has no "
+            "chat template to render them"
+        )
+
+
+def policy_pairs(
+    config: RecipeConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str,
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """The built-in (training, held-out) pairs sampled from ``model``; cached beside the built-in model."""
+    cache_dir = Path(source) if config.model.policy.startswith(BUILTIN_PREFIX) else None
+    return builtin_pairs(cache_dir, model, tokenizer, config.data)
+
+
+def load(config: RecipeConfig, rows: list[dict[str, Any]] | None, progress: bool) -> Loaded:
+    _, held_out = arithmetic.split(config.data)
+    model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
+    if rows is None:
+        rows, _ = policy_pairs(config, model, tokenizer, source)
+    check_chat_template(rows, tokenizer, source, config.preferences_source)
+    max_new = arithmetic.answer_tokens(config.data)
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return {"accuracy": exact_answer_accuracy(m, tokenizer, held_out, max_new)}
+
+    return Loaded(model, tokenizer, source, Dataset.from_list(rows), evaluate, info={"train_pairs": len(rows)})
+
+
+def dpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> DPOConfig:
+    d = config.dpo
+    return DPOConfig(
+        **shared_training_args(config, lr, output_dir),
+        beta=d.beta,
+        loss_type=list(d.loss_type),
+        loss_weights=d.loss_weights,
+        max_length=d.max_length,
+    )
+
+
+def build_dpo_trainer(
+    config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path, callbacks: list[TrainerCallback]
+) -> DPOTrainer:
+    lora = peft_config(config.lora)
+    reference = None
+    if lora is None:  # full-parameter: the reference is the starting policy, frozen
+        reference = copy.deepcopy(loaded.model).eval()
+        reference.requires_grad_(False)
+    trainer = DPOTrainer(
+        model=loaded.model,
+        ref_model=reference,
+        args=dpo_args(config, lr, output_dir),
+        train_dataset=loaded.train_dataset,
+        processing_class=loaded.tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    return quiet(trainer)
+
+
+ALGORITHM = Algorithm(
+    check=check_preferences,
+    load=load,
+    build=build_dpo_trainer,
+    final_metrics={"final_margin": "rewards/margins", "final_train_accuracy": "rewards/accuracies"},
+)

@@ -1,0 +1,445 @@
+"""PPO with a critic. TRL 1.16 has no PPOTrainer (removed after 1.12), so the loop is written here.
+
+The memory-efficient layout: with LoRA, policy, critic and reference all live on ONE frozen copy of
+the base model. The policy is the PEFT adapter ``POLICY_ADAPTER``, the critic is a second adapter
+``VALUE_ADAPTER`` on the same PeftModel plus a scalar value head on the last hidden state, and the
+reference is the same network with its adapters disabled. With ``lora.rank: full`` (the baseline)
+the policy and a deep-copied critic train separately and the reference is a third, frozen copy.
+
+Per step: sample ``train.batch_size`` completions (``ppo.samples_per_prompt`` per prompt) from the
+policy; score them with the recipe's rewards; per-token rewards are -kl_coef * KL_t to the reference
+plus the task score on the last token; GAE gives advantages and returns; then ``ppo.epochs`` passes
+over shuffled minibatches of the clipped policy loss + vf_coef x the clipped value loss. The math is
+in rl_lora/trainers/ppo_math.py (pure functions); this module holds the models and the loop.
+
+Departures from Ziegler et al. 2019 / TRL 1.12's PPO: the critic is an adapter on the policy's own
+frozen base (TRL 1.12 kept a full trainable value model even with ``peft_config``), policy and
+critic gradients are clipped separately (their loss scales differ), and KL is logged as the mean
+per-sequence sum of k1 over the rollout. One process only, for now.
+
+    rl-lora run recipes/ppo_arithmetic.yaml                  # rank-1 LoRA, one shared base
+    rl-lora run recipes/ppo_arithmetic.yaml lora.rank=full   # separate policy, critic and reference
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from peft import get_peft_model
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, get_scheduler
+from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
+
+from reward_models import resolve_reward
+from rl_lora.config import LoraSpec, RecipeConfig
+from rl_lora.errors import ConfigError, RlLoraError
+from rl_lora.lora import peft_config
+from rl_lora.trainers import ppo_math as pm
+from rl_lora.trainers.grpo import trl_reward
+
+# PEFT saves the adapter named "default" at the folder's root and any other in a subfolder of its
+# name (peft_model.save_pretrained). Naming the policy "default" keeps the saved policy loadable with
+# plain PeftModel.from_pretrained(base, folder) (docs/findings.md, RELIABILITY); the critic's adapter
+# lands in folder/value/.
+POLICY_ADAPTER = "default"
+VALUE_ADAPTER = "value"
+MAX_NONFINITE_UPDATES = 8  # consecutive skipped updates (NaN/inf loss) before the run stops
+
+
+def unique_param_bytes(*modules: nn.Module | None) -> int:
+    """Bytes of the parameters held by ``modules``, each storage counted once (shared tensors, tied weights)."""
+    seen: set[int] = set()
+    total = 0
+    for module in modules:
+        for p in module.parameters() if module is not None else ():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class PpoArguments:
+    """The TrainingArguments fields transformers callbacks (rl_lora.tracking.RunTracker) read."""
+
+    per_device_train_batch_size: int  # completions per step
+    gradient_accumulation_steps: int
+    world_size: int
+    max_steps: int
+    logging_steps: int
+    seed: int
+
+
+class ActorCritic:
+    """Policy, critic and reference, and the forward passes PPO needs from them.
+
+    Shared (LoRA): ``policy`` is a PeftModel with two adapters on one frozen base; the critic is the
+    same network under VALUE_ADAPTER, the reference the same network with adapters disabled.
+    Separate (full): ``critic_backbone`` and ``reference`` are copies of the base.
+    """
+
+    def __init__(self, policy: nn.Module, value_head: nn.Linear, critic_backbone: nn.Module | None = None,
+                 reference: nn.Module | None = None, value_adapter_params: list[nn.Parameter] | None = None) -> None:
+        self.policy = policy
+        self.value_head = value_head
+        self.critic_backbone = critic_backbone
+        self.reference = reference
+        self.shared = critic_backbone is None
+        critic_body = list(critic_backbone.parameters()) if critic_backbone is not None else value_adapter_params or []
+        critic_ids = {id(p) for p in critic_body}
+        self.policy_params = [p for p in policy.parameters() if p.requires_grad and id(p) not in critic_ids]
+        self.critic_params = [*critic_body, *value_head.parameters()]
+
+    def keep_trainable(self) -> None:
+        # PEFT's set_adapter / disable_adapter set requires_grad=False on every adapter but the active
+        # one; both adapters train here, so their flags are put back after each switch.
+        for p in (*self.policy_params, *self.critic_params):
+            p.requires_grad_(True)
+
+    @contextmanager
+    def _adapter(self, name: str) -> Iterator[None]:
+        self.policy.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(POLICY_ADAPTER)  # evaluation and saving see the policy
+            self.keep_trainable()
+
+    def policy_logits(self, inputs: dict[str, Tensor], keep: int) -> Tensor:
+        """Logits of the last ``keep`` positions under the policy."""
+        return self.policy(**inputs, logits_to_keep=keep).logits
+
+    @torch.no_grad()
+    def reference_logits(self, inputs: dict[str, Tensor], keep: int) -> Tensor:
+        """Logits under the reference: the adapters switched off (shared), or the frozen copy."""
+        if not self.shared:
+            return self.reference(**inputs, logits_to_keep=keep).logits
+        try:
+            with self.policy.disable_adapter():
+                return self.policy(**inputs, logits_to_keep=keep).logits
+        finally:
+            self.keep_trainable()
+
+    def values(self, inputs: dict[str, Tensor]) -> Tensor:
+        """V(s) at every position: the value head on the critic's last hidden state, (B, L)."""
+        if not self.shared:
+            hidden = self.critic_backbone(**inputs).last_hidden_state
+            return self.value_head(hidden.float()).squeeze(-1)
+        # get_base_model() is the causal LM carrying the LoRA layers; its .base_model is the decoder
+        # without the LM head, so no vocabulary-sized logits are computed for the critic.
+        with self._adapter(VALUE_ADAPTER):
+            hidden = self.policy.get_base_model().base_model(**inputs).last_hidden_state
+        return self.value_head(hidden.float()).squeeze(-1)
+
+    def param_bytes(self) -> int:
+        """Parameter bytes of policy + critic + reference, shared tensors counted once."""
+        critic = self.policy if self.shared else self.critic_backbone
+        reference = self.policy if self.shared else self.reference
+        return unique_param_bytes(self.policy, critic, self.value_head, reference)
+
+
+def build_actor_critic(model: PreTrainedModel, lora: LoraSpec) -> ActorCritic:
+    """One frozen base with policy and value adapters (LoRA), or three copies (full)."""
+    value_head = nn.Linear(model.config.hidden_size, 1, dtype=torch.float32)
+    if lora.is_full:
+        critic_backbone = copy.deepcopy(model.base_model)
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        return ActorCritic(model.requires_grad_(True), value_head, critic_backbone, reference)
+    policy = get_peft_model(model, peft_config(lora), adapter_name=POLICY_ADAPTER)
+    before = {id(p) for p in policy.parameters()}
+    policy.add_adapter(VALUE_ADAPTER, peft_config(lora))  # a fresh config: PEFT resolves targets in place
+    value_params = [p for p in policy.parameters() if id(p) not in before]
+    policy.set_adapter(POLICY_ADAPTER)
+    ac = ActorCritic(policy, value_head, value_adapter_params=value_params)
+    ac.keep_trainable()
+    return ac
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled completions with everything the PPO epochs need; rows are completions."""
+
+    ids_B_L: Tensor  # prompt (left-padded) + completion
+    attention_B_L: Tensor
+    positions_B_L: Tensor
+    completion_B_T: Tensor
+    mask_B_T: Tensor  # real completion tokens (through the first EOS)
+    old_logps_B_T: Tensor
+    ref_logps_B_T: Tensor
+    old_values_B_T: Tensor
+    scores_B: Tensor
+    advantages_B_T: Tensor
+    returns_B_T: Tensor
+
+    def rows(self, index: Tensor) -> Rollout:
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+    def inputs(self) -> dict[str, Tensor]:
+        return {"input_ids": self.ids_B_L, "attention_mask": self.attention_B_L, "position_ids": self.positions_B_L}
+
+
+def completion_mask(completion_B_T: Tensor, eos_id: int) -> Tensor:
+    """1 on each completion's tokens up to and including its first EOS, 0 after it."""
+    is_eos_B_T = (completion_B_T == eos_id).long()
+    eos_before_B_T = is_eos_B_T.cumsum(dim=1) - is_eos_B_T
+    return (eos_before_B_T == 0).long()
+
+
+class PPOTrainer:
+    """PPO with a critic. ``.model`` is the policy (what evaluation and saving use); ``.train()`` runs it."""
+
+    def __init__(self, config: RecipeConfig, ac: ActorCritic, tokenizer: PreTrainedTokenizerBase,
+                 train_dataset: Dataset, lr: float, callbacks: list[TrainerCallback], base_param_bytes: int) -> None:
+        self.config, self.ac, self.tokenizer = config, ac, tokenizer
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if self.accelerator.num_processes > 1:
+            raise ConfigError("algorithm 'ppo' runs in one process for now; launch it without torchrun/accelerate")
+        self.spec, t = config.ppo, config.train
+        self.base_param_bytes = base_param_bytes
+        self.rows = train_dataset.to_list()
+        self.rng = random.Random(t.seed)
+        self.order: list[int] = []
+        self.rewards = [trl_reward(f.name, resolve_reward(f.name), f.kwargs) for f in config.reward.functions]
+        self.kl_coef = self.spec.kl_coef
+        self.num_tokens = 0
+        self.nonfinite = 0
+        self._prepare(lr, t.weight_decay)
+        self.lr_scheduler = get_scheduler(t.lr_scheduler, self.optimizer,
+                                          num_warmup_steps=int(t.warmup_ratio * t.steps), num_training_steps=t.steps)
+        self.args = PpoArguments(t.batch_size, 1, self.accelerator.num_processes, t.steps, t.log_every, t.seed)
+        self.state = TrainerState(max_steps=t.steps, logging_steps=t.log_every, train_batch_size=t.batch_size,
+                                  is_world_process_zero=self.accelerator.is_main_process,
+                                  is_local_process_zero=self.accelerator.is_local_main_process)
+        self.control = TrainerControl()
+        self.callback_handler = CallbackHandler(callbacks, self.model, tokenizer, self.optimizer, self.lr_scheduler)
+
+    def _prepare(self, lr: float, weight_decay: float) -> None:
+        ac, device = self.ac, self.accelerator.device
+        groups = [{"params": ac.policy_params, "lr": lr},
+                  {"params": ac.critic_params, "lr": lr * self.spec.value_lr_multiplier}]
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        # On one process prepare() moves modules to the device and wraps nothing; the reference is
+        # frozen and needs no preparing, only placing.
+        modules = [ac.policy, ac.value_head] + ([] if ac.shared else [ac.critic_backbone])
+        *_, self.optimizer = self.accelerator.prepare(*modules, optimizer)
+        if ac.reference is not None:
+            ac.reference.to(device)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.ac.policy
+
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The separate frozen reference (full-parameter mode); None when it is the adapter-off policy."""
+        return self.ac.reference
+
+    def memory_figures(self) -> dict[str, Any]:
+        """Parameter bytes of policy + critic + reference (shared tensors once) against one base model."""
+        held = self.ac.param_bytes()
+        trainable = {id(p): p.numel() for p in (*self.ac.policy_params, *self.ac.critic_params)}
+        return {
+            "ppo_param_bytes": held,
+            "ppo_base_param_bytes": self.base_param_bytes,
+            "ppo_param_bytes_vs_base": round(held / self.base_param_bytes, 4),
+            "ppo_trainable_params": sum(trainable.values()),
+        }
+
+    # -- rollouts ---------------------------------------------------------------------------
+    def _next_rows(self, n: int) -> list[dict[str, Any]]:
+        """The next ``n`` prompts of a reshuffled pass over the training set (like a dataloader's epochs)."""
+        out = []
+        for _ in range(n):
+            if not self.order:
+                self.order = list(range(len(self.rows)))
+                self.rng.shuffle(self.order)
+            out.append(self.rows[self.order.pop()])
+        return out
+
+    @torch.no_grad()
+    def _sample(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """(prompt ids, prompt mask, completion ids) sampled from the policy at the recipe's temperature."""
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"  # generation continues from the right edge
+        try:
+            batch = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.accelerator.device)
+        finally:
+            self.tokenizer.padding_side = side
+        self.model.eval()
+        # top_k=0, top_p=1: sample from exactly the distribution the log-probs are computed under
+        # (transformers' default top_k is 50, which would truncate it).
+        out_B_L = self.model.generate(
+            **batch, do_sample=True, temperature=self.spec.temperature, top_k=0, top_p=1.0,
+            max_new_tokens=self.spec.max_completion_length,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        self.model.train()
+        return batch["input_ids"], batch["attention_mask"], out_B_L[:, batch["input_ids"].shape[1]:]
+
+    def _score(self, rows: list[dict[str, Any]], completions: list[str]) -> Tensor:
+        """Weighted sum of the recipe's rewards; a None score adds nothing (as TRL sums rewards)."""
+        prompts = [r["prompt"] for r in rows]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        total = [0.0] * len(rows)
+        for spec, reward in zip(self.config.reward.functions, self.rewards, strict=True):
+            scores = reward(prompts, completions, None, trainer_state=self.state, **columns)
+            total = [t + (spec.weight * s if s is not None else 0.0) for t, s in zip(total, scores, strict=True)]
+        return torch.tensor(total, dtype=torch.float32, device=self.accelerator.device)
+
+    def _logps(self, logits_B_K_V: Tensor, completion_B_T: Tensor) -> Tensor:
+        # The last of the K = T+1 kept positions predicts past the end; temperature as when sampling.
+        return pm.token_logps(logits_B_K_V[:, :-1] / self.spec.temperature, completion_B_T)
+
+    @torch.no_grad()
+    def rollout(self) -> Rollout:
+        """Sample, score, and compute old log-probs, reference log-probs, values, advantages, returns."""
+        rows = self._next_rows(self.config.train.batch_size // self.spec.samples_per_prompt)
+        rows = [r for r in rows for _ in range(self.spec.samples_per_prompt)]
+        prompt_B_P, prompt_mask_B_P, completion_B_T = self._sample([r["prompt"] for r in rows])
+        mask_B_T = completion_mask(completion_B_T, self.tokenizer.eos_token_id)
+        ids_B_L = torch.cat([prompt_B_P, completion_B_T], dim=1)
+        attention_B_L = torch.cat([prompt_mask_B_P, mask_B_T], dim=1)
+        # Positions count real tokens only, as generate() numbered them behind the left padding.
+        positions_B_L = (attention_B_L.cumsum(dim=1) - 1).clamp(min=0)
+        inputs = {"input_ids": ids_B_L, "attention_mask": attention_B_L, "position_ids": positions_B_L}
+        keep = completion_B_T.shape[1] + 1
+        old_logps_B_T = self._logps(self.ac.policy_logits(inputs, keep), completion_B_T)
+        ref_logps_B_T = self._logps(self.ac.reference_logits(inputs, keep), completion_B_T)
+        old_values_B_T = self.ac.values(inputs)[:, -keep:-1]
+        scores_B = self._score(rows, self.tokenizer.batch_decode(completion_B_T, skip_special_tokens=True))
+        kl_B_T = pm.kl_estimate(old_logps_B_T, ref_logps_B_T, self.spec.kl_estimator)
+        rewards_B_T = pm.kl_penalised_rewards(scores_B, kl_B_T, mask_B_T, self.kl_coef)
+        advantages_B_T, returns_B_T = pm.gae(rewards_B_T, old_values_B_T, mask_B_T, self.spec.gamma, self.spec.lam)
+        if self.spec.whiten_advantages:
+            advantages_B_T = pm.masked_whiten(advantages_B_T, mask_B_T)
+        return Rollout(ids_B_L, attention_B_L, positions_B_L, completion_B_T, mask_B_T, old_logps_B_T, ref_logps_B_T,
+                       old_values_B_T, scores_B, advantages_B_T, returns_B_T)
+
+    # -- optimisation -----------------------------------------------------------------------
+    def _losses(self, mb: Rollout) -> dict[str, Tensor]:
+        """Policy and value losses of one minibatch, with the figures logged about them."""
+        keep = mb.completion_B_T.shape[1] + 1
+        logits_B_K_V = self.ac.policy_logits(mb.inputs(), keep)
+        logps_B_T = self._logps(logits_B_K_V, mb.completion_B_T)
+        pg, clip_frac = pm.policy_loss(logps_B_T, mb.old_logps_B_T, mb.advantages_B_T, mb.mask_B_T, self.spec.clip)
+        values_B_T = self.ac.values(mb.inputs())[:, -keep:-1]
+        vf, value_clip_frac = pm.value_loss(values_B_T, mb.old_values_B_T, mb.returns_B_T, mb.mask_B_T,
+                                            self.spec.value_clip)
+        entropy_B_T = pm.entropy_from_logits(logits_B_K_V[:, :-1].detach() / self.spec.temperature)
+        return {"loss": pg + self.spec.vf_coef * vf, "loss/policy": pg, "loss/value": vf, "clip_frac": clip_frac,
+                "value_clip_frac": value_clip_frac, "entropy": pm.masked_mean(entropy_B_T, mb.mask_B_T)}
+
+    def _apply(self, loss: Tensor) -> bool:
+        """One optimizer update from ``loss``; a non-finite loss is skipped and counted."""
+        if not torch.isfinite(loss):
+            self.nonfinite += 1
+            if self.nonfinite >= MAX_NONFINITE_UPDATES:
+                raise RlLoraError(f"ppo: {self.nonfinite} updates in a row had a non-finite loss "
+                                  f"(last at step {self.state.global_step + 1}); stopping before the weights go bad")
+            return False
+        self.nonfinite = 0
+        self.accelerator.backward(loss)
+        max_norm = self.config.train.max_grad_norm
+        self.accelerator.clip_grad_norm_(self.ac.policy_params, max_norm)
+        self.accelerator.clip_grad_norm_(self.ac.critic_params, max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def update(self, ro: Rollout) -> dict[str, float]:
+        """``ppo.epochs`` passes over shuffled minibatches; returns the mean of each logged figure."""
+        sums: dict[str, float] = {}
+        count = skipped = 0
+        size = ro.ids_B_L.shape[0]
+        for _ in range(self.spec.epochs):
+            order = torch.randperm(size, device=ro.ids_B_L.device)
+            for start in range(0, size, self.spec.minibatch_size):
+                mb = ro.rows(order[start:start + self.spec.minibatch_size])
+                losses = self._losses(mb)
+                self.num_tokens += int(mb.attention_B_L.sum())
+                skipped += not self._apply(losses["loss"])
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0.0) + float(value.detach())
+                count += 1
+        out = {k: v / count for k, v in sums.items()}
+        out["skipped_updates"] = skipped
+        return out
+
+    def step(self) -> dict[str, float]:
+        """One PPO step: a rollout batch, its update, and the KL coefficient's adaptation."""
+        ro = self.rollout()
+        k1_B_T = pm.kl_estimate(ro.old_logps_B_T, ro.ref_logps_B_T, "k1")
+        kl = float(torch.where(ro.mask_B_T.bool(), k1_B_T, 0.0).sum(dim=1).mean())  # per completion, then mean
+        logs = self.update(ro)
+        logs.update({
+            "kl": kl,
+            "reward": float(ro.scores_B.mean()),
+            "return_mean": float(pm.masked_mean(ro.returns_B_T, ro.mask_B_T)),
+            "explained_variance": float(pm.explained_variance(ro.old_values_B_T, ro.returns_B_T, ro.mask_B_T)),
+            "kl_coef": self.kl_coef,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "num_tokens": self.num_tokens,
+            "completions/mean_length": float(ro.mask_B_T.sum(1).float().mean()),
+        })
+        if self.spec.adaptive_kl:
+            self.kl_coef = pm.adaptive_kl_coef(self.kl_coef, kl, self.spec.target_kl, ro.ids_B_L.shape[0],
+                                               self.spec.kl_horizon)
+        self.lr_scheduler.step()
+        return logs
+
+    def train(self) -> None:
+        """Run ``train.steps`` PPO steps, calling the transformers callbacks as a Trainer would."""
+        h, args = self.callback_handler, self.args
+        self.control = h.on_train_begin(args, self.state, self.control)
+        pending: list[dict[str, float]] = []
+        for step in range(1, args.max_steps + 1):
+            pending.append(self.step())
+            self.state.global_step = step
+            self.state.num_input_tokens_seen = self.num_tokens
+            self.control = h.on_step_end(args, self.state, self.control)
+            if step % args.logging_steps == 0 or self.control.should_log or step == args.max_steps:
+                logs = _mean_logs(pending)
+                self.state.log_history.append({**logs, "step": step})
+                self.control = h.on_log(args, self.state, self.control, logs)
+                self.control.should_log = False
+                pending = []
+        self.control = h.on_train_end(args, self.state, self.control)
+
+
+def _mean_logs(records: list[dict[str, float]]) -> dict[str, float]:
+    """Means over the steps since the last log; running figures (tokens, coefficient, LR) as of the last."""
+    last = {"num_tokens", "kl_coef", "lr"}
+    out = {}
+    for key in records[-1]:
+        values = [r[key] for r in records if not (isinstance(r[key], float) and math.isnan(r[key]))]
+        out[key] = records[-1][key] if key in last else (sum(values) / len(values) if values else float("nan"))
+    return out
+
+
+def build_ppo_trainer(
+    config: RecipeConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: Dataset,
+    lr: float,
+    output_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> PPOTrainer:
+    """The PPO trainer for a recipe (same role and signature as build_grpo_trainer).
+
+    ``output_dir`` is unused: this trainer keeps no scratch files (the runner saves the policy).
+    """
+    torch.manual_seed(config.train.seed)  # the value head's initialisation and the rollouts' sampling
+    base_param_bytes = unique_param_bytes(model)
+    ac = build_actor_critic(model, config.lora)
+    return PPOTrainer(config, ac, tokenizer, train_dataset, lr, callbacks, base_param_bytes)

@@ -1,0 +1,105 @@
+"""Reward-model training through TRL's RewardTrainer: preference pairs -> a scalar scorer.
+
+The reward model is the policy's architecture with a one-logit classification head
+(``AutoModelForSequenceClassification``, ``num_labels=1``), initialised from the policy's weights;
+only the head (``score``) starts fresh, seeded by ``train.seed``. With LoRA, PEFT trains the adapters
+and the whole head (``modules_to_save``); ``lora.rank: full`` trains everything. The loss is TRL's
+Bradley-Terry ``-log sigmoid(r_chosen - r_rejected)``.
+
+The held-out metric is pairwise accuracy: the fraction of held-out pairs whose chosen side scores
+strictly higher, scored exactly as a recipe's ``learned:<folder>`` reward will score texts later
+(reward_models/learned.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import PreTrainedModel, TrainerCallback, set_seed
+from trl import RewardConfig, RewardTrainer
+
+from reward_models.learned import score_texts
+from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
+from rl_lora.lora import peft_config
+from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
+from rl_lora.tasks.preferences import read_preference_file, split_rows
+from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
+from rl_lora.trainers.dpo import check_chat_template, policy_pairs
+
+HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
+
+Pairs = list[dict[str, Any]]
+
+
+def check_preferences(config: RecipeConfig) -> tuple[Pairs, Pairs] | None:
+    """(training, held-out) rows of the recipe's preference files, or None for the built-in pairs."""
+    source = config.preferences_source
+    if source == BUILTIN_PREFERENCES:
+        return None
+    rows = read_preference_file(source)
+    if config.data.eval_preferences is not None:
+        return rows, read_preference_file(config.data.eval_preferences)
+    return split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed)
+
+
+def pairwise_accuracy(model: PreTrainedModel, tokenizer: Any, pairs: Pairs, batch_size: int = 256) -> float:
+    """Fraction of pairs whose chosen side scores strictly higher than its rejected side (ties count wrong)."""
+    if not pairs:
+        return float("nan")
+    prompts = [p.get("prompt", [] if isinstance(p["chosen"], list) else "") for p in pairs]
+    chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size)
+    rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size)
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+
+
+def load(config: RecipeConfig, checked: tuple[Pairs, Pairs] | None, progress: bool) -> Loaded:
+    if checked is None:  # the built-in pairs: the causal policy's own wrong samples are the rejected answers
+        policy, tokenizer, source = load_policy(config.model, config.data, progress=progress)
+        train_pairs, held_pairs = policy_pairs(config, policy, tokenizer, source)
+        del policy
+    else:
+        source = resolve_policy_path(config.model, config.data, progress)
+        tokenizer = load_tokenizer(config.model, source)
+        train_pairs, held_pairs = checked
+    check_chat_template(train_pairs, tokenizer, source, config.preferences_source)
+    set_seed(config.train.seed)  # the new head's initialisation
+    model = load_reward_backbone(config.model, source, tokenizer.pad_token_id)
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return {"pairwise_accuracy": pairwise_accuracy(m, tokenizer, held_pairs)}
+
+    info = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs)}
+    return Loaded(model, tokenizer, source, Dataset.from_list(train_pairs), evaluate, info)
+
+
+def reward_args(config: RecipeConfig, lr: float, output_dir: Path) -> RewardConfig:
+    r = config.reward_model
+    return RewardConfig(
+        **shared_training_args(config, lr, output_dir),
+        max_length=r.max_length,
+        center_rewards_coefficient=r.center_rewards_coefficient,
+    )
+
+
+def build_reward_trainer(
+    config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path, callbacks: list[TrainerCallback]
+) -> RewardTrainer:
+    trainer = RewardTrainer(
+        model=loaded.model,
+        args=reward_args(config, lr, output_dir),
+        train_dataset=loaded.train_dataset,
+        processing_class=loaded.tokenizer,
+        peft_config=peft_config(config.lora, task_type="SEQ_CLS"),
+        callbacks=callbacks,
+    )
+    return quiet(trainer)
+
+
+ALGORITHM = Algorithm(
+    check=check_preferences,
+    load=load,
+    build=build_reward_trainer,
+    final_metrics={"final_train_accuracy": "accuracy", "final_margin": "margin"},
+)
