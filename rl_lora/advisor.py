@@ -24,11 +24,16 @@ from rl_lora.capacity import (
     ALL_LINEAR,
     BITS_PER_PARAM,
     CapacityEstimate,
+    MoePlan,
     estimate,
     full_estimate,
     linear_shapes,
+    meta_model,
+    moe_layout,
     parameter_count,
+    resolve_expert_rank,
     rl_data_bits,
+    targeted_experts,
     targeted_shapes,
     token_data_bits,
 )
@@ -135,6 +140,25 @@ def recipe_shapes(config: RecipeConfig) -> Shapes:
     return _shapes_of(recipe_model_config(config), config)
 
 
+def recipe_moe(config: RecipeConfig, model_config: transformers.PretrainedConfig | None = None) -> MoePlan | None:
+    """How the recipe's LoRA adapts its policy's fused MoE experts, or None for a dense policy.
+
+    The same rules rl_lora.lora.peft_config applies: experts at ``lora.expert_rank`` (default rank //
+    experts per token), routers only with ``lora.train_router``.
+    """
+    model_config = recipe_model_config(config) if model_config is None else model_config
+    try:
+        layout = moe_layout(meta_model(model_config, config.model.trust_remote_code))
+    except (ValueError, KeyError, ImportError) as exc:
+        raise ModelError(
+            f"model.policy '{config.model.policy}': transformers cannot build a causal LM from its config "
+            f"({_first_line(exc)})"
+        ) from exc
+    if layout is None:
+        return None
+    return MoePlan(layout, config.lora.expert_rank, config.lora.train_router)
+
+
 def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
     """(bits the recipe's training data carries, how that number was made)."""
     if config.algorithm in ("grpo", "ppo"):
@@ -153,17 +177,21 @@ def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
     raise ConfigError(f"algorithm '{config.algorithm}': the advisor has no data-bits estimate for it yet")
 
 
-def recipe_capacity(config: RecipeConfig, shapes: Shapes | None = None) -> CapacityEstimate:
+def recipe_capacity(
+    config: RecipeConfig, shapes: Shapes | None = None, moe: MoePlan | None | Literal["auto"] = "auto"
+) -> CapacityEstimate:
     """The capacity estimate of the recipe's adapter against its data; ``shapes`` saves rebuilding them.
 
-    For ``lora.rank: full`` the count is the targeted linears' weights and the verdict says capacity
-    is not a limit (rl_lora.capacity.full_estimate).
+    On an MoE policy the count includes the experts (and trained routers); ``moe`` (from
+    ``recipe_moe``) saves finding them again. For ``lora.rank: full`` the count is the targeted
+    weights and the verdict says capacity is not a limit (rl_lora.capacity.full_estimate).
     """
     shapes = recipe_shapes(config) if shapes is None else shapes
+    moe = recipe_moe(config) if moe == "auto" else moe
     bits, _ = recipe_data_bits(config)
     if config.lora.is_full:
-        return full_estimate(shapes, config.lora.targets, bits)
-    return estimate(shapes, int(config.lora.rank), config.lora.targets, bits)
+        return full_estimate(shapes, config.lora.targets, bits, moe)
+    return estimate(shapes, int(config.lora.rank), config.lora.targets, bits, moe)
 
 
 def module_kind(name: str) -> ModuleKind:
@@ -195,9 +223,11 @@ def params_by_kind(
 # --- the guardrails -------------------------------------------------------------------------------
 
 
-def _attention_only(config: RecipeConfig, shapes: Shapes) -> Advice | None:
+def _attention_only(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = None) -> Advice | None:
     targets = config.lora.targets
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return None
+    if moe is not None and targeted_experts(moe.layout, targets):
         return None
     if any(module_kind(name) == "mlp" for name in targeted_shapes(shapes, targets)):
         return None
@@ -250,8 +280,8 @@ def _large_batch(config: RecipeConfig) -> Advice | None:
     )
 
 
-def _below_capacity(config: RecipeConfig, shapes: Shapes) -> Advice | None:
-    est = recipe_capacity(config, shapes)
+def _below_capacity(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = None) -> Advice | None:
+    est = recipe_capacity(config, shapes, moe)
     if est.capacity_bits >= est.data_bits:
         return None
     _, how = recipe_data_bits(config)
@@ -278,11 +308,12 @@ def check_recipe(config: RecipeConfig, shapes: Shapes | None = None) -> list[Adv
     if config.lora.is_full:
         return []
     shapes = recipe_shapes(config) if shapes is None else shapes
+    moe = recipe_moe(config)
     found = [
-        _attention_only(config, shapes),
+        _attention_only(config, shapes, moe),
         _lr_too_low(config),
         _large_batch(config),
-        _below_capacity(config, shapes),
+        _below_capacity(config, shapes, moe),
     ]
     return [advice for advice in found if advice is not None]
 
@@ -347,10 +378,14 @@ def capacity_lines(config: RecipeConfig) -> list[str]:
     model_config = recipe_model_config(config)
     shapes = _shapes_of(model_config, config)
     total = parameter_count(model_config, trust_remote_code=config.model.trust_remote_code)
-    est = recipe_capacity(config, shapes)
+    moe = recipe_moe(config, model_config)
+    est = recipe_capacity(config, shapes, moe)
     _, how = recipe_data_bits(config)
     targets = config.lora.targets if isinstance(config.lora.targets, str) else ", ".join(config.lora.targets)
-    by_kind = _by_kind_text(params_by_kind(shapes, config.lora.rank, config.lora.targets))
+    linears = targeted_shapes(shapes, config.lora.targets) if moe is None else _maybe_targeted(shapes, config)
+    by_kind = _by_kind_text(params_by_kind(linears, config.lora.rank, ALL_LINEAR)) if linears else ""
+    if moe is not None:
+        by_kind = " + ".join(part for part in (by_kind, _experts_text(config, moe)) if part)
     if config.lora.is_full:
         method, counted = "full-parameter", "full weights (targeted)"
         smallest_label = "smallest sufficient LoRA rank (to compare)"
@@ -362,13 +397,52 @@ def capacity_lines(config: RecipeConfig) -> list[str]:
         f"recipe:   {config.name} ({config.algorithm}, {method}, targets {targets})",
         f"policy:   {config.model.policy}",
         f"model:    {_shape_summary(model_config)} | {total:,} parameters",
-        f"linears:  {len(shapes)} (output head excluded), {len(targeted_shapes(shapes, config.lora.targets))} targeted",
+        f"linears:  {len(shapes)} (output head excluded), {len(linears)} targeted",
         f"{counted}: {est.lora_params:,} = {by_kind}",
         f"capacity: {est.capacity_bits:,.0f} bits ({BITS_PER_PARAM:g} bits per parameter)",
         f"data:     ~{est.data_bits:,.0f} bits ({how})",
         f"verdict:  {est.verdict}",
         f"{smallest_label}: {'none up to full rank' if smallest is None else smallest}",
     ]
+    if moe is not None:
+        lines.insert(4, f"experts:  {_expert_plan_text(config, moe)}")
     advice = check_recipe(config, shapes)
     lines += [f"advice:   {a}" for a in advice] or ["advice:   none"]
     return lines
+
+
+def _maybe_targeted(shapes: Shapes, config: RecipeConfig) -> Shapes:
+    """The targeted linears of an MoE policy: none is fine when lora.targets names experts only."""
+    try:
+        return targeted_shapes(shapes, config.lora.targets)
+    except ConfigError:
+        return {}
+
+
+def _experts_text(config: RecipeConfig, moe: MoePlan) -> str:
+    """'experts N (k fused parameters)' and 'router N (k)' terms of the LoRA-parameters line."""
+    experts = targeted_experts(moe.layout, config.lora.targets)
+    full = config.lora.is_full
+    rank = 1 if full else int(config.lora.rank)
+    count = (sum(e * a * b for e, a, b in experts.values()) if full
+             else MoePlan(moe.layout, moe.expert_rank, False).parameter_count(rank, config.lora.targets))
+    text = f"experts {count:,} ({len(experts)} fused parameters)"
+    if moe.train_router and not full:
+        routers = sum(rank * (d_in + d_out) for d_in, d_out in moe.layout.routers.values())
+        text += f" + router {routers:,} ({len(moe.layout.routers)} routers)"
+    return text
+
+
+def _expert_plan_text(config: RecipeConfig, moe: MoePlan) -> str:
+    """One line: experts per layer and per token, the expert rank and where it comes from, the router."""
+    layout = moe.layout
+    first = next(iter(layout.experts.values()))
+    router = "trained (lora.train_router)" if moe.train_router else "frozen"
+    if config.lora.is_full:
+        return f"{first[0]} per MoE layer, {layout.experts_per_token} per token; every weight trains"
+    rank = int(config.lora.rank)
+    per_expert = resolve_expert_rank(rank, layout, moe.expert_rank)
+    source = ("lora.expert_rank" if moe.expert_rank is not None
+              else f"lora.rank {rank} // {layout.experts_per_token} experts per token, at least 1")
+    return (f"{first[0]} per MoE layer, {layout.experts_per_token} per token; expert rank {per_expert} ({source}; "
+            f"gate_up_proj stacks 2 projections: rank {2 * per_expert}); router {router}")

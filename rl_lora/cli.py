@@ -13,6 +13,7 @@ Heavy libraries (torch, TRL) are imported only after the recipe validates.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -34,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="path to a recipe YAML file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.rank=4 train.steps=50")
+        if name == "run":
+            p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                           help="continue from the newest complete checkpoint of RUN_DIR "
+                                "(default: the newest run of this recipe)")
         # SUPPRESS: a --debug given before the subcommand must survive the subparser's defaults.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     p = sub.add_parser("sweep", help="run a recipe at several ranks and seeds next to its full-parameter baseline")
@@ -108,11 +113,14 @@ def _run(args: argparse.Namespace) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from rl_lora.runner import run_recipe  # heavy imports only once the recipe is known to be good
 
-    run_recipe(config)
+    run_recipe(config, resume=args.resume or None, resuming=args.resume is not None)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    # bitsandbytes (when installed, for QLoRA) warns at import on CPUs with AVX512-BF16 that an optional
+    # kernels package is missing; it falls back to its own kernel, and the warning is not the user's concern.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     try:
         commands = {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report,

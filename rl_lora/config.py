@@ -35,6 +35,9 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
     # Supervised warm-up steps for the built-in model (0 = random init). Ignored for other models.
     warmup_steps: int = Field(default=600, ge=0)
+    # "nf4": QLoRA, the policy's base weights in 4 bits through bitsandbytes (pip install rl-lora[qlora]);
+    # the LoRA adapters stay in full precision. LoRA only (lora.rank: full is refused).
+    quantization: Literal["none", "nf4"] = "none"
 
 
 class LoraSpec(_Section):
@@ -49,6 +52,11 @@ class LoraSpec(_Section):
     lr_multiplier: float | None = Field(default=None, gt=0)
     # An explicit LoRA LR; wins over the multiplier.
     lr: float | None = Field(default=None, gt=0)
+    # MoE models: rank of each expert's LoRA. None = rank // experts per token, at least 1 (one LoRA per
+    # expert, rank per expert = total rank / active experts: docs/findings.md claim 4). Dense models: unused.
+    expert_rank: int | None = Field(default=None, ge=1)
+    # MoE models: also adapt the router (at lora.rank). False keeps routing exactly the base model's.
+    train_router: bool = False
 
     @field_validator("rank")
     @classmethod
@@ -149,6 +157,8 @@ class RewardSpec(_Section):
 
 
 BUILTIN_PREFERENCES = "builtin"
+# Algorithms whose trainers load a 4-bit base (model.quantization); the others refuse the key.
+QUANTIZED_ALGORITHMS = ("grpo",)
 
 
 class DataSpec(_Section):
@@ -222,6 +232,10 @@ class TrainSpec(_Section):
     eval_every: int = Field(default=50, ge=1)
     log_every: int = Field(default=1, ge=1)
     threads: int | None = Field(default=None, ge=1)
+    # Seal a checkpoint every N steps (rl_lora/checkpoint.py); None = no checkpoints, no resume.
+    save_every: int | None = Field(default=None, ge=1)
+    # Checkpoints kept; the newest verified one is never deleted.
+    keep_last: int = Field(default=2, ge=1)
 
 
 class LoggingSpec(_Section):
@@ -231,6 +245,13 @@ class LoggingSpec(_Section):
     wandb_project: str = "rl-lora"
     wandb_group: str | None = None
     progress: bool = True
+
+
+class AdvisorSpec(_Section):
+    """The LoRA advisor's guardrails (rl_lora/advisor.py, docs/advisor.md)."""
+
+    # True: refuse a recipe that trips a guardrail instead of warning.
+    strict: bool = False
 
 
 class RecipeConfig(_Section):
@@ -248,9 +269,12 @@ class RecipeConfig(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
+    advisor: AdvisorSpec = Field(default_factory=AdvisorSpec)
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> RecipeConfig:
+        if self.algorithm == "ppo" and self.train.save_every is not None:
+            raise ValueError("train.save_every: checkpoints and resume are not available for algorithm ppo yet")
         if self.algorithm == "grpo" and self.train.batch_size % self.grpo.num_generations:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of "
@@ -298,6 +322,22 @@ class RecipeConfig(_Section):
     def preferences_source(self) -> str:
         """"builtin" or the preference file a DPO or reward-model recipe trains on."""
         return self.data.preferences or BUILTIN_PREFERENCES
+
+    @model_validator(mode="after")
+    def _quantized_base_needs_lora(self) -> RecipeConfig:
+        if self.model.quantization == "none":
+            return self
+        if self.lora.is_full:
+            raise ValueError(
+                f"model.quantization {self.model.quantization} freezes the base in 4 bits: it needs a LoRA "
+                "(set lora.rank to a number) or model.quantization: none for the full-parameter baseline"
+            )
+        if self.algorithm not in QUANTIZED_ALGORITHMS:
+            raise ValueError(
+                f"model.quantization {self.model.quantization} is wired for algorithm "
+                f"{' or '.join(QUANTIZED_ALGORITHMS)}, not {self.algorithm}: set model.quantization: none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ppo_batch_splits_evenly(self) -> RecipeConfig:

@@ -19,9 +19,34 @@ def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def quantization_state_bytes(t: torch.Tensor) -> int:
+    """Bytes a 4-bit weight keeps beside its packed data: its quantisation state, 0 for other tensors.
+
+    bitsandbytes' Params4bit holds two 4-bit codes per uint8 element (counted by ``_tensor_bytes``)
+    and a QuantState: one absmax per block of 64 weights (fp32, or 8-bit plus a nested state with
+    bnb_4bit_use_double_quant) and the 16-entry NF4 code book.
+    """
+    state = getattr(t, "quant_state", None)
+    if state is None:
+        return 0
+    tensors = [state.absmax, state.code]
+    nested = getattr(state, "state2", None)
+    if nested is not None:
+        tensors += [nested.absmax, nested.code]
+    return sum(_tensor_bytes(x) for x in tensors if isinstance(x, torch.Tensor))
+
+
+def parameter_bytes(p: torch.Tensor) -> int:
+    """Bytes a parameter holds in memory: element size x elements, plus a 4-bit weight's quantisation state."""
+    return _tensor_bytes(p) + quantization_state_bytes(p)
+
+
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """Bytes of parameters (all and trainable), gradients (during backward) and optimizer state."""
-    params = sum(_tensor_bytes(p) for p in model.parameters())
+    """Bytes of parameters (all and trainable), gradients (during backward) and optimizer state.
+
+    A 4-bit (QLoRA) base weight counts its packed bytes and its quantisation state, not 4 bytes a weight.
+    """
+    params = sum(parameter_bytes(p) for p in model.parameters())
     trainable = sum(_tensor_bytes(p) for p in model.parameters() if p.requires_grad)
     # Gradients live from backward to the optimizer step, one per trainable parameter and of its
     # dtype; at a step boundary they are already freed, so count what backward allocates.

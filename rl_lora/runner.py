@@ -20,14 +20,17 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from rl_lora import checkpoint
 from rl_lora.config import RecipeConfig
 from rl_lora.errors import CheckpointError, ConfigError
 from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.memory import peak_memory
+from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
 from rl_lora.tracking import RunTracker, WandbSink
 from rl_lora.trainers import dpo, reward_model
+from rl_lora.trainers.checkpointing import SealCheckpoints
 from rl_lora.trainers.common import Algorithm, rollout_algorithm
 from rl_lora.trainers.grpo import build_grpo_trainer
 from rl_lora.trainers.ppo import build_ppo_trainer
@@ -105,6 +108,8 @@ class PreparedRun:
     started: float
     algorithm: Algorithm
     info: dict[str, Any]
+    resume_from: Path | None = None  # the sealed checkpoint this run continues from
+    resumed_step: int | None = None
 
 
 def algorithm_for(config: RecipeConfig) -> Algorithm:
@@ -114,19 +119,52 @@ def algorithm_for(config: RecipeConfig) -> Algorithm:
     return ALGORITHMS[config.algorithm]
 
 
-def prepare_run(config: RecipeConfig) -> PreparedRun:
-    """Setup: check the user's inputs and the output folder, load the model and data, build the trainer."""
+def _advise(config: RecipeConfig) -> list[str]:
+    """Print the capacity estimate and apply the guardrails (warnings, or a ConfigError when strict)."""
+    from rl_lora.advisor import check_recipe, enforce, recipe_capacity, recipe_shapes
+    from rl_lora.errors import RlLoraError
+
+    try:
+        shapes = recipe_shapes(config)
+        _say(f"rl-lora: capacity: {recipe_capacity(config, shapes).verdict}")
+        advice = check_recipe(config, shapes)
+    except RlLoraError as exc:  # e.g. a hub model whose config cannot be read offline: advice is optional
+        _say(f"rl-lora: capacity estimate unavailable ({exc})")
+        return []
+    enforce(advice, config.advisor.strict, stacklevel=3)
+    return [str(a) for a in advice]
+
+
+def _open_run_dir(config: RecipeConfig, resume: str | None, resuming: bool) -> tuple[Path, Path | None]:
+    """A fresh run folder, or the interrupted run's folder and its newest sealed checkpoint."""
+    if not resuming:
+        return create_run_dir(config), None
+    run_dir = find_run_dir(config, resume)
+    found = latest_checkpoint(run_dir)
+    check_compatible(run_dir, config)
+    return run_dir, found
+
+
+def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> PreparedRun:
+    """Setup: check the user's inputs and the output folder, load the model and data, build the trainer.
+
+    ``resuming``: continue the run in folder ``resume`` (or the newest run of this recipe) from its
+    newest sealed checkpoint.
+    """
     started = time.perf_counter()
     _quiet_libraries()
     algorithm = algorithm_for(config)
     checked = algorithm.check(config)  # rewards, preference files: fail before any model loads
+    advice = _advise(config)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    run_dir = create_run_dir(config)
+    run_dir, resume_from = _open_run_dir(config, resume, resuming)
     method = "full" if config.lora.is_full else f"lora-r{config.lora.rank}"
     lr = resolve_lr(config.train.lr, config.lora, config.train.steps)
     _say(f"rl-lora: {config.name} | {config.algorithm} | {method} | lr {lr.lr:g} ({lr.reason})")
     _say(f"rl-lora: run folder {run_dir}")
+    if resume_from is not None:
+        _say(f"rl-lora: resuming from {resume_from}")
 
     loaded = algorithm.load(config, checked, config.logging.progress)
     resolved = config.to_dict()
@@ -137,6 +175,7 @@ def prepare_run(config: RecipeConfig) -> PreparedRun:
         "lr_reason": lr.reason,
         "policy_path": loaded.source,
         "versions": _versions(),
+        "advice": advice,
         **loaded.info,
     }
     write_config(run_dir, resolved)
@@ -151,12 +190,19 @@ def prepare_run(config: RecipeConfig) -> PreparedRun:
         )
     tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
                          progress=config.logging.progress)
-    trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer", [tracker])
+    resumed_step = checkpoint.verify(resume_from)["step"] if resume_from is not None else None
+    if resumed_step is not None:
+        tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step))
+    callbacks: list[Any] = [tracker]
+    if config.train.save_every:
+        meta = {"config_hash": config_hash(config), "versions": _versions()}
+        callbacks.append(SealCheckpoints(run_dir / "checkpoints", meta, config.train.keep_last))
+    trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer", callbacks)
     tracker.static = _static_figures(trainer)
     trainable, total = tracker.static["trainable_params"], tracker.static["total_params"]
     _say(f"rl-lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return PreparedRun(config, run_dir, trainer, tracker, loaded.tokenizer, sink, method, lr, loaded.source, started,
-                       algorithm, loaded.info)
+                       algorithm, loaded.info, resume_from, resumed_step)
 
 
 def _static_figures(trainer: Any) -> dict[str, int]:
@@ -200,6 +246,8 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult:
         **_final_means(run.tracker.records, run.algorithm.final_metrics),
         **run.info,
         **run.tracker.static,
+        **run.tracker.summary(),
+        "resumed_from_step": run.resumed_step,
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - run.started, 2),
         "saved": str(out),
@@ -221,11 +269,11 @@ def _final_means(records: list[dict[str, Any]], keys: dict[str, str]) -> dict[st
     return out
 
 
-def run_recipe(config: RecipeConfig) -> RunResult:
-    """Setup -> train -> save -> summary."""
-    run = prepare_run(config)
+def run_recipe(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> RunResult:
+    """Setup -> train -> save -> summary (from the newest checkpoint when resuming)."""
+    run = prepare_run(config, resume, resuming)
     train_started = time.perf_counter()
-    run.trainer.train()
+    run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     return finish_run(run, time.perf_counter() - train_started)
 
 

@@ -120,11 +120,12 @@ class RunTracker(TrainerCallback):
         self.peak_tflops = peak_tflops()
         if self.sink is not None:  # trainable/total params are known only once the trainer has wrapped the model
             self.sink.update_config(self.static)
-        self.start_eval = self.evaluate(model)
-        self.last_eval = dict(self.start_eval)
-        record = {"step": 0, **{f"eval/{k}": v for k, v in self.start_eval.items()}, **peak_memory()}
-        self._write(record)
-        self._bar = tqdm(total=state.max_steps, desc="train", mininterval=2.0,
+        if not self.records:  # a resumed run already has its step-0 evaluation
+            self.start_eval = self.evaluate(model)
+            self.last_eval = dict(self.start_eval)
+            record = {"step": 0, **{f"eval/{k}": v for k, v in self.start_eval.items()}, **peak_memory()}
+            self._write(record)
+        self._bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", mininterval=2.0,
                          disable=not self.progress or not state.is_world_process_zero)
         self._last_tick = time.perf_counter()
 
@@ -169,9 +170,10 @@ class RunTracker(TrainerCallback):
         record.update(self.static)
         self._write(record)
         if self._bar is not None:
-            postfix = {"reward": f"{record.get('reward', float('nan')):.3f}"}
-            if "accuracy" in self.last_eval:
-                postfix["held-out"] = f"{self.last_eval['accuracy']:.3f}"
+            shown = next((k for k in ("reward", "rewards/margins", "loss") if record.get(k) is not None), None)
+            postfix = {shown.split("/")[-1]: f"{record[shown]:.3f}"} if shown else {}
+            for key, value in self.last_eval.items():
+                postfix[f"held-out {key.replace('_', ' ')}"] = f"{value:.3f}"
             self._bar.set_postfix(postfix, refresh=False)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -200,12 +202,25 @@ class RunTracker(TrainerCallback):
                 out["mfu"] = out["train_tflops_per_s"] / self.peak_tflops
         return out
 
+    def load_previous(self, records: list[dict[str, Any]]) -> None:
+        """Continue a resumed run: keep its records up to the checkpoint (the caller truncated them)."""
+        self.records = list(records)
+        evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+        if evals:
+            self.start_eval = {k[5:]: v for k, v in evals[0].items() if k.startswith("eval/")}
+            self.last_eval = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")}
+        self._last_tokens = float(next((r["num_tokens"] for r in reversed(records) if "num_tokens" in r), 0.0))
+
     def summary(self) -> dict[str, Any]:
-        """Run-level figures for summary.json and the W&B summary."""
-        accs = [r["eval/accuracy"] for r in self.records if r.get("eval/accuracy") is not None]
+        """Run-level figures for summary.json and the W&B summary: the peak of every held-out metric,
+        the mean step time, the optimizer state's size."""
+        peaks = {}
+        for key in self.start_eval:
+            values = [r[f"eval/{key}"] for r in self.records if r.get(f"eval/{key}") is not None]
+            peaks[f"peak_{key}"] = max(values) if values else None
         times = [r["step_time"] for r in self.records if r.get("step_time") is not None]
         return {
-            "peak_accuracy": max(accs) if accs else None,
+            **peaks,
             "mean_step_time": sum(times) / len(times) if times else None,
             "optimizer_bytes": next((r["optimizer_bytes"] for r in reversed(self.records) if "optimizer_bytes" in r),
                                     None),

@@ -21,3 +21,32 @@ def tiny_raw(output_dir: Path, **sections: dict) -> dict:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
+
+
+def save_tiny_moe(folder: Path, kind: str = "qwen3_moe") -> Path:
+    """A random-init tiny MoE causal LM (4 experts, 2 per token) with the built-in character tokenizer.
+
+    ``kind`` is "qwen3_moe" or "mixtral"; in transformers 5.x both keep their experts as fused 3-D
+    parameters (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``) behind a TopKRouter ``mlp.gate``.
+    """
+    import torch
+    import transformers
+
+    from rl_lora.models.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id}
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "num_experts_per_tok": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 64, **ids}
+    if kind == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(num_experts=4, moe_intermediate_size=32, intermediate_size=128,
+                                             head_dim=16, **shape)
+    else:
+        config = transformers.MixtralConfig(num_local_experts=4, intermediate_size=32, **shape)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from rl_lora.config import DataSpec, ModelSpec
-from rl_lora.errors import ModelError
+from rl_lora.errors import ConfigError, ModelError
 from rl_lora.models.builtin import BUILTIN_PREFIX, builtin_path
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,12 +41,53 @@ def load_policy(
     tokenizer = load_tokenizer(spec, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=_DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
+            source, dtype=_DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **quantization_kwargs(spec)
         )
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
+    if spec.quantization != "none":
+        keep_4bit_layers_differentiable(model)
     return model, tokenizer, source
+
+
+def keep_4bit_layers_differentiable(model: PreTrainedModel) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns the number of 4-bit layers.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50's Linear4bit repacks its weight on the first no-grad
+    eval forward (a rollout, a held-out evaluation) and from then on multiplies with ``gemv_4bit``, which
+    has no autograd kernel: gradients stop flowing through the frozen base into earlier layers' adapters,
+    with only a UserWarning ("an autograd kernel was not registered"). Without the repacking every
+    forward dequantises and multiplies through bitsandbytes' differentiable MatMul4Bit.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def quantization_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """``from_pretrained`` keywords for ``model.quantization``: none, or a 4-bit NF4 base (QLoRA).
+
+    NF4 (Dettmers et al. 2023, QLoRA) stores the linear layers' weights in 4 bits with one absmax per
+    64 weights; matrix products run in ``bnb_4bit_compute_dtype``. fp32 on CPU, where bf16 autocast is
+    refused and a bf16 base ran ~19x slower, else the recipe's dtype.
+    Embeddings, norms and the output head stay in ``model.dtype``; the LoRA adapters PEFT adds stay fp32.
+    """
+    if spec.quantization == "none":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; the error below says how to get it)
+    except ImportError as exc:
+        raise ConfigError(
+            f"model.quantization {spec.quantization} needs bitsandbytes: pip install 'rl-lora[qlora]' "
+            "(or pip install bitsandbytes), or set model.quantization: none"
+        ) from exc
+    on_gpu = torch.cuda.is_available()
+    compute = _DTYPES[spec.dtype] if on_gpu else torch.float32
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    # bitsandbytes >= 0.45 quantises on CPU too; device_map places the 4-bit weights where they will run.
+    return {"quantization_config": config, "device_map": "cuda:0" if on_gpu else "cpu"}
 
 
 def load_tokenizer(spec: ModelSpec, source: str) -> PreTrainedTokenizerBase:

@@ -49,7 +49,7 @@ class Algorithm:
 
 
 def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> dict[str, Any]:
-    """TrainingArguments every TRL trainer here gets: CPU-safe precision, our LR and schedule, no saving."""
+    """TrainingArguments every TRL trainer here gets: CPU-safe precision, our LR and schedule, checkpoints."""
     on_gpu = torch.cuda.is_available()
     t = config.train
     return {
@@ -68,8 +68,10 @@ def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> d
         "seed": t.seed,
         "logging_steps": t.log_every,
         "report_to": "none",
-        # The runner saves weights itself (safetensors only); TRL would add training_args.bin.
-        "save_strategy": "no",
+        # Checkpoints: transformers writes them into output_dir, rl_lora.trainers.checkpointing seals them.
+        # The final weights the runner saves itself (safetensors only).
+        "save_strategy": "steps" if t.save_every else "no",
+        **({"save_steps": t.save_every} if t.save_every else {}),
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }

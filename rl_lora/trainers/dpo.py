@@ -82,7 +82,7 @@ def dpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> DPOConfig:
 def build_dpo_trainer(
     config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path, callbacks: list[TrainerCallback]
 ) -> DPOTrainer:
-    lora = peft_config(config.lora)
+    lora = peft_config(config.lora, model=loaded.model)
     reference = None
     if lora is None:  # full-parameter: the reference is the starting policy, frozen
         reference = copy.deepcopy(loaded.model).eval()

@@ -23,6 +23,7 @@ from rl_lora.config import RecipeConfig
 from rl_lora.errors import RewardError
 from rl_lora.lora import peft_config
 from rl_lora.rollout import merged_adapters
+from rl_lora.trainers.common import shared_training_args
 
 
 def trl_reward(name: str, fn: Callable, kwargs: dict[str, Any]) -> Callable:
@@ -64,20 +65,9 @@ class MergedRolloutGRPOTrainer(GRPOTrainer):
 
 
 def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
-    on_gpu = torch.cuda.is_available()
-    g, t = config.grpo, config.train
+    g = config.grpo
     return GRPOConfig(
-        output_dir=str(output_dir),
-        use_cpu=not on_gpu,
-        # bf16 autocast only on a GPU: on CPU it is refused, and a bf16 base ran ~19x slower.
-        bf16=on_gpu and config.model.dtype == "bfloat16",
-        gradient_checkpointing=False,
-        learning_rate=lr,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=int(t.warmup_ratio * t.steps),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.batch_size,
+        **shared_training_args(config, lr, output_dir),
         num_generations=g.num_generations,
         max_completion_length=g.max_completion_length,
         temperature=g.temperature,
@@ -86,14 +76,19 @@ def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
         loss_type=g.loss_type,
         scale_rewards=g.scale_rewards,
         reward_weights=[f.weight for f in config.reward.functions],
-        max_steps=t.steps,
-        seed=t.seed,
-        logging_steps=t.log_every,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
     )
+
+
+def keep_adapters_fp32(model: torch.nn.Module) -> None:
+    """Cast the trainable (LoRA) parameters of a quantised-base model back to fp32, before the optimizer exists.
+
+    TRL 1.16's GRPOTrainer casts QLoRA adapters to bf16 (the QLoRA paper's recipe). Here they stay fp32:
+    on CPU bf16 is emulated and a bf16 model ran ~19x slower, and fp32 adapters keep a QLoRA run comparable
+    with a plain LoRA run, whose adapters are fp32, so that only the base's quantisation differs.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def build_grpo_trainer(
@@ -112,10 +107,12 @@ def build_grpo_trainer(
         args=grpo_args(config, lr, output_dir),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config(config.lora),
+        peft_config=peft_config(config.lora, model=model),
         callbacks=callbacks,
     )
     trainer.merge_rollouts = config.grpo.merge_rollouts
+    if config.model.quantization != "none":
+        keep_adapters_fp32(trainer.model)
     # Our tracker draws the progress bar and writes the records; transformers' printers would
     # print every log dict to the console as well.
     trainer.remove_callback(PrinterCallback)

@@ -155,9 +155,11 @@ def build_actor_critic(model: PreTrainedModel, lora: LoraSpec) -> ActorCritic:
         critic_backbone = copy.deepcopy(model.base_model)
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         return ActorCritic(model.requires_grad_(True), value_head, critic_backbone, reference)
-    policy = get_peft_model(model, peft_config(lora), adapter_name=POLICY_ADAPTER)
+    # The configs are built before PEFT wraps the model: an MoE config lists the model's own parameter names.
+    policy_config, value_config = peft_config(lora, model=model), peft_config(lora, model=model)
+    policy = get_peft_model(model, policy_config, adapter_name=POLICY_ADAPTER)
     before = {id(p) for p in policy.parameters()}
-    policy.add_adapter(VALUE_ADAPTER, peft_config(lora))  # a fresh config: PEFT resolves targets in place
+    policy.add_adapter(VALUE_ADAPTER, value_config)  # a fresh config: PEFT resolves targets in place
     value_params = [p for p in policy.parameters() if id(p) not in before]
     policy.set_adapter(POLICY_ADAPTER)
     ac = ActorCritic(policy, value_head, value_adapter_params=value_params)

@@ -91,7 +91,7 @@ def build_reward_trainer(
         args=reward_args(config, lr, output_dir),
         train_dataset=loaded.train_dataset,
         processing_class=loaded.tokenizer,
-        peft_config=peft_config(config.lora, task_type="SEQ_CLS"),
+        peft_config=peft_config(config.lora, task_type="SEQ_CLS", model=loaded.model),
         callbacks=callbacks,
     )
     return quiet(trainer)
