@@ -258,7 +258,7 @@ def main() -> None:
     p.add_argument("--ranks", default="full,1,16,64")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of each process's median")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--repeats-inner", type=int, default=4, dest="repeats_inner")
     p.add_argument("--batch", type=int, default=32, help="completions per step")
     p.add_argument("--generations", type=int, default=8)
