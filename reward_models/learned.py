@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from rl_lora.errors import ModelError, RewardError
+from rl_lora.models.loading import ensure_pad_token
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -95,11 +95,7 @@ def load_reward_model(folder: str | Path, base: str | None = None) -> tuple[PreT
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"reward model '{folder}' cannot be loaded: {first_line}") from exc
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelError(f"tokenizer of reward model '{folder}' has neither a pad nor an eos token")
-        warnings.warn(f"tokenizer of reward model '{folder}' has no pad token; using its eos token", stacklevel=2)
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, f"reward model '{folder}'")
     # The classifier reads the last non-pad token, so the model must know which id is padding.
     model.config.pad_token_id = tokenizer.pad_token_id
     if torch.cuda.is_available():

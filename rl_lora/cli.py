@@ -19,8 +19,8 @@ import sys
 
 import yaml
 
-from rl_lora.config import load_recipe
-from rl_lora.errors import RlLoraError
+from rl_lora.config import RecipeConfig, load_recipe
+from rl_lora.errors import ConfigError, RlLoraError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
                            help="continue from the newest complete checkpoint of RUN_DIR "
                                 "(default: the newest run of this recipe)")
+            launch = p.add_argument_group("several processes (torchrun; DeepSpeed via the recipe's distributed:)")
+            launch.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+            launch.add_argument("--nnodes", type=int, default=1, help="machines taking part")
+            launch.add_argument("--node-rank", type=int, default=0, dest="node_rank", help="this machine's rank")
+            launch.add_argument("--master-addr", default="127.0.0.1", dest="master_addr",
+                                help="address of the node-rank-0 machine")
+            launch.add_argument("--master-port", type=int, default=29511, dest="master_port")
         # SUPPRESS: a --debug given before the subcommand must survive the subparser's defaults.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     p = sub.add_parser("sweep", help="run a recipe at several ranks and seeds next to its full-parameter baseline")
@@ -106,8 +113,34 @@ def _capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace, config: RecipeConfig) -> int:
+    """Re-run this command under torchrun; the run folder is made once, here, and shared."""
+    import subprocess
+    import tempfile
+
+    from rl_lora.distributed import LAUNCHED_ENV, RUN_DIR_ENV, launch_command
+
+    if config.algorithm == "ppo":
+        raise ConfigError("--nproc/--nnodes: algorithm ppo runs in one process only (for now)")
+    env = {**os.environ, LAUNCHED_ENV: "1"}
+    if args.resume is None:
+        if args.node_rank == 0:
+            from rl_lora.run_dir import create_run_dir
+
+            env[RUN_DIR_ENV] = str(create_run_dir(config))
+        else:  # other machines write only scratch files (checkpoint shards) of their own
+            env[RUN_DIR_ENV] = tempfile.mkdtemp(prefix="rl-lora-node-")
+    cli_args = ["run", args.recipe, *args.overrides]
+    if args.resume is not None:
+        cli_args += ["--resume", args.resume] if args.resume else ["--resume"]
+    command = launch_command(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port, cli_args)
+    return subprocess.run(command, env=env, check=False).returncode
+
+
 def _run(args: argparse.Namespace) -> int:
     config = load_recipe(args.recipe, args.overrides)
+    if (args.nproc > 1 or args.nnodes > 1) and "RL_LORA_LAUNCHED" not in os.environ:
+        return _launch(args, config)
     if not os.path.exists("/dev/nvidiactl"):
         # DeepSpeed (imported by TRL/accelerate) otherwise warns on every CPU run that it fell back to CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -247,6 +247,23 @@ class LoggingSpec(_Section):
     progress: bool = True
 
 
+class DistributedSpec(_Section):
+    """Several processes under DeepSpeed (rl_lora/distributed.py); launch with ``rl-lora run --nproc N``."""
+
+    # None: no DeepSpeed (plain single process or DDP); 0, 2 or 3: that ZeRO stage.
+    zero_stage: Literal[0, 2, 3] | None = None
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # Micro-steps per optimizer step; train.batch_size stays the global batch per optimizer step.
+    gradient_accumulation: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self) -> DistributedSpec:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("distributed.offload_params needs distributed.zero_stage: 3")
+        return self
+
+
 class AdvisorSpec(_Section):
     """The LoRA advisor's guardrails (rl_lora/advisor.py, docs/advisor.md)."""
 
@@ -270,6 +287,7 @@ class RecipeConfig(_Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     advisor: AdvisorSpec = Field(default_factory=AdvisorSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> RecipeConfig:

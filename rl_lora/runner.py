@@ -8,6 +8,8 @@ of an ``Algorithm`` (rl_lora/trainers/common.py), one module each under rl_lora/
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import sys
 import time
@@ -22,6 +24,7 @@ from safetensors import safe_open
 
 from rl_lora import checkpoint
 from rl_lora.config import RecipeConfig
+from rl_lora.distributed import RUN_DIR_ENV, is_main, rank_report, world_size
 from rl_lora.errors import CheckpointError, ConfigError
 from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
@@ -63,7 +66,8 @@ def _versions() -> dict[str, str]:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if is_main():  # one line per run, not one per process
+        print(message, file=sys.stderr, flush=True)
 
 
 def check_saved_adapter(folder: Path) -> int:
@@ -136,7 +140,13 @@ def _advise(config: RecipeConfig) -> list[str]:
 
 
 def _open_run_dir(config: RecipeConfig, resume: str | None, resuming: bool) -> tuple[Path, Path | None]:
-    """A fresh run folder, or the interrupted run's folder and its newest sealed checkpoint."""
+    """A fresh run folder, or the interrupted run's folder and its newest sealed checkpoint.
+
+    Under a launcher the folder already exists (made once, by the launcher) and every process uses it.
+    """
+    launched = os.environ.get(RUN_DIR_ENV)
+    if launched and not resuming:
+        return Path(launched), None
     if not resuming:
         return create_run_dir(config), None
     run_dir = find_run_dir(config, resume)
@@ -178,10 +188,11 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
         "advice": advice,
         **loaded.info,
     }
-    write_config(run_dir, resolved)
+    if is_main():
+        write_config(run_dir, resolved)
 
     sink = None
-    if config.logging.wandb:
+    if config.logging.wandb and is_main():
         tags = [method, config.algorithm, "full" if config.lora.is_full else "lora"]
         sink = WandbSink(
             run_dir, config.logging.wandb_project, run_dir.name, config.logging.wandb_group,
@@ -189,7 +200,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
             tags, job_type=method,
         )
     tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
-                         progress=config.logging.progress)
+                         progress=config.logging.progress, main=is_main())
     resumed_step = checkpoint.verify(resume_from)["step"] if resume_from is not None else None
     if resumed_step is not None:
         tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step))
@@ -218,18 +229,42 @@ def _static_figures(trainer: Any) -> dict[str, int]:
 
 
 def save_policy(run: PreparedRun) -> Path:
-    """The adapter (PEFT format) or the full model, as safetensors, with the tokenizer beside it."""
+    """The adapter (PEFT format) or the full model, as safetensors, with the tokenizer beside it.
+
+    Under DeepSpeed every process takes part (ZeRO-3 gathers the partitioned weights) and only the
+    main process writes.
+    """
     out = run.run_dir / ("model" if run.config.lora.is_full else "adapter")
-    run.trainer.model.save_pretrained(str(out))
+    if getattr(run.trainer, "is_deepspeed_enabled", False):
+        run.trainer.save_model(str(out))
+        if is_main():
+            (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; not needed to load the weights
+    else:
+        run.trainer.model.save_pretrained(str(out))
+    if not is_main():
+        return out
     run.tokenizer.save_pretrained(str(out))
     if not run.config.lora.is_full:
         check_saved_adapter(out)
     return out
 
 
-def finish_run(run: PreparedRun, train_seconds: float) -> RunResult:
-    """Save, write summary.json, close W&B and print the closing lines."""
+def _write_rank_report(run: PreparedRun) -> None:
+    """Under several processes, each leaves ranks/rank<N>.json: its step count and trainable-weights hash."""
+    if world_size() == 1:
+        return
+    report = rank_report(run.trainer.model, run.trainer.state.global_step)
+    folder = run.run_dir / "ranks"
+    folder.mkdir(exist_ok=True)
+    (folder / f"rank{report['rank']}.json").write_text(json.dumps(report))
+
+
+def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
+    """Save, write summary.json, close W&B and print the closing lines (main process; others return None)."""
+    _write_rank_report(run)
     out = save_policy(run)
+    if not is_main():
+        return None
     shutil.rmtree(run.run_dir / "trainer", ignore_errors=True)  # TRL's scratch folder; we save ourselves
     summary = {
         "recipe": run.config.name,
@@ -269,7 +304,7 @@ def _final_means(records: list[dict[str, Any]], keys: dict[str, str]) -> dict[st
     return out
 
 
-def run_recipe(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> RunResult:
+def run_recipe(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> RunResult | None:
     """Setup -> train -> save -> summary (from the newest checkpoint when resuming)."""
     run = prepare_run(config, resume, resuming)
     train_started = time.perf_counter()

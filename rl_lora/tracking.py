@@ -86,6 +86,7 @@ class RunTracker(TrainerCallback):
         static: dict[str, Any],
         sink: WandbSink | None = None,
         progress: bool = True,
+        main: bool = True,
     ) -> None:
         self.metrics_path = metrics_path
         self.evaluate = evaluate
@@ -93,6 +94,8 @@ class RunTracker(TrainerCallback):
         self.static = static
         self.sink = sink
         self.progress = progress
+        # Every process evaluates (under ZeRO-3 a forward pass needs them all); only the main one writes.
+        self.main = main
         self.records: list[dict[str, Any]] = []
         self.start_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -126,7 +129,7 @@ class RunTracker(TrainerCallback):
             record = {"step": 0, **{f"eval/{k}": v for k, v in self.start_eval.items()}, **peak_memory()}
             self._write(record)
         self._bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", mininterval=2.0,
-                         disable=not self.progress or not state.is_world_process_zero)
+                         disable=not self.progress or not self.main)
         self._last_tick = time.perf_counter()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -229,6 +232,8 @@ class RunTracker(TrainerCallback):
     def _write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.records.append(clean)
+        if not self.main:
+            return
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
         if self.sink is not None:

@@ -97,11 +97,19 @@ def load_tokenizer(spec: ModelSpec, source: str) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
+    return ensure_pad_token(tokenizer, f"'{spec.policy}'")
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, owner: str) -> PreTrainedTokenizerBase:
+    """Give a tokenizer without a pad token its eos token as pad (with a warning naming ``owner``).
+
+    Generation masks everything after the first EOS and classifiers read the last non-pad token, so
+    pad = EOS is safe for rollouts and reward scoring; a tokenizer with neither is refused.
+    """
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelError(f"tokenizer of '{spec.policy}' has neither a pad nor an eos token")
-        # Generation masks everything after the first EOS, so pad = EOS is safe for RL rollouts.
-        warnings.warn(f"tokenizer of '{spec.policy}' has no pad token; using its eos token", stacklevel=2)
+            raise ModelError(f"tokenizer of {owner} has neither a pad nor an eos token")
+        warnings.warn(f"tokenizer of {owner} has no pad token; using its eos token", stacklevel=3)
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 

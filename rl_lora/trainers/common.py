@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rl_lora.config import RecipeConfig
+from rl_lora.distributed import deepspeed_config, per_device_batch
 from rl_lora.evaluation import exact_answer_accuracy
 from rl_lora.models.loading import load_policy
 from rl_lora.tasks import arithmetic
@@ -63,7 +64,10 @@ def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> d
         "warmup_steps": int(t.warmup_ratio * t.steps),
         "weight_decay": t.weight_decay,
         "max_grad_norm": t.max_grad_norm,
-        "per_device_train_batch_size": t.batch_size,
+        # train.batch_size is the global batch of one optimizer step, whatever the number of processes.
+        "per_device_train_batch_size": per_device_batch(t.batch_size, config.distributed.gradient_accumulation),
+        "gradient_accumulation_steps": config.distributed.gradient_accumulation,
+        "deepspeed": deepspeed_config(config.distributed),
         "max_steps": t.steps,
         "seed": t.seed,
         "logging_steps": t.log_every,
