@@ -93,3 +93,17 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["step"] > 0] == [1, 2, 3]
     assert (run / "ranks" / "rank0.json").is_file()
+
+
+@pytest.mark.parametrize(("stage", "rank"), [(2, 1), (3, "full")])
+def test_dpo_two_processes(tmp_path: Path, stage: int, rank: int | str) -> None:
+    raw = tiny_raw(tmp_path / "runs", lora={"rank": rank}, data={"max_operand": 30, "eval_size": 20},
+                   train={"steps": 3, "batch_size": 8, "threads": 1}, distributed={"zero_stage": stage})
+    raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "dpo"}
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=dpo",
+                           "--nproc", "2", "--master-port", str(29680 + stage)],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    _check_run(tmp_path / "runs" / "dpo", 2)
