@@ -154,7 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes (when installed, for QLoRA) warns at import on CPUs with AVX512-BF16 that an optional
     # kernels package is missing; it falls back to its own kernel, and the warning is not the user's concern.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come after options too (`rl-lora run R --nproc 2 lora.rank=4`): argparse stops
+    # collecting positionals at the first option, so the rest arrive as "unknown" and join them here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         commands = {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report,
                     "capacity": _capacity}

@@ -202,6 +202,10 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
                          progress=config.logging.progress, main=is_main())
     resumed_step = checkpoint.verify(resume_from)["step"] if resume_from is not None else None
+    if resumed_step is not None and resumed_step >= config.train.steps:
+        # transformers would train one step past max_steps from a final checkpoint; refuse instead.
+        raise CheckpointError(f"run '{run_dir}' already reached train.steps ({config.train.steps}) in its "
+                              f"checkpoint '{resume_from}': nothing to resume (raise train.steps to train on)")
     if resumed_step is not None:
         tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step))
     callbacks: list[Any] = [tracker]

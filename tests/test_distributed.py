@@ -107,3 +107,41 @@ def test_dpo_two_processes(tmp_path: Path, stage: int, rank: int | str) -> None:
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_run(tmp_path / "runs" / "dpo", 2)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_with_two_processes_reproduces_the_adapter(tmp_path: Path, stage: int) -> None:
+    import signal
+    import time
+
+    raw = tiny_raw(tmp_path / "runs", train={"steps": 8, "batch_size": 16, "threads": 1, "save_every": 2,
+                                             "eval_every": 3}, distributed={"zero_stage": stage})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    base = [sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "--nproc", "2"]
+    whole = subprocess.run([*base, "logging.run_name=whole", "--master-port", str(29720 + stage)], cwd=REPO,
+                           env=_env(), capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr[-4000:]
+
+    cut = tmp_path / "runs" / "cut"
+    proc = subprocess.Popen([*base, "logging.run_name=cut", "--master-port", str(29730 + stage)], cwd=REPO,
+                            env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (cut / "checkpoints" / "step_000002" / "manifest.json").exists():
+        time.sleep(0.05)
+    # torchrun's workers run in sessions of their own: kill -9 every process of this run by its name.
+    os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", "logging.run_name=cut"], check=False)
+    proc.wait()
+    time.sleep(0.5)
+    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run([*base, "--resume", str(cut), "--master-port", str(29740 + stage)], cwd=REPO,
+                             env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a = [json.loads(x) for x in (tmp_path / "runs" / "whole" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("loss"), r.get("reward")) for r in a] == [(r["step"], r.get("loss"), r.get("reward"))
+                                                                         for r in b]
+    same = json.loads((tmp_path / "runs" / "whole" / "ranks" / "rank0.json").read_text())["trainable_hash"]
+    assert json.loads((cut / "ranks" / "rank0.json").read_text())["trainable_hash"] == same
+    assert json.loads((cut / "ranks" / "rank1.json").read_text())["trainable_hash"] == same
