@@ -13,11 +13,13 @@ fine-tuning the same.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-# Dense bf16 peak of GPUs this project has measured or been told of; used for MFU when no override
-# is given. H200: ~790 TFLOP/s measured on matrix products here (docs/findings.md, environment notes).
-PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0}
+# Dense bf16 matrix-product rate measured on GPUs this project has used, for MFU. H200: ~790 TFLOP/s
+# (docs/findings.md, environment notes). Other devices: set RL_LORA_PEAK_TFLOPS.
+PEAK_TFLOPS = {"H200": 790.0}
 
 
 def training_flops_per_token(shapes: dict[str, tuple[int, int]], adapted: dict[str, int]) -> float:
@@ -41,6 +43,8 @@ def lora_cost_share(n: int, rank: int) -> float:
 
 def peak_tflops() -> float | None:
     """The device's dense bf16 peak, when a known GPU is present; None on CPU or unknown devices."""
+    if os.environ.get("RL_LORA_PEAK_TFLOPS"):
+        return float(os.environ["RL_LORA_PEAK_TFLOPS"])
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()
