@@ -40,8 +40,7 @@ from rl_lora.capacity import (
 from rl_lora.config import RecipeConfig
 from rl_lora.errors import ConfigError, ModelError
 from rl_lora.lr_rule import resolve_lr
-from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, tiny_llama_config
-from rl_lora.models.tokenizer import build_char_tokenizer
+from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, builtin_config
 from rl_lora.tasks.arithmetic import answer_tokens
 
 Shapes = dict[str, tuple[int, int]]
@@ -115,8 +114,7 @@ def recipe_model_config(config: RecipeConfig) -> transformers.PretrainedConfig:
             raise ModelError(f"unknown built-in model '{policy}' (known: {', '.join(BUILTIN_NAMES)})")
         # The config rl_lora.models.builtin trains from; its shapes do not depend on the warm-up, so the
         # model need not be built (or cached) to be measured.
-        tokenizer = build_char_tokenizer()
-        return tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+        return builtin_config()
     if Path(policy).exists() and not Path(policy).is_dir():
         raise ModelError(f"model.policy '{policy}' is a file; expected a model folder or a hub id")
     try:

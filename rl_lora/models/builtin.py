@@ -49,6 +49,12 @@ def tiny_llama_config(vocab_size: int, pad: int, bos: int, eos: int) -> LlamaCon
     )
 
 
+def builtin_config() -> LlamaConfig:
+    """The built-in model's config, with the built-in tokenizer's vocabulary and special tokens."""
+    tok = build_char_tokenizer()
+    return tiny_llama_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("RL_LORA_CACHE", Path.home() / ".cache" / "rl-lora"))
 
@@ -91,7 +97,7 @@ def builtin_path(name: str, warmup_steps: int, data: DataSpec, progress: bool = 
 
 def _build(folder: Path, warmup_steps: int, data: DataSpec, progress: bool) -> None:
     tokenizer = build_char_tokenizer()
-    config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    config = builtin_config()
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     train, held_out = arithmetic.split(data)
