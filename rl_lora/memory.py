@@ -41,6 +41,11 @@ def parameter_bytes(p: torch.Tensor) -> int:
     return _tensor_bytes(p) + quantization_state_bytes(p)
 
 
+def module_param_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters (e.g. a separate frozen reference model)."""
+    return sum(_tensor_bytes(p) for p in module.parameters())
+
+
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
     """Bytes of parameters (all and trainable), gradients (during backward) and optimizer state.
 

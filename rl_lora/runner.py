@@ -28,7 +28,7 @@ from rl_lora.distributed import RUN_DIR_ENV, is_main, rank_report, world_size
 from rl_lora.errors import CheckpointError, ConfigError
 from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
-from rl_lora.memory import peak_memory
+from rl_lora.memory import module_param_bytes, peak_memory
 from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
 from rl_lora.tracking import RunTracker, WandbSink
@@ -225,7 +225,7 @@ def _static_figures(trainer: Any) -> dict[str, int]:
     adapter-off policy or there is none): findings claim 7's memory difference, measured."""
     trainable, total = count_parameters(trainer.model)
     reference = getattr(trainer, "ref_model", None)
-    ref_bytes = sum(p.numel() * p.element_size() for p in reference.parameters()) if reference is not None else 0
+    ref_bytes = module_param_bytes(reference) if reference is not None else 0
     # PPO: bytes of policy + critic + reference with shared tensors counted once, and their ratio to one base.
     memory = getattr(trainer, "memory_figures", None)
     return {"trainable_params": trainable, "total_params": total, "reference_param_bytes": ref_bytes,

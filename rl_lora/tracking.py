@@ -23,7 +23,7 @@ from rl_lora.flops import linear_inventory, peak_tflops, training_flops_per_toke
 from rl_lora.memory import peak_memory, state_bytes
 
 # TRL's key -> ours. Keys not listed are kept under their own names.
-_RENAME = {"loss": "loss", "reward": "reward", "reward_std": "reward_std", "learning_rate": "lr", "kl": "kl"}
+_RENAME = {"learning_rate": "lr"}
 
 
 def wandb_mode() -> str:

@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated model cache, offline W&B, and a tiny recipe that trains in seconds."""
+"""Shared set-up: an isolated model cache and offline W&B (the tiny recipe is in tests_support.py)."""
 
 from __future__ import annotations
 

@@ -57,19 +57,22 @@ def _peft_trainable(model: torch.nn.Module) -> dict[str, int]:
     return {name: p.numel() for name, p in peft_model.named_parameters() if p.requires_grad}
 
 
+def _llama_8b_config() -> LlamaConfig:
+    """Llama-3.1-8B's shape (no weights are ever allocated for it here)."""
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    )
+
+
 @pytest.fixture(scope="module")
 def llama_8b_shapes() -> dict[str, tuple[int, int]]:
     # Meta device: the 8B model is built without allocating its weights.
-    return linear_shapes(
-        LlamaConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=128256,
-        )
-    )
+    return linear_shapes(_llama_8b_config())
 
 
 def test_llama_8b_rank1_all_linear(llama_8b_shapes: dict[str, tuple[int, int]]) -> None:
@@ -203,12 +206,4 @@ def test_llama_8b_parameter_count() -> None:
     """Embeddings and untied head 2 x 128,256 x 4096 = 1,050,673,152; 32 layers x (218,103,808 linear
     weights + 2 x 4096 norms) = 6,979,584,000; final norm 4096. Total 8,030,261,248 (Llama-3.1-8B's size).
     """
-    cfg = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-    )
-    assert parameter_count(cfg) == 8_030_261_248
+    assert parameter_count(_llama_8b_config()) == 8_030_261_248

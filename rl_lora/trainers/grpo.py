@@ -6,8 +6,6 @@ adapter disabled (no second copy); with ``rank: full`` every parameter trains.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,35 +15,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from reward_models import resolve_reward
-from reward_models.protocol import check_scores
+from reward_models.adapters import trainer_rewards
 from rl_lora.config import RecipeConfig
-from rl_lora.errors import RewardError
 from rl_lora.lora import peft_config
 from rl_lora.rollout import merged_adapters
 from rl_lora.trainers.common import shared_training_args
-
-
-def trl_reward(name: str, fn: Callable, kwargs: dict[str, Any]) -> Callable:
-    """Adapt a plug-in to TRL's reward signature, checking every score it returns."""
-
-    @functools.wraps(fn)
-    def reward(prompts: list[str], completions: list[str], completion_ids: Any = None, **columns: Any) -> list:
-        state = columns.pop("trainer_state", None)
-        columns.pop("log_extra", None)
-        columns.pop("log_metric", None)
-        step = getattr(state, "global_step", None)
-        try:
-            scores = fn(prompts, completions, **columns, **kwargs)
-        except Exception as exc:  # a plug-in's failure, reported as the plug-in's, with the step
-            raise RewardError(
-                f"reward '{name}' raised at step {step} on a batch of {len(completions)} completions "
-                f"(first prompt {prompts[0]!r}): {type(exc).__name__}: {exc}"
-            ) from exc
-        return check_scores(name, scores, len(completions), step=step)
-
-    reward.__name__ = name.replace(":", ".").replace("/", ".")
-    return reward
 
 
 class MergedRolloutGRPOTrainer(GRPOTrainer):
@@ -100,7 +74,7 @@ def build_grpo_trainer(
     output_dir: Path,
     callbacks: list[TrainerCallback],
 ) -> GRPOTrainer:
-    rewards = [trl_reward(f.name, resolve_reward(f.name), f.kwargs) for f in config.reward.functions]
+    rewards = trainer_rewards(config.reward.functions)
     trainer = MergedRolloutGRPOTrainer(
         model=model,
         reward_funcs=rewards,

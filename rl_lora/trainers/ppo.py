@@ -40,12 +40,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, get_scheduler
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
-from reward_models import resolve_reward
+from reward_models.adapters import trainer_rewards
 from rl_lora.config import LoraSpec, RecipeConfig
 from rl_lora.errors import ConfigError, RlLoraError
 from rl_lora.lora import peft_config
 from rl_lora.trainers import ppo_math as pm
-from rl_lora.trainers.grpo import trl_reward
 
 # PEFT saves the adapter named "default" at the folder's root and any other in a subfolder of its
 # name (peft_model.save_pretrained). Naming the policy "default" keeps the saved policy loadable with
@@ -211,7 +210,7 @@ class PPOTrainer:
         self.rows = train_dataset.to_list()
         self.rng = random.Random(t.seed)
         self.order: list[int] = []
-        self.rewards = [trl_reward(f.name, resolve_reward(f.name), f.kwargs) for f in config.reward.functions]
+        self.rewards = trainer_rewards(config.reward.functions)
         self.kl_coef = self.spec.kl_coef
         self.num_tokens = 0
         self.nonfinite = 0
