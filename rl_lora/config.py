@@ -29,7 +29,8 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     """Which policy to train and how to load it."""
 
-    # "builtin:arithmetic-tiny" (the embedded default), a local folder, or a hub id.
+    # "builtin:arithmetic-tiny" (the embedded default), a local folder, a hub id, a ".gguf" file, or
+    # "package:<module>/<file>.gguf" (a GGUF file inside an installed package); GGUF is dequantised once and cached.
     policy: str = "builtin:arithmetic-tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
@@ -176,6 +177,10 @@ class DataSpec(_Section):
     eval_size: int = Field(default=300, ge=1)
     # The held-out split is fixed by this seed, independent of the training seed.
     split_seed: int = 1234
+    # "plain": "12+35=" -> "47", judged on the completion's first line (the built-in character model).
+    # "chat": "What is 12+35? Answer with the number only." through the tokenizer's chat template, judged
+    # on the last integer of the completion (instruct models). GRPO and PPO only.
+    prompt_style: Literal["plain", "chat"] = "plain"
     # DPO / reward only: "builtin" (null means the same) or a preference file.
     preferences: str | None = None
     # Reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a
@@ -236,6 +241,8 @@ class TrainSpec(_Section):
     save_every: int | None = Field(default=None, ge=1)
     # Checkpoints kept; the newest verified one is never deleted.
     keep_last: int = Field(default=2, ge=1)
+    # GRPO / DPO / reward: a step whose loss or gradient is NaN or inf is skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = Field(default=8, ge=1)
 
 
 class LoggingSpec(_Section):
@@ -303,7 +310,18 @@ class RecipeConfig(_Section):
                 f"data.min_operand ({self.data.min_operand}) is larger than data.max_operand ({self.data.max_operand})"
             )
         self._check_preference_keys()
+        self._check_prompt_style()
         return self
+
+    def _check_prompt_style(self) -> None:
+        if self.data.prompt_style != "chat":
+            return
+        if self.algorithm not in ("grpo", "ppo"):
+            raise ValueError(f"data.prompt_style chat is read by algorithm grpo or ppo, not {self.algorithm}: "
+                             "set data.prompt_style: plain")
+        if self.model.policy.startswith("builtin:"):
+            raise ValueError(f"data.prompt_style chat needs a chat model; '{self.model.policy}' has no chat "
+                             "template (set data.prompt_style: plain)")
 
     def _check_preference_keys(self) -> None:
         """Keys that only one algorithm reads must not be set for another, where they would be ignored."""

@@ -287,6 +287,7 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
         **run.tracker.static,
         **run.tracker.summary(),
         "resumed_from_step": run.resumed_step,
+        "nonfinite_skipped": _total(run.tracker.records, "nonfinite_skipped"),
         "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(time.perf_counter() - run.started, 2),
         "saved": str(out),
@@ -306,6 +307,13 @@ def _final_means(records: list[dict[str, Any]], keys: dict[str, str]) -> dict[st
         window = [r[logged] for r in records if r.get(logged) is not None][-FINAL_REWARD_WINDOW:]
         out[summary_key] = sum(window) / len(window) if window else None
     return out
+
+
+def _total(records: list[dict[str, Any]], key: str) -> int | None:
+    """Sum of a per-record count over the whole run (a resumed run's records include the first part's);
+    None when no record has it (e.g. DeepSpeed, where the non-finite guard is off)."""
+    values = [r[key] for r in records if r.get(key) is not None]
+    return sum(values) if values else None
 
 
 def run_recipe(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> RunResult | None:

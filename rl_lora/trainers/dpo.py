@@ -29,6 +29,11 @@ from rl_lora.models.loading import load_policy
 from rl_lora.tasks import arithmetic
 from rl_lora.tasks.preferences import builtin_pairs, is_conversational, read_preference_file
 from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
+from rl_lora.trainers.nonfinite import NonFiniteGuard
+
+
+class GuardedDPOTrainer(NonFiniteGuard, DPOTrainer):
+    """TRL's DPOTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
 
 
 def check_preferences(config: RecipeConfig) -> list[dict[str, Any]] | None:
@@ -87,7 +92,7 @@ def build_dpo_trainer(
     if lora is None:  # full-parameter: the reference is the starting policy, frozen
         reference = copy.deepcopy(loaded.model).eval()
         reference.requires_grad_(False)
-    trainer = DPOTrainer(
+    trainer = GuardedDPOTrainer(
         model=loaded.model,
         ref_model=reference,
         args=dpo_args(config, lr, output_dir),
@@ -96,6 +101,7 @@ def build_dpo_trainer(
         peft_config=lora,
         callbacks=callbacks,
     )
+    trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
     return quiet(trainer)
 
 

@@ -20,12 +20,14 @@ from rl_lora.config import RecipeConfig
 from rl_lora.lora import peft_config
 from rl_lora.rollout import merged_adapters
 from rl_lora.trainers.common import shared_training_args
+from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 
-class MergedRolloutGRPOTrainer(GRPOTrainer):
+class MergedRolloutGRPOTrainer(NonFiniteGuard, GRPOTrainer):
     """TRL's GRPOTrainer, generating rollouts with the LoRA adapters folded into the weights.
 
     Only generation changes; the training forward and backward run the usual unmerged adapters.
+    Steps with a non-finite loss or gradient are skipped (rl_lora/trainers/nonfinite.py).
     """
 
     merge_rollouts: bool = True
@@ -85,6 +87,7 @@ def build_grpo_trainer(
         callbacks=callbacks,
     )
     trainer.merge_rollouts = config.grpo.merge_rollouts
+    trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
     if config.model.quantization != "none":
         keep_adapters_fp32(trainer.model)
     # Our tracker draws the progress bar and writes the records; transformers' printers would

@@ -27,10 +27,15 @@ from rl_lora.models.loading import load_policy, load_reward_backbone, load_token
 from rl_lora.tasks.preferences import read_preference_file, split_rows
 from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
 from rl_lora.trainers.dpo import check_chat_template, policy_pairs
+from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
 
 Pairs = list[dict[str, Any]]
+
+
+class GuardedRewardTrainer(NonFiniteGuard, RewardTrainer):
+    """TRL's RewardTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
 
 
 def check_preferences(config: RecipeConfig) -> tuple[Pairs, Pairs] | None:
@@ -86,7 +91,7 @@ def reward_args(config: RecipeConfig, lr: float, output_dir: Path) -> RewardConf
 def build_reward_trainer(
     config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path, callbacks: list[TrainerCallback]
 ) -> RewardTrainer:
-    trainer = RewardTrainer(
+    trainer = GuardedRewardTrainer(
         model=loaded.model,
         args=reward_args(config, lr, output_dir),
         train_dataset=loaded.train_dataset,
@@ -94,6 +99,7 @@ def build_reward_trainer(
         peft_config=peft_config(config.lora, task_type="SEQ_CLS", model=loaded.model),
         callbacks=callbacks,
     )
+    trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
     return quiet(trainer)
 
 
