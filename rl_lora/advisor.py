@@ -30,6 +30,7 @@ from rl_lora.capacity import (
     linear_shapes,
     meta_model,
     moe_layout,
+    pair_data_bits,
     parameter_count,
     resolve_expert_rank,
     rl_data_bits,
@@ -37,7 +38,7 @@ from rl_lora.capacity import (
     targeted_shapes,
     token_data_bits,
 )
-from rl_lora.config import RecipeConfig
+from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
 from rl_lora.errors import ConfigError, ModelError
 from rl_lora.lr_rule import resolve_lr
 from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, builtin_config
@@ -157,21 +158,46 @@ def recipe_moe(config: RecipeConfig, model_config: transformers.PretrainedConfig
     return MoePlan(layout, config.lora.expert_rank, config.lora.train_router)
 
 
+def distinct_pairs_available(config: RecipeConfig) -> int | None:
+    """How many distinct training pairs the recipe's data can give, or None when unknown.
+
+    Built-in pairs: at most one per training problem. A file: its rows (less the held-out share when
+    a reward model holds some out); None if it cannot be read here (the run's own check names why).
+    """
+    data = config.data
+    if config.preferences_source == BUILTIN_PREFERENCES:
+        return (data.max_operand - data.min_operand + 1) ** 2 - data.eval_size
+    from rl_lora.errors import DataError
+    from rl_lora.tasks.preferences import read_preference_file
+
+    try:
+        return len(read_preference_file(config.preferences_source))
+    except (DataError, OSError):
+        return None
+
+
+def data_bits_per_step(config: RecipeConfig) -> float:
+    """Bits one optimizer step's batch adds while no sample repeats."""
+    return float(config.train.batch_size)  # one bit per episode (RL) or per pair (DPO, reward)
+
+
 def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
     """(bits the recipe's training data carries, how that number was made)."""
+    batch, steps = config.train.batch_size, config.train.steps
     if config.algorithm in ("grpo", "ppo"):
         # Claim 1: a policy-gradient episode (one completion) carries ~1 bit, its one scalar advantage.
-        bits = rl_data_bits(config.train.batch_size, config.train.steps)
-        return bits, f"{config.train.batch_size} completions/step x {config.train.steps} steps, 1 bit per episode"
+        bits = rl_data_bits(batch, steps)
+        return bits, f"{batch} completions/step x {steps} steps, 1 bit per episode"
     if config.algorithm in ("dpo", "reward"):
-        # Claim 2: supervised and preference data carry <~1 bit per trained completion token; a pair trains
-        # two completions (chosen and rejected). Token count: the built-in task's answer length; a user's
-        # file is not read here (no data loads before the run), so its pairs count as built-in-sized.
-        tokens = answer_tokens(config.data)
-        pairs = config.train.batch_size * config.train.steps
-        bits = token_data_bits(pairs * 2 * tokens)
-        how = f"{config.train.batch_size} pairs/step x {config.train.steps} steps x 2 completions x {tokens} tokens"
-        return bits, f"{how}, 1 bit per token"
+        # One bit per distinct pair (rl_lora/capacity.py says why); a second pass over the same pairs adds none.
+        seen = batch * steps
+        available = distinct_pairs_available(config)
+        distinct = seen if available is None else min(seen, available)
+        tokens = token_data_bits(distinct * 2 * answer_tokens(config.data))
+        cap = "" if available is None else f", at most {available:,} in the data"
+        how = (f"{distinct:,} distinct pairs ({batch} pairs/step x {steps} steps{cap}), 1 bit per pair; "
+               f"<= ~{tokens:,.0f} bits at 1 bit per completion token")
+        return pair_data_bits(distinct), how
     raise ConfigError(f"algorithm '{config.algorithm}': the advisor has no data-bits estimate for it yet")
 
 
@@ -283,8 +309,8 @@ def _below_capacity(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = 
     if est.capacity_bits >= est.data_bits:
         return None
     _, how = recipe_data_bits(config)
-    # Data bits grow linearly with steps, so the longest run this adapter holds is a floor division.
-    max_steps = math.floor(config.train.steps * est.capacity_bits / est.data_bits)
+    # Below the data's size, bits grow linearly with steps: the longest run this adapter holds.
+    max_steps = math.floor(est.capacity_bits / data_bits_per_step(config))
     fewer = f"train.steps to <= {max_steps}" if max_steps >= 1 else "train.batch_size"
     if est.smallest_sufficient_rank is None:
         fix = f"no LoRA rank holds it: set lora.rank to full, or lower {fewer}"

@@ -20,10 +20,15 @@ from transformers import AutoModelForCausalLM
 from rl_lora.errors import ConfigError, ModelError
 
 # docs/findings.md, claims 1-2: a network stores ~2 bits per parameter; policy-gradient RL carries
-# ~1 bit per episode, and SFT/DPO/reward-model training ~1 bit per trained completion token.
+# ~1 bit per episode, and SFT data <~1 bit per trained completion token. A preference pair is scored
+# here like an episode: DPO's and Bradley-Terry's gradient for a pair is one scalar weight on
+# (chosen - rejected), so ~1 bit per distinct pair; the per-token figure is kept as an upper bound
+# (docs/advisor.md has the measurement that chose this: rank 1 matched full-parameter DPO at 2.5x
+# its per-token capacity).
 BITS_PER_PARAM = 2.0
 BITS_PER_EPISODE = 1.0
 BITS_PER_TOKEN = 1.0
+BITS_PER_PAIR = 1.0
 
 ALL_LINEAR = "all-linear"
 # Ranks above this are never worth estimating: the adapter would be as big as a full fine-tune.
@@ -235,6 +240,11 @@ def rl_data_bits(completions_per_step: int, steps: int) -> float:
 def token_data_bits(completion_tokens: int) -> float:
     """Bits an SFT/DPO/reward-model run carries: one per trained completion token."""
     return BITS_PER_TOKEN * completion_tokens
+
+
+def pair_data_bits(distinct_pairs: int) -> float:
+    """Bits a DPO/reward-model run carries: one per distinct preference pair (repeats add none)."""
+    return BITS_PER_PAIR * distinct_pairs
 
 
 def _smallest_sufficient_rank(per_rank_params: int, max_rank: int, data_bits: float) -> int | None:

@@ -27,6 +27,7 @@ from rl_lora.advisor import (
     module_kind,
     params_by_kind,
     recipe_capacity,
+    recipe_data_bits,
     recipe_model_config,
     recipe_shapes,
 )
@@ -57,14 +58,6 @@ LLAMA_8B_CONFIG = {
 
 # The RL recipes trip no guardrail. (The default recipe once did: 64 completions x 400 steps = 25,600
 # episode bits > 2 bits x 10,240 rank-1 parameters = 20,480; it now trains 300 steps, 19,200 bits.)
-# The preference recipes are over the per-token estimate on purpose and stay visible here: DPO trains
-# 32 x 200 pairs x 2 x 4 tokens = 51,200 bits against 20,480, yet rank 1 matched full (0.877 vs 0.883,
-# docs/preference.md): preference tokens carry well under 1 bit each, and the advisor's rule is a
-# conservative bound, not a wall. The reward model revisits its 6,234 pairs ~5 times (256,000 token-bits).
-KNOWN_ADVICE: dict[str, set[str]] = {
-    "dpo_arithmetic.yaml": {BELOW_CAPACITY},
-    "rm_arithmetic.yaml": {BELOW_CAPACITY},
-}
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +188,25 @@ def test_guardrail_thresholds() -> None:
     assert _codes({"lora": {"targets": r".*\.self_attn\..*"}, "train": {"steps": 10}}) == [ATTENTION_ONLY]
 
 
+def test_preference_data_counts_distinct_pairs(tmp_path: Path) -> None:
+    """DPO/reward: one bit per distinct pair; passes over the same pairs add nothing."""
+    dpo = {"algorithm": "dpo", "data": {"preferences": "builtin"}}
+    # 90 x 90 problems - 300 held out = 7,800 training prompts: at most one built-in pair each.
+    assert recipe_data_bits(validate({**dpo, "train": {"batch_size": 32, "steps": 200}}))[0] == 6_400
+    assert recipe_data_bits(validate({**dpo, "train": {"batch_size": 32, "steps": 1000}}))[0] == 7_800
+    # A wider operand range has 980 x 980 problems: 64 x 1,000 = 64,000 distinct pairs > 20,480 bits.
+    wide = {**dpo, "data": {"preferences": "builtin", "max_operand": 999}, "train": {"batch_size": 64, "steps": 1000}}
+    advice = check_recipe(validate(wide))
+    assert [a.code for a in advice] == [BELOW_CAPACITY]
+    assert "lora.rank to >= 4" in advice[0].message and "train.steps to <= 320" in advice[0].message
+    # A file: its rows cap the count.
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": str(i + 2)} for i in range(50)]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    bits, how = recipe_data_bits(validate({**dpo, "data": {"preferences": str(path)}}))
+    assert bits == 50 and "at most 50 in the data" in how
+
+
 def test_full_rank_gets_no_advice() -> None:
     raw = {"lora": {"rank": "full", "targets": ATTENTION}, "train": {"lr": 1e-7, "batch_size": 512, "steps": 1000}}
     assert _codes(raw) == []
@@ -202,7 +214,7 @@ def test_full_rank_gets_no_advice() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_shipped_recipes_get_no_advice(path: Path) -> None:
-    assert {a.code for a in check_recipe(load_recipe(path))} == KNOWN_ADVICE.get(path.name, set())
+    assert check_recipe(load_recipe(path)) == []
 
 
 def test_recipes_found() -> None:
