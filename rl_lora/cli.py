@@ -1,6 +1,7 @@
 """The ``rl-lora`` command.
 
     rl-lora run RECIPE [key.path=value ...] [--debug]
+    rl-lora run PIPELINE [--resume PIPELINE_DIR]          (a file with stages:, rl_lora/pipeline.py)
     rl-lora validate RECIPE [key.path=value ...]
     rl-lora sweep RECIPE --ranks 1,4,16,full --seeds 1,2 [--lr-multipliers 5,10 | --lrs ...] [key.path=value ...]
     rl-lora report SWEEP_DIR
@@ -19,7 +20,7 @@ import sys
 
 import yaml
 
-from rl_lora.config import RecipeConfig, load_recipe
+from rl_lora.config import RecipeConfig, load_recipe, read_recipe_file
 from rl_lora.errors import ConfigError, RlLoraError
 
 
@@ -120,8 +121,10 @@ def _launch(args: argparse.Namespace, config: RecipeConfig) -> int:
 
     from rl_lora.distributed import LAUNCHED_ENV, RUN_DIR_ENV, launch_command
 
-    if config.algorithm == "ppo":
-        raise ConfigError("--nproc/--nnodes: algorithm ppo runs in one process only (for now)")
+    if config.algorithm == "ppo" and config.distributed.zero_stage is None:
+        # Checked here too (rl_lora/trainers/ppo.py check_layout), so it fails before torchrun starts.
+        raise ConfigError("--nproc/--nnodes: algorithm 'ppo' under several processes needs "
+                          "distributed.zero_stage (0, 2 or 3)")
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if args.resume is None:
         if args.node_rank == 0:
@@ -137,7 +140,28 @@ def _launch(args: argparse.Namespace, config: RecipeConfig) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
+def _run_pipeline(args: argparse.Namespace) -> int:
+    """``rl-lora run PIPELINE``: every stage as its own run (rl_lora/pipeline.py)."""
+    from pathlib import Path
+
+    from rl_lora.pipeline import load_pipeline, run_pipeline, summary_lines
+
+    if args.overrides or args.nproc > 1 or args.nnodes > 1:
+        raise ConfigError(f"pipeline '{args.recipe}': overrides and --nproc/--nnodes go into each stage's "
+                          "'overrides:' in the pipeline file, not on the command line")
+    if args.resume == "":
+        raise ConfigError("--resume: give the pipeline folder to continue (it holds pipeline.json)")
+    pipeline = load_pipeline(args.recipe)
+    folder, records = run_pipeline(pipeline, Path(args.resume) if args.resume else None)
+    print("\n".join(summary_lines(folder, records)), flush=True)
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    from rl_lora.pipeline import is_pipeline
+
+    if is_pipeline(read_recipe_file(args.recipe)):
+        return _run_pipeline(args)
     config = load_recipe(args.recipe, args.overrides)
     if (args.nproc > 1 or args.nnodes > 1) and "RL_LORA_LAUNCHED" not in os.environ:
         return _launch(args, config)
