@@ -159,7 +159,7 @@ class RewardSpec(_Section):
 
 BUILTIN_PREFERENCES = "builtin"
 # Algorithms whose trainers load a 4-bit base (model.quantization); the others refuse the key.
-QUANTIZED_ALGORITHMS = ("grpo",)
+QUANTIZED_ALGORITHMS = ("grpo", "dpo")
 
 
 class DataSpec(_Section):
@@ -298,8 +298,6 @@ class RecipeConfig(_Section):
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> RecipeConfig:
-        if self.algorithm == "ppo" and self.train.save_every is not None:
-            raise ValueError("train.save_every: checkpoints and resume are not available for algorithm ppo yet")
         if self.algorithm == "grpo" and self.train.batch_size % self.grpo.num_generations:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be a multiple of "

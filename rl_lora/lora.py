@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import warnings
 
+import torch
 from peft import LoraConfig
 from torch import nn
 
@@ -129,3 +130,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += count
     return trainable, total
+
+
+def keep_adapters_fp32(model: torch.nn.Module) -> None:
+    """Cast the trainable (LoRA) parameters of a quantised-base model back to fp32, before the optimizer exists.
+
+    TRL 1.16's GRPO and DPO trainers cast QLoRA adapters to bf16 (the QLoRA paper's recipe). Here they stay fp32:
+    on CPU bf16 is emulated and a bf16 model ran ~19x slower, and fp32 adapters keep a QLoRA run comparable
+    with a plain LoRA run, whose adapters are fp32, so that only the base's quantisation differs.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()

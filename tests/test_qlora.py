@@ -24,7 +24,7 @@ def test_nf4_is_refused_for_full_fine_tuning_and_other_algorithms(tmp_path: Path
     with pytest.raises(ConfigError, match="model.quantization"):
         validate(tiny_raw(tmp_path, model={"quantization": "nf4"}, lora={"rank": "full"}))
     raw = tiny_raw(tmp_path, model={"quantization": "nf4"})
-    raw["algorithm"] = "dpo"
+    raw["algorithm"] = "reward"
     for section in ("grpo", "reward"):
         raw.pop(section)
     with pytest.raises(ConfigError, match="model.quantization"):
@@ -81,3 +81,30 @@ def test_qlora_grpo_trains_adapters_on_a_4_bit_base(tmp_path: Path) -> None:
     assert not [s for s in states if getattr(s, "packing_format_for_cpu", False)]
     base_bytes = steps[-1]["param_bytes"] - steps[-1]["trainable_param_bytes"]
     assert base_bytes <= 0.3 * FP32_BASE_BYTES, (base_bytes, FP32_BASE_BYTES)
+
+
+def test_qlora_dpo_trains_adapters_on_a_4_bit_base(tmp_path: Path) -> None:
+    """DPO on a 4-bit base: fp32 adapters train (TRL would cast them to bf16), the base stays 4-bit and frozen."""
+    pytest.importorskip("bitsandbytes")
+    raw = tiny_raw(tmp_path, model={"quantization": "nf4", "warmup_steps": 20},
+                   data={"max_operand": 30, "eval_size": 20}, train={"batch_size": 8, "threads": 1})
+    raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "dpo"}
+    run = prepare_run(validate(raw))
+    model = run.trainer.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert len([n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"]) == 4 * 7
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trainable)
+    run.trainer.train()
+    after = dict(model.named_parameters())
+    result = finish_run(run, train_seconds=0.0)
+
+    moved = [n for n in trainable if not torch.equal(before[n], after[n].detach())]
+    assert any("lora_B" in n for n in moved), "no adapter trained"
+    assert not [n for n in before if n not in trainable and not torch.equal(before[n], after[n].detach())]
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["step"] > 0]
+    assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert steps[-1]["param_bytes"] - steps[-1]["trainable_param_bytes"] <= 0.3 * FP32_BASE_BYTES
+    assert result.summary["reference_param_bytes"] == 0  # the reference is the adapter-off 4-bit policy

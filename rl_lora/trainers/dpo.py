@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState
 from trl import DPOConfig, DPOTrainer
 
 from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
 from rl_lora.errors import DataError
 from rl_lora.evaluation import exact_answer_accuracy
-from rl_lora.lora import peft_config
+from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.models.builtin import BUILTIN_PREFIX
 from rl_lora.models.loading import load_policy
 from rl_lora.tasks import arithmetic
@@ -34,6 +34,22 @@ from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 class GuardedDPOTrainer(NonFiniteGuard, DPOTrainer):
     """TRL's DPOTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
+
+
+class RestoreTokenCount(TrainerCallback):
+    """Carry TRL's trained-token count (logged as ``num_tokens``) across a resume.
+
+    TRL 1.16's DPO and reward trainers keep that count in memory only (``_total_train_tokens``), so a resumed
+    run would start it again at 0; the checkpoint's log history holds the count at its last record.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        counts = [r["num_tokens"] for r in state.log_history if r.get("num_tokens") is not None]
+        if counts and hasattr(self.trainer, "_total_train_tokens"):
+            self.trainer._total_train_tokens = int(counts[-1])
 
 
 def check_preferences(config: RecipeConfig) -> list[dict[str, Any]] | None:
@@ -55,7 +71,10 @@ def policy_pairs(
     config: RecipeConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """The built-in (training, held-out) pairs sampled from ``model``; cached beside the built-in model."""
-    cache_dir = Path(source) if config.model.policy.startswith(BUILTIN_PREFIX) else None
+    # Pairs are cached beside the built-in model, keyed by the data; a 4-bit base samples other answers,
+    # so its pairs are drawn afresh each time rather than mixed into the fp32 model's cache.
+    cached = config.model.policy.startswith(BUILTIN_PREFIX) and config.model.quantization == "none"
+    cache_dir = Path(source) if cached else None
     return builtin_pairs(cache_dir, model, tokenizer, config.data)
 
 
@@ -102,6 +121,9 @@ def build_dpo_trainer(
         callbacks=callbacks,
     )
     trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
+    if config.model.quantization != "none":
+        keep_adapters_fp32(trainer.model)  # TRL casts QLoRA adapters to bf16; keep them fp32 as for GRPO
+    trainer.add_callback(RestoreTokenCount(trainer))
     return quiet(trainer)
 
 

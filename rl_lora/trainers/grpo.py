@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -17,7 +16,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from reward_models.adapters import trainer_rewards
 from rl_lora.config import RecipeConfig
-from rl_lora.lora import peft_config
+from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.rollout import merged_adapters
 from rl_lora.trainers.common import shared_training_args
 from rl_lora.trainers.nonfinite import NonFiniteGuard
@@ -53,18 +52,6 @@ def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
         scale_rewards=g.scale_rewards,
         reward_weights=[f.weight for f in config.reward.functions],
     )
-
-
-def keep_adapters_fp32(model: torch.nn.Module) -> None:
-    """Cast the trainable (LoRA) parameters of a quantised-base model back to fp32, before the optimizer exists.
-
-    TRL 1.16's GRPOTrainer casts QLoRA adapters to bf16 (the QLoRA paper's recipe). Here they stay fp32:
-    on CPU bf16 is emulated and a bf16 model ran ~19x slower, and fp32 adapters keep a QLoRA run comparable
-    with a plain LoRA run, whose adapters are fp32, so that only the base's quantisation differs.
-    """
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
 
 
 def build_grpo_trainer(
