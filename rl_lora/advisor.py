@@ -42,6 +42,8 @@ from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
 from rl_lora.errors import ConfigError, ModelError
 from rl_lora.lr_rule import resolve_lr
 from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, builtin_config
+from rl_lora.models.gguf import is_gguf_reference
+from rl_lora.models.gguf import read_config as read_gguf_config
 from rl_lora.tasks.arithmetic import answer_tokens
 
 Shapes = dict[str, tuple[int, int]]
@@ -116,6 +118,8 @@ def recipe_model_config(config: RecipeConfig) -> transformers.PretrainedConfig:
         # The config rl_lora.models.builtin trains from; its shapes do not depend on the warm-up, so the
         # model need not be built (or cached) to be measured.
         return builtin_config()
+    if is_gguf_reference(policy):
+        return read_gguf_config(policy)
     if Path(policy).exists() and not Path(policy).is_dir():
         raise ModelError(f"model.policy '{policy}' is a file; expected a model folder or a hub id")
     try:

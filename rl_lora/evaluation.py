@@ -47,7 +47,7 @@ def exact_answer_accuracy(
     problems: list[Problem],
     max_new_tokens: int,
 ) -> float:
-    """Fraction of problems whose greedy completion is exactly the answer."""
+    """Fraction of problems whose greedy completion's answer, read by the problem's rule, is exactly right."""
     completions = greedy_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
-    correct = sum(extract_answer(c) == p.answer for c, p in zip(completions, problems, strict=True))
+    correct = sum(extract_answer(c, p.rule) == p.answer for c, p in zip(completions, problems, strict=True))
     return correct / len(problems)

@@ -1,4 +1,8 @@
-"""Loading the policy a recipe names: the built-in default, a local folder, or a hub id."""
+"""Loading the policy a recipe names: the built-in default, a local folder, a GGUF file or package, or a hub id.
+
+Every form ends as a folder (or hub id) that ``from_pretrained`` loads: the built-in model and GGUF
+models are built or dequantised once into the rl-lora cache (rl_lora/models/builtin.py, gguf.py).
+"""
 
 from __future__ import annotations
 
@@ -19,15 +23,19 @@ from transformers import (
 from rl_lora.config import DataSpec, ModelSpec
 from rl_lora.errors import ConfigError, ModelError
 from rl_lora.models.builtin import BUILTIN_PREFIX, builtin_path
+from rl_lora.models.gguf import is_gguf_reference, resolve_gguf
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_policy_path(spec: ModelSpec, data: DataSpec, progress: bool = True) -> str:
-    """A path or hub id ``from_pretrained`` can load; builds the built-in model on first use."""
+    """A path or hub id ``from_pretrained`` can load; builds the built-in model or dequantises a GGUF
+    model on first use (both cached)."""
     if spec.policy.startswith(BUILTIN_PREFIX):
         name = spec.policy.removeprefix(BUILTIN_PREFIX)
         return str(builtin_path(name, spec.warmup_steps, data, progress=progress))
+    if is_gguf_reference(spec.policy):
+        return str(resolve_gguf(spec.policy, progress=progress))
     return spec.policy
 
 
@@ -36,8 +44,8 @@ def load_policy(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
     """(model, tokenizer, source) for the recipe's policy, with a usable pad token."""
     source = resolve_policy_path(spec, data, progress)
-    if not spec.policy.startswith(BUILTIN_PREFIX) and Path(source).exists() and not Path(source).is_dir():
-        raise ModelError(f"model.policy '{source}' is a file; expected a model folder or a hub id")
+    if Path(source).exists() and not Path(source).is_dir():
+        raise ModelError(f"model.policy '{source}' is a file; expected a model folder, a .gguf file or a hub id")
     tokenizer = load_tokenizer(spec, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(

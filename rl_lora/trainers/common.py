@@ -104,6 +104,9 @@ def rollout_algorithm(
     def load(config: RecipeConfig, _: Any, progress: bool) -> Loaded:
         train_problems, held_out = arithmetic.split(config.data)
         model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
+        # data.prompt_style chat: the questions go through the policy's chat template.
+        train_problems = arithmetic.render_prompts(train_problems, config.data, tokenizer)
+        held_out = arithmetic.render_prompts(held_out, config.data, tokenizer)
         max_new = completion_tokens(config)
 
         def evaluate(m: Any) -> dict[str, float]:
