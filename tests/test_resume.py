@@ -24,8 +24,12 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled"}
 
 
-def _recipe(tmp: Path, train: dict | None = None) -> Path:
+def _recipe(tmp: Path, train: dict | None = None, algorithm: str = "grpo") -> Path:
     raw = tiny_raw(tmp / "runs", train={"steps": 8, "save_every": 2, "keep_last": 2, "eval_every": 4, **(train or {})})
+    if algorithm == "dpo":  # tests/test_preference_training.py's DPO recipe: built-in pairs, 8 pairs a step
+        raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "dpo"}
+        raw["data"] = {"max_operand": 30, "eval_size": 20}
+        raw["train"] |= {"batch_size": 8, "threads": 1}
     path = tmp / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -41,37 +45,71 @@ def _records(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if r["step"] > 0 and "loss" in r}
 
 
+# Logged but not expected to repeat: wall-clock speed and process memory.
+NOT_COMPARED = ("step_time", "steps_per_s", "tokens_per_s", "samples_per_s", "generated_tokens_per_s",
+                "train_tflops_per_s", "mfu", "peak_rss_bytes", "peak_device_bytes", "peak_device_reserved_bytes")
+
+
+def _kill_after_checkpoint(recipe: Path, cut: Path, step: int) -> None:
+    """Start a run named ``cut`` and SIGKILL its whole process group once checkpoint ``step`` is sealed and
+    the ``latest`` pointer names it (a kill between the two resumes from the checkpoint before)."""
+    proc = subprocess.Popen([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), f"logging.run_name={cut.name}"],
+                            cwd=REPO, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer, name = cut / "checkpoints" / "latest", f"step_{step:06d}"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (pointer.is_file() and pointer.read_text().strip() == name):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
+
+
+def _assert_same_run(whole: Path, cut: Path, compared: tuple[str, ...] | None, steps: int) -> None:
+    """Same per-step metrics (``compared``, or every logged key but speed and memory) and the same adapter bytes."""
+    a, b = _records(whole), _records(cut)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        keys = compared or sorted((set(a[step]) | set(b[step])) - set(NOT_COMPARED))
+        for key in keys:
+            assert a[step].get(key) == b[step].get(key), (step, key, a[step].get(key), b[step].get(key))
+    adapter = "adapter/adapter_model.safetensors"
+    assert (whole / adapter).read_bytes() == (cut / adapter).read_bytes()
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= steps // 2
+    assert len(list((cut / "checkpoints").glob("step_*"))) <= 2  # keep_last
+
+
 @pytest.mark.slow
 def test_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
     whole = _cli("run", str(recipe), "logging.run_name=whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
 
-    proc = subprocess.Popen([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=cut"],
-                            cwd=REPO, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     cut = tmp_path / "runs" / "cut"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (cut / "checkpoints" / "step_000004" / "manifest.json").exists():
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
-
+    _kill_after_checkpoint(recipe, cut, 4)
     resumed = _cli("run", str(recipe), "--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
+    _assert_same_run(tmp_path / "runs" / "whole", cut, COMPARED, 8)
 
-    a, b = _records(tmp_path / "runs" / "whole"), _records(cut)
-    assert sorted(a) == sorted(b) == list(range(1, 9))
-    for step in a:
-        for key in COMPARED:
-            assert a[step].get(key) == b[step].get(key), (step, key)
-    adapter = "adapter/adapter_model.safetensors"
-    assert (tmp_path / "runs" / "whole" / adapter).read_bytes() == (cut / adapter).read_bytes()
-    summary = json.loads((cut / "summary.json").read_text())
-    assert summary["resumed_from_step"] >= 4
-    assert len(list((cut / "checkpoints").glob("step_*"))) <= 2  # keep_last
+
+@pytest.mark.slow
+def test_dpo_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    """DPO: loss, LR, gradient norm and TRL's DPO figures (rewards/chosen, rejected, margins, accuracies,
+    logps, logits) at each of 8 steps, and the adapter bytes, as in an uninterrupted run."""
+    recipe = _recipe(tmp_path, algorithm="dpo")
+    whole = _cli("run", str(recipe), "logging.run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    logged = _records(tmp_path / "runs" / "whole")[1]
+    assert {"loss", "lr", "grad_norm", "rewards/margins", "rewards/accuracies"} <= set(logged)
+
+    cut = tmp_path / "runs" / "cut"
+    _kill_after_checkpoint(recipe, cut, 4)
+    resumed = _cli("run", str(recipe), "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    _assert_same_run(tmp_path / "runs" / "whole", cut, None, 8)
 
 
 def test_resume_refuses_a_changed_rank(tmp_path: Path) -> None:
