@@ -29,6 +29,7 @@ from rl_lora.errors import CheckpointError, ConfigError
 from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.memory import module_param_bytes, peak_memory
+from rl_lora.models.loading import check_policy
 from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
 from rl_lora.tracking import RunTracker, WandbSink
@@ -165,6 +166,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     _quiet_libraries()
     algorithm = algorithm_for(config)
     checked = algorithm.check(config)  # rewards, preference files: fail before any model loads
+    check_policy(config.model)  # a GGUF policy's missing package or reader, likewise
     advice = _advise(config)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)

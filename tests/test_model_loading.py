@@ -312,3 +312,12 @@ def test_smollm2_package_loads_offline_with_its_chat_template() -> None:
 
     completion = greedy_completions(model, tokenizer, [problem.prompt], max_new_tokens=16)[0]
     assert extract_answer(completion, LAST_INTEGER) != "", completion
+
+
+def test_missing_package_fails_before_the_run_folder(tmp_path: Path) -> None:
+    from rl_lora.runner import prepare_run
+
+    raw = tiny_raw(tmp_path, model={"policy": "package:no_such_pkg_xyz/model.gguf"}, data={"prompt_style": "chat"})
+    with pytest.raises(ModelError, match="package 'no_such_pkg_xyz' is not installed"):
+        prepare_run(validate(raw))
+    assert list(tmp_path.iterdir()) == []

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -23,7 +24,7 @@ from transformers import (
 from rl_lora.config import DataSpec, ModelSpec
 from rl_lora.errors import ConfigError, ModelError
 from rl_lora.models.builtin import BUILTIN_PREFIX, builtin_path
-from rl_lora.models.gguf import is_gguf_reference, resolve_gguf
+from rl_lora.models.gguf import cached_copy, is_gguf_reference, require_gguf_reader, resolve_gguf
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +38,12 @@ def resolve_policy_path(spec: ModelSpec, data: DataSpec, progress: bool = True) 
     if is_gguf_reference(spec.policy):
         return str(resolve_gguf(spec.policy, progress=progress))
     return spec.policy
+
+
+def check_policy(spec: ModelSpec) -> None:
+    """Fail before any run folder or model exists when a GGUF policy's file, package or reader is missing."""
+    if is_gguf_reference(spec.policy) and cached_copy(spec.policy) is None:  # cached_copy locates the file
+        require_gguf_reader(spec.policy)
 
 
 def load_policy(
@@ -100,12 +107,36 @@ def quantization_kwargs(spec: ModelSpec) -> dict[str, Any]:
 
 def load_tokenizer(spec: ModelSpec, source: str) -> PreTrainedTokenizerBase:
     """The tokenizer at ``source``, with a pad token (its eos token when it has none)."""
+    return ensure_pad_token(_read_tokenizer(spec, source), f"'{spec.policy}'")
+
+
+def _read_tokenizer(spec: ModelSpec, source: str) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
-    return ensure_pad_token(tokenizer, f"'{spec.policy}'")
+
+
+def policy_tokenizer_and_context(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, int | None] | None:
+    """The policy's tokenizer and context length (max_position_embeddings), read without building, loading
+    or dequantising any weights: for checks of the data that run before the model loads.
+
+    None for a GGUF policy, whose tokenizer lives inside the weights file.
+    """
+    if spec.policy.startswith(BUILTIN_PREFIX):
+        from rl_lora.models.builtin import builtin_config
+        from rl_lora.models.tokenizer import build_char_tokenizer
+
+        return build_char_tokenizer(), builtin_config().max_position_embeddings
+    if is_gguf_reference(spec.policy) or (Path(spec.policy).exists() and not Path(spec.policy).is_dir()):
+        return None  # a GGUF policy; a plain file is refused with a clear error when the model loads
+    tokenizer = _read_tokenizer(spec, spec.policy)
+    try:
+        config = AutoConfig.from_pretrained(spec.policy, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError):
+        return tokenizer, None  # the model load names the problem
+    return tokenizer, getattr(config.get_text_config(), "max_position_embeddings", None)
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, owner: str) -> PreTrainedTokenizerBase:
