@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,26 +42,84 @@ def parameter_bytes(p: torch.Tensor) -> int:
     return _tensor_bytes(p) + quantization_state_bytes(p)
 
 
+def _held(p: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors of parameter ``p`` that live in this process.
+
+    Under ZeRO-3 a parameter's data is empty between uses (``p.numel() == 0``) and this process keeps
+    only its slice, ``p.ds_tensor``; a small "persistent" parameter keeps its whole data as well.
+    """
+    held = [p] if p.numel() > 0 else []
+    part = getattr(p, "ds_tensor", None)
+    if isinstance(part, torch.Tensor) and part.numel() > 0:
+        held.append(part)
+    return held
+
+
+def _local_param_bytes(p: torch.Tensor) -> int:
+    return sum(parameter_bytes(t) if t is p else _tensor_bytes(t) for t in _held(p))
+
+
 def module_param_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters (e.g. a separate frozen reference model)."""
-    return sum(_tensor_bytes(p) for p in module.parameters())
+    """Bytes held in this process by a module's parameters (e.g. a separate frozen reference model)."""
+    return sum(_local_param_bytes(p) for p in module.parameters())
 
 
-def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """Bytes of parameters (all and trainable), gradients (during backward) and optimizer state.
+def _storage(t: torch.Tensor) -> int:
+    """An id shared by every view of one buffer (ZeRO keeps parameters as views of flat buffers)."""
+    return t.untyped_storage().data_ptr()
 
+
+def _optimizer_chain(optimizer: Any) -> list[Any]:
+    """The optimizer and what it wraps: accelerate's wrapper -> DeepSpeed's ZeRO optimizer -> torch's Adam."""
+    chain = [optimizer]
+    while (inner := getattr(chain[-1], "optimizer", None)) is not None and all(inner is not o for o in chain):
+        chain.append(inner)
+    return chain
+
+
+def _partitions_gradients(chain: list[Any]) -> bool:
+    """ZeRO-2 and ZeRO-3 reduce each gradient into this process's slice; ZeRO-0/1 keep whole gradients."""
+    for opt in chain:
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # DeepSpeedZeroOptimizer_Stage3
+            return True
+        if hasattr(opt, "single_partition_of_fp32_groups"):  # DeepSpeedZeroOptimizer (stage 1 or 2)
+            return bool(getattr(opt, "partition_gradients", False))
+    return False
+
+
+def state_bytes(model: nn.Module, optimizer: Any | None) -> dict[str, int]:
+    """Bytes held by THIS process: parameters (all and trainable), gradients and optimizer state.
+
+    Without DeepSpeed and under ZeRO-0 each process holds everything. Under ZeRO-3 a parameter counts
+    its local slice (``ds_tensor``), plus its whole data while it is gathered or persistent. The
+    optimizer counts its state (Adam's two moments) and the fp32 master weights DeepSpeed's ZeRO
+    optimizer keeps beside the model's (its slice of them, under ZeRO-1/2/3); a master weight that
+    shares its buffer with the model's parameters (ZeRO-3 in fp32) is counted once, as a parameter.
     A 4-bit (QLoRA) base weight counts its packed bytes and its quantisation state, not 4 bytes a weight.
     """
-    params = sum(parameter_bytes(p) for p in model.parameters())
-    trainable = sum(_tensor_bytes(p) for p in model.parameters() if p.requires_grad)
-    # Gradients live from backward to the optimizer step, one per trainable parameter and of its
-    # dtype; at a step boundary they are already freed, so count what backward allocates.
-    grads = trainable
+    params = list(model.parameters())
+    held = sum(_local_param_bytes(p) for p in params)
+    trainable = sum(_local_param_bytes(p) for p in params if p.requires_grad)
     optim = 0
+    grads = trainable
     if optimizer is not None:
-        for state in optimizer.state.values():
-            optim += sum(_tensor_bytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-    return {"param_bytes": params, "trainable_param_bytes": trainable, "grad_bytes": grads, "optimizer_bytes": optim}
+        chain = _optimizer_chain(optimizer)
+        inner = chain[-1]  # the torch optimizer that owns the state
+        # The tensors the optimizer updates: the model's own parameters, or under ZeRO its fp32 master
+        # slices. ZeRO-3 empties param_groups after each step, so the state's keys are read as well.
+        updated = {id(t): t for group in getattr(inner, "param_groups", []) for t in group["params"]}
+        state = getattr(inner, "state", {})
+        updated.update({id(t): t for t in state if torch.is_tensor(t)})
+        updated_tensors = [t for t in updated.values() if t.numel() > 0]
+        shared = {_storage(t) for p in params for t in _held(p)}
+        optim = sum(_tensor_bytes(t) for t in updated_tensors if _storage(t) not in shared)
+        for values in state.values():
+            optim += sum(_tensor_bytes(v) for v in values.values() if torch.is_tensor(v) and v.dim() > 0)
+        if _partitions_gradients(chain):  # a gradient slice per master-weight slice, in the master dtype
+            grads = sum(_tensor_bytes(t) for t in updated_tensors)
+    # Without ZeRO-2/3, gradients live from backward to the optimizer step, one per trainable parameter
+    # and of its dtype; at a step boundary they are already freed, so count what backward allocates.
+    return {"param_bytes": held, "trainable_param_bytes": trainable, "grad_bytes": grads, "optimizer_bytes": optim}
 
 
 def peak_memory() -> dict[str, int]:

@@ -1,31 +1,66 @@
-"""Several processes on CPU over gloo: GRPO under DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes, and
-two launcher invocations acting as two nodes. Checks: finite losses, one metrics file, the same number
-of optimizer steps on every rank, identical trainable weights on every rank, a complete saved adapter."""
+"""Several processes on CPU over gloo: GRPO, DPO and reward-model training under DeepSpeed ZeRO-2 and
+ZeRO-3 with 2 processes, and two launcher invocations acting as two nodes. Checks: finite losses, one
+metrics file, the same number of optimizer steps on every rank, identical trainable weights on every
+rank, a complete saved adapter, and ZeRO-3's per-process memory figures against ZeRO-0's.
+
+Every launch takes a free port (bound to port 0, the kernel picks): fixed ports collide when two test
+sessions run on one machine at once, and the second launcher then fails to bind its rendezvous store.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from reward_models.learned import LearnedReward
 from tests_support import tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
+BUILTIN_PARAMS = 865_920  # the built-in causal model's parameters (fp32)
 
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("RL_LORA_LAUNCHED", None)
     return env
+
+
+def _free_port() -> int:
+    """A port nothing listens on now. The kernel picks it from its ephemeral range; the launcher binds it
+    a moment later (a small window, unlike a fixed port shared by every session on the machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(recipe: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--master-port", str(_free_port())]
+
+
+def _launch(recipe: Path, *args: str) -> None:
+    """``rl-lora run RECIPE ARGS`` on 2 processes; fails the test with the launcher's stderr."""
+    proc = subprocess.run(_command(recipe, *args, "--nproc", "2"), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _records(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def _recipe(tmp: Path, stage: int, rank: int | str = 1) -> Path:
@@ -36,8 +71,40 @@ def _recipe(tmp: Path, stage: int, rank: int | str = 1) -> Path:
     return path
 
 
+def _preference_recipe(tmp: Path, algorithm: str, stage: int, rank: int | str) -> Path:
+    """The tiny recipe as DPO or reward-model training: 1..30 operands, 8 pairs a step, 3 steps."""
+    raw = tiny_raw(tmp / "runs", lora={"rank": rank}, data={"max_operand": 30, "eval_size": 20},
+                   train={"steps": 3, "batch_size": 8, "threads": 1}, distributed={"zero_stage": stage})
+    raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": algorithm}
+    path = tmp / f"{algorithm}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, parents first (so none can start another).
+
+    torchrun starts its workers in sessions of their own, so killing the launcher's process group
+    misses them; a name pattern (pkill -f) would also kill another test session's runs.
+    """
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # the process ended while we read
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    doomed, queue = [], [pid]
+    while queue:
+        doomed.append(queue.pop(0))
+        queue += children.get(doomed[-1], [])
+    for p in doomed:
+        with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
+            os.kill(p, signal.SIGKILL)
+
+
 def _check_run(run: Path, ranks: int) -> None:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = _records(run)
     steps = [r for r in records if r["step"] > 0]
     assert [r["step"] for r in steps] == [1, 2, 3], "one metrics file, written once (main process only)"
     assert all(math.isfinite(r["loss"]) for r in steps)
@@ -50,11 +117,7 @@ def _check_run(run: Path, ranks: int) -> None:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_grpo_lora_two_processes(tmp_path: Path, stage: int) -> None:
-    recipe = _recipe(tmp_path, stage)
-    proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=ds",
-                           "--nproc", "2", "--master-port", str(29600 + stage)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch(_recipe(tmp_path, stage), "logging.run_name=ds")
     run = tmp_path / "runs" / "ds"
     _check_run(run, 2)
     # the adapter saved under ZeRO is complete and loads with plain PEFT
@@ -66,80 +129,106 @@ def test_grpo_lora_two_processes(tmp_path: Path, stage: int) -> None:
     assert all(p.abs().sum() > 0 for p in trained_b), "saved B matrices are still zero: the adapter saved empty"
 
 
-def test_full_parameter_zero3_saves_a_consolidated_model(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, 3, rank="full")
-    proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=full3",
-                           "--nproc", "2", "--master-port", "29633"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = tmp_path / "runs" / "full3"
+@pytest.fixture(scope="module")
+def full_zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Full-parameter GRPO under ZeRO-3 on 2 processes, 3 steps (shared by two tests: launches are slow)."""
+    tmp = tmp_path_factory.mktemp("full3")
+    _launch(_recipe(tmp, 3, rank="full"), "logging.run_name=full3")
+    return tmp / "runs" / "full3"
+
+
+def test_full_parameter_zero3_saves_a_consolidated_model(full_zero3_run: Path) -> None:
+    run = full_zero3_run
     _check_run(run, 2)
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     base = AutoModelForCausalLM.from_pretrained(json.loads((run / "summary.json").read_text())["base_model"])
-    assert sum(p.numel() for p in model.parameters()) == 865_920
+    assert sum(p.numel() for p in model.parameters()) == BUILTIN_PARAMS
     moved = [n for (n, p), q in zip(model.named_parameters(), base.parameters(), strict=True) if not p.equal(q)]
     assert moved, "the saved model equals the base: training or consolidation was lost"
 
 
+def test_zero3_splits_parameter_and_optimizer_bytes(tmp_path: Path, full_zero3_run: Path) -> None:
+    """The logged per-process bytes (rl_lora/memory.py) of full-parameter training on 2 processes.
+
+    ZeRO-0 holds everything in every process, exactly what one process holds: fp32 weights (4 bytes
+    each), their gradients, and Adam's two fp32 moments (8 bytes each). ZeRO-3 holds half of the
+    weights (plus the few norm weights it keeps whole), half the gradients and half of Adam's state,
+    so parameter + optimizer bytes must be at most 0.6x ZeRO-0's, and at least half of them (a
+    counting that lost what DeepSpeed keeps would come out lower).
+    """
+    _launch(_recipe(tmp_path, 0, rank="full"), "logging.run_name=full0")
+    zero0 = _records(tmp_path / "runs" / "full0")[-1]
+    zero3 = _records(full_zero3_run)[-1]
+    n = BUILTIN_PARAMS
+    assert (zero0["param_bytes"], zero0["grad_bytes"], zero0["optimizer_bytes"]) == (4 * n, 4 * n, 8 * n)
+    state0 = zero0["param_bytes"] + zero0["optimizer_bytes"]
+    state3 = zero3["param_bytes"] + zero3["optimizer_bytes"]
+    assert state3 <= 0.6 * state0, f"ZeRO-3 holds {state3:,} bytes per process, ZeRO-0 {state0:,}"
+    assert zero3["param_bytes"] >= 2 * n and zero3["optimizer_bytes"] >= 4 * n and zero3["grad_bytes"] >= 2 * n
+    assert zero3["grad_bytes"] < 4 * n
+
+
 def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, 2)
-    common = [sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=nodes",
-              "--nproc", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "29655"]
+    common = _command(recipe, "logging.run_name=nodes", "--nproc", "1", "--nnodes", "2", "--master-addr",
+                      "127.0.0.1")
     nodes = [subprocess.Popen([*common, "--node-rank", str(i)], cwd=REPO, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outs = [n.communicate(timeout=600) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
     run = tmp_path / "runs" / "nodes"
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["step"] > 0] == [1, 2, 3]
+    assert [r["step"] for r in _records(run) if r["step"] > 0] == [1, 2, 3]
     assert (run / "ranks" / "rank0.json").is_file()
 
 
 @pytest.mark.parametrize(("stage", "rank"), [(2, 1), (3, "full")])
 def test_dpo_two_processes(tmp_path: Path, stage: int, rank: int | str) -> None:
-    raw = tiny_raw(tmp_path / "runs", lora={"rank": rank}, data={"max_operand": 30, "eval_size": 20},
-                   train={"steps": 3, "batch_size": 8, "threads": 1}, distributed={"zero_stage": stage})
-    raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "dpo"}
-    recipe = tmp_path / "dpo.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=dpo",
-                           "--nproc", "2", "--master-port", str(29680 + stage)],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _launch(_preference_recipe(tmp_path, "dpo", stage, rank), "logging.run_name=dpo")
     _check_run(tmp_path / "runs" / "dpo", 2)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+def test_reward_model_two_processes(tmp_path: Path, stage: int) -> None:
+    """Reward-model training (rank-1 LoRA + the one-logit ``score`` head) under ZeRO-2 and ZeRO-3."""
+    _launch(_preference_recipe(tmp_path, "reward", stage, 1), "logging.run_name=rm")
+    run = tmp_path / "runs" / "rm"
+    _check_run(run, 2)
+    # complete: 56 LoRA tensors (A and B on 7 linears x 4 layers) and the trained head, saved whole
+    # as PEFT's modules_to_save, none empty
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert "score" in config["modules_to_save"] and config["task_type"] == "SEQ_CLS"
+    tensors = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert sum("lora_" in k for k in tensors) == 56
+    assert tensors["base_model.model.score.weight"].shape == (1, 128)
+    assert all(t.numel() and t.isfinite().all() for t in tensors.values())
+    assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k or "score" in k)
+    scores = LearnedReward(run / "adapter")(["12+15=", "3+4="], ["27", "8"])
+    assert len(scores) == 2 and all(math.isfinite(x) for x in scores)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
 def test_resume_with_two_processes_reproduces_the_adapter(tmp_path: Path, stage: int) -> None:
-    import signal
     import time
 
     raw = tiny_raw(tmp_path / "runs", train={"steps": 8, "batch_size": 16, "threads": 1, "save_every": 2,
                                              "eval_every": 3}, distributed={"zero_stage": stage})
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    base = [sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "--nproc", "2"]
-    whole = subprocess.run([*base, "logging.run_name=whole", "--master-port", str(29720 + stage)], cwd=REPO,
-                           env=_env(), capture_output=True, text=True, timeout=600)
-    assert whole.returncode == 0, whole.stderr[-4000:]
+    _launch(recipe, "logging.run_name=whole")
 
     cut = tmp_path / "runs" / "cut"
-    proc = subprocess.Popen([*base, "logging.run_name=cut", "--master-port", str(29730 + stage)], cwd=REPO,
-                            env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(recipe, "logging.run_name=cut", "--nproc", "2"), cwd=REPO, env=_env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (cut / "checkpoints" / "step_000002" / "manifest.json").exists():
         time.sleep(0.05)
-    # torchrun's workers run in sessions of their own: kill -9 every process of this run by its name.
-    os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run(["pkill", "-9", "-f", "logging.run_name=cut"], check=False)
+    _kill_tree(proc.pid)  # kill -9 the launcher, torchrun and every worker
     proc.wait()
     time.sleep(0.5)
     assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run([*base, "--resume", str(cut), "--master-port", str(29740 + stage)], cwd=REPO,
-                             env=_env(), capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    a = [json.loads(x) for x in (tmp_path / "runs" / "whole" / "metrics.jsonl").read_text().splitlines()]
-    b = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    _launch(recipe, "--resume", str(cut))
+    a = _records(tmp_path / "runs" / "whole")
+    b = _records(cut)
     assert [(r["step"], r.get("loss"), r.get("reward")) for r in a] == [(r["step"], r.get("loss"), r.get("reward"))
                                                                          for r in b]
     same = json.loads((tmp_path / "runs" / "whole" / "ranks" / "rank0.json").read_text())["trainable_hash"]
