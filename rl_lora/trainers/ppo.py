@@ -14,11 +14,25 @@ in rl_lora/trainers/ppo_math.py (pure functions); this module holds the models a
 
 Departures from Ziegler et al. 2019 / TRL 1.12's PPO: the critic is an adapter on the policy's own
 frozen base (TRL 1.12 kept a full trainable value model even with ``peft_config``), policy and
-critic gradients are clipped separately (their loss scales differ), and KL is logged as the mean
-per-sequence sum of k1 over the rollout. One process only, for now.
+critic gradients are clipped separately in one process (their loss scales differ), and KL is logged
+as the mean per-sequence sum of k1 over the rollout.
+
+Several processes (``distributed.zero_stage`` and ``--nproc``): every trainable part (the PeftModel
+with both adapters, or policy + critic copy, and the value head) is ONE nn.Module, ``ActorCritic``,
+prepared by accelerate into ONE DeepSpeed engine with ONE optimizer (a param group each for policy
+and critic LRs); every forward pass goes through the engine. Each process samples its share of the
+step's prompts; the engine averages gradients over processes, and the logged figures are averaged
+over them too. DeepSpeed clips one global gradient norm over everything it optimizes, so under it
+policy and critic are clipped together (``train.max_grad_norm`` on their joint norm), not
+separately. Advantages are whitened over each process's share of the batch. Under ZeRO-3 rollouts
+generate with ``synced_gpus`` so processes that stop early keep serving the others' gathers.
+
+Checkpoints (``train.save_every``) and ``--resume`` work in one process without DeepSpeed; the
+content is in rl_lora/trainers/ppo_checkpoint.py.
 
     rl-lora run recipes/ppo_arithmetic.yaml                  # rank-1 LoRA, one shared base
     rl-lora run recipes/ppo_arithmetic.yaml lora.rank=full   # separate policy, critic and reference
+    rl-lora run recipes/ppo_arithmetic.yaml distributed.zero_stage=3 --nproc 2
 """
 
 from __future__ import annotations
@@ -27,13 +41,14 @@ import copy
 import math
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DeepSpeedPlugin
 from datasets import Dataset
 from peft import get_peft_model
 from torch import Tensor, nn
@@ -42,9 +57,12 @@ from transformers.trainer_callback import CallbackHandler, TrainerControl, Train
 
 from reward_models.adapters import trainer_rewards
 from rl_lora.config import LoraSpec, RecipeConfig
-from rl_lora.errors import ConfigError, RlLoraError
+from rl_lora.distributed import deepspeed_config
+from rl_lora.errors import CheckpointError, ConfigError, RlLoraError
 from rl_lora.lora import peft_config
+from rl_lora.trainers import ppo_checkpoint
 from rl_lora.trainers import ppo_math as pm
+from rl_lora.trainers.checkpointing import non_finite_parameters
 
 # PEFT saves the adapter named "default" at the folder's root and any other in a subfolder of its
 # name (peft_model.save_pretrained). Naming the policy "default" keeps the saved policy loadable with
@@ -52,48 +70,61 @@ from rl_lora.trainers import ppo_math as pm
 # lands in folder/value/.
 POLICY_ADAPTER = "default"
 VALUE_ADAPTER = "value"
-MAX_NONFINITE_UPDATES = 8  # consecutive skipped updates (NaN/inf loss) before the run stops
 
 
 def unique_param_bytes(*modules: nn.Module | None) -> int:
-    """Bytes of the parameters held by ``modules``, each storage counted once (shared tensors, tied weights)."""
-    seen: set[int] = set()
+    """Bytes of the parameters held by ``modules``, each storage counted once (shared tensors, tied weights).
+
+    A ZeRO-3-partitioned parameter counts its whole size (``ds_numel``), keyed by its DeepSpeed id:
+    its local data is an empty placeholder whose address says nothing.
+    """
+    seen: set[Any] = set()
     total = 0
     for module in modules:
         for p in module.parameters() if module is not None else ():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
+            key = ("ds", p.ds_id) if hasattr(p, "ds_id") else p.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += getattr(p, "ds_numel", p.numel()) * p.element_size()
     return total
 
 
 @dataclass(frozen=True)
 class PpoArguments:
-    """The TrainingArguments fields transformers callbacks (rl_lora.tracking.RunTracker) read."""
+    """The TrainingArguments fields transformers callbacks (RunTracker, SealCheckpoints) read."""
 
-    per_device_train_batch_size: int  # completions per step
+    per_device_train_batch_size: int  # completions per step and process
     gradient_accumulation_steps: int
     world_size: int
     max_steps: int
     logging_steps: int
     seed: int
+    output_dir: str  # checkpoints are staged in output_dir/checkpoint-N, then sealed
 
 
-class ActorCritic:
-    """Policy, critic and reference, and the forward passes PPO needs from them.
+class ActorCritic(nn.Module):
+    """Every trainable part of PPO in one module, and the forward passes PPO needs from them.
 
     Shared (LoRA): ``policy`` is a PeftModel with two adapters on one frozen base; the critic is the
     same network under VALUE_ADAPTER, the reference the same network with adapters disabled.
     Separate (full): ``critic_backbone`` and ``reference`` are copies of the base.
+
+    One module so that one DeepSpeed engine (and one optimizer) holds policy, critic and value head:
+    ``forward(role, ...)`` picks the pass, and every pass goes through the engine.
     """
 
     def __init__(self, policy: nn.Module, value_head: nn.Linear, critic_backbone: nn.Module | None = None,
                  reference: nn.Module | None = None, value_adapter_params: list[nn.Parameter] | None = None) -> None:
+        super().__init__()
         self.policy = policy
         self.value_head = value_head
         self.critic_backbone = critic_backbone
-        self.reference = reference
+        # Not registered as a submodule: the frozen reference copy is never trained, so it stays out of
+        # the optimizer, the checkpoints and the DeepSpeed engine (ZeRO-3 would partition it).
+        self.__dict__["reference"] = reference
         self.shared = critic_backbone is None
+        # accelerate sizes ZeRO-3's "auto" buckets and thresholds from model.config.hidden_size.
+        self.config = policy.config
         critic_body = list(critic_backbone.parameters()) if critic_backbone is not None else value_adapter_params or []
         critic_ids = {id(p) for p in critic_body}
         self.policy_params = [p for p in policy.parameters() if p.requires_grad and id(p) not in critic_ids]
@@ -113,6 +144,18 @@ class ActorCritic:
         finally:
             self.policy.set_adapter(POLICY_ADAPTER)  # evaluation and saving see the policy
             self.keep_trainable()
+
+    def forward(self, role: str, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                keep: int = 0) -> Tensor:
+        """``role`` "policy" / "reference": logits of the last ``keep`` positions; "value": V(s), (B, L)."""
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if role == "policy":
+            return self.policy_logits(inputs, keep)
+        if role == "reference":
+            return self.reference_logits(inputs, keep)
+        if role == "value":
+            return self.values(inputs)
+        raise ValueError(f"ActorCritic.forward: unknown role {role!r} (policy, reference, value)")
 
     def policy_logits(self, inputs: dict[str, Tensor], keep: int) -> Tensor:
         """Logits of the last ``keep`` positions under the policy."""
@@ -196,45 +239,95 @@ def completion_mask(completion_B_T: Tensor, eos_id: int) -> Tensor:
     return (eos_before_B_T == 0).long()
 
 
+def make_accelerator(config: RecipeConfig) -> Accelerator:
+    """Plain accelerate in one process, or a DeepSpeed engine configured from the recipe.
+
+    The DeepSpeed dict is rl_lora.distributed's, with its "auto" fields filled here (accelerate fills
+    them from a dataloader, and this loop has none): one micro-batch is one process's share of a PPO
+    minibatch, every minibatch is one optimizer step, and DeepSpeed clips at ``train.max_grad_norm``.
+    """
+    on_gpu = torch.cuda.is_available()
+    ds = deepspeed_config(config.distributed)
+    if ds is None:
+        return Accelerator(cpu=not on_gpu)
+    processes = int(PartialState(cpu=not on_gpu).num_processes)  # gloo on CPU; the state is shared below
+    ds.update({
+        "train_micro_batch_size_per_gpu": config.ppo.minibatch_size // processes,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.train.max_grad_norm,
+        "bf16": {"enabled": on_gpu and config.model.dtype == "bfloat16"},
+    })
+    # No cpu=True here: with it accelerate ignores the plugin; the PartialState above already chose CPU.
+    return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds))
+
+
+def check_layout(config: RecipeConfig, processes: int, deepspeed: bool) -> None:
+    """Refuse, naming the keys, what PPO cannot split over ``processes`` or save under DeepSpeed."""
+    t, spec = config.train, config.ppo
+    if processes > 1 and not deepspeed:
+        raise ConfigError("algorithm 'ppo' under several processes needs distributed.zero_stage (0, 2 or 3): "
+                          "its policy, critic and reference passes go through one DeepSpeed engine")
+    if config.distributed.gradient_accumulation != 1:
+        raise ConfigError(f"algorithm 'ppo': distributed.gradient_accumulation must be 1 (is "
+                          f"{config.distributed.gradient_accumulation}); ppo.minibatch_size sets the update size")
+    prompts = t.batch_size // spec.samples_per_prompt
+    if prompts % processes or spec.minibatch_size % processes:
+        raise ConfigError(f"algorithm 'ppo': the step's prompts (train.batch_size {t.batch_size} / "
+                          f"ppo.samples_per_prompt {spec.samples_per_prompt} = {prompts}) and ppo.minibatch_size "
+                          f"({spec.minibatch_size}) must divide evenly over {processes} processes")
+    if deepspeed and t.save_every:
+        raise ConfigError("algorithm 'ppo': train.save_every (checkpoints, --resume) works without DeepSpeed only "
+                          "for now; drop distributed.zero_stage or train.save_every")
+
+
 class PPOTrainer:
     """PPO with a critic. ``.model`` is the policy (what evaluation and saving use); ``.train()`` runs it."""
 
     def __init__(self, config: RecipeConfig, ac: ActorCritic, tokenizer: PreTrainedTokenizerBase,
-                 train_dataset: Dataset, lr: float, callbacks: list[TrainerCallback], base_param_bytes: int) -> None:
+                 train_dataset: Dataset, lr: float, callbacks: list[TrainerCallback], base_param_bytes: int,
+                 output_dir: Path) -> None:
         self.config, self.ac, self.tokenizer = config, ac, tokenizer
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
-        if self.accelerator.num_processes > 1:
-            raise ConfigError("algorithm 'ppo' runs in one process for now; launch it without torchrun/accelerate")
+        self.accelerator = make_accelerator(config)
+        self.processes, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.is_deepspeed_enabled = self.accelerator.state.deepspeed_plugin is not None
+        check_layout(config, self.processes, self.is_deepspeed_enabled)
         self.spec, t = config.ppo, config.train
         self.base_param_bytes = base_param_bytes
         self.rows = train_dataset.to_list()
-        self.rng = random.Random(t.seed)
+        self.rng = random.Random(t.seed)  # the data order: the same on every process, each takes its share
         self.order: list[int] = []
         self.rewards = trainer_rewards(config.reward.functions)
         self.kl_coef = self.spec.kl_coef
         self.num_tokens = 0
         self.nonfinite = 0
-        self._prepare(lr, t.weight_decay)
+        self.engine: nn.Module = ac  # the DeepSpeed engine (or the module itself) once prepared in train()
+        groups = [{"params": ac.policy_params, "lr": lr},
+                  {"params": ac.critic_params, "lr": lr * self.spec.value_lr_multiplier}]
+        self.optimizer: Any = torch.optim.AdamW(groups, lr=lr, weight_decay=t.weight_decay)
+        # Stepped once per PPO step by this loop, never by DeepSpeed (which would step it per minibatch);
+        # it sets the LR on the param groups DeepSpeed's optimizer reads.
         self.lr_scheduler = get_scheduler(t.lr_scheduler, self.optimizer,
                                           num_warmup_steps=int(t.warmup_ratio * t.steps), num_training_steps=t.steps)
-        self.args = PpoArguments(t.batch_size, 1, self.accelerator.num_processes, t.steps, t.log_every, t.seed)
+        self.args = PpoArguments(t.batch_size // self.processes, 1, self.processes, t.steps, t.log_every, t.seed,
+                                 str(output_dir))
         self.state = TrainerState(max_steps=t.steps, logging_steps=t.log_every, train_batch_size=t.batch_size,
                                   is_world_process_zero=self.accelerator.is_main_process,
                                   is_local_process_zero=self.accelerator.is_local_main_process)
         self.control = TrainerControl()
         self.callback_handler = CallbackHandler(callbacks, self.model, tokenizer, self.optimizer, self.lr_scheduler)
+        if self.processes > 1:  # the same initial weights everywhere (seeded above), different samples per process
+            torch.manual_seed(t.seed + self.rank)
 
-    def _prepare(self, lr: float, weight_decay: float) -> None:
-        ac, device = self.ac, self.accelerator.device
-        groups = [{"params": ac.policy_params, "lr": lr},
-                  {"params": ac.critic_params, "lr": lr * self.spec.value_lr_multiplier}]
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-        # On one process prepare() moves modules to the device and wraps nothing; the reference is
-        # frozen and needs no preparing, only placing.
-        modules = [ac.policy, ac.value_head] + ([] if ac.shared else [ac.critic_backbone])
-        *_, self.optimizer = self.accelerator.prepare(*modules, optimizer)
-        if ac.reference is not None:
-            ac.reference.to(device)
+    def _prepare(self) -> None:
+        """Place (one process) or wrap in the DeepSpeed engine (ZeRO) the trainable module and optimizer.
+
+        Done at the start of training, as transformers' Trainer does, so the parameter counts the runner
+        reads after building are whole tensors, not ZeRO-3 partitions.
+        """
+        self.engine, self.optimizer = self.accelerator.prepare(self.ac, self.optimizer)
+        self.callback_handler.optimizer = self.optimizer
+        if self.ac.reference is not None:
+            self.ac.reference.to(self.accelerator.device)
 
     @property
     def model(self) -> nn.Module:
@@ -248,7 +341,7 @@ class PPOTrainer:
     def memory_figures(self) -> dict[str, Any]:
         """Parameter bytes of policy + critic + reference (shared tensors once) against one base model."""
         held = self.ac.param_bytes()
-        trainable = {id(p): p.numel() for p in (*self.ac.policy_params, *self.ac.critic_params)}
+        trainable = {id(p): getattr(p, "ds_numel", p.numel()) for p in (*self.ac.policy_params, *self.ac.critic_params)}
         return {
             "ppo_param_bytes": held,
             "ppo_base_param_bytes": self.base_param_bytes,
@@ -278,14 +371,19 @@ class PPOTrainer:
             self.tokenizer.padding_side = side
         self.model.eval()
         # top_k=0, top_p=1: sample from exactly the distribution the log-probs are computed under
-        # (transformers' default top_k is 50, which would truncate it).
+        # (transformers' default top_k is 50, which would truncate it). Under ZeRO-3 each forward gathers
+        # the weights from every process: synced_gpus keeps a process whose completions all ended
+        # stepping until every process is done, instead of leaving the others waiting forever.
         out_B_L = self.model.generate(
             **batch, do_sample=True, temperature=self.spec.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=self.spec.max_completion_length,
+            max_new_tokens=self.spec.max_completion_length, synced_gpus=self._zero3() and self.processes > 1,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
         self.model.train()
         return batch["input_ids"], batch["attention_mask"], out_B_L[:, batch["input_ids"].shape[1]:]
+
+    def _zero3(self) -> bool:
+        return self.config.distributed.zero_stage == 3
 
     def _score(self, rows: list[dict[str, Any]], completions: list[str]) -> Tensor:
         """Weighted sum of the recipe's rewards; a None score adds nothing (as TRL sums rewards)."""
@@ -301,11 +399,21 @@ class PPOTrainer:
         # The last of the K = T+1 kept positions predicts past the end; temperature as when sampling.
         return pm.token_logps(logits_B_K_V[:, :-1] / self.spec.temperature, completion_B_T)
 
+    def _step_rows(self) -> list[dict[str, Any]]:
+        """This process's prompts of the step, each repeated ``samples_per_prompt`` times.
+
+        Every process draws the whole step's prompts in the same order and keeps its own slice, so the
+        data position is one number for all of them (and in one process nothing changes).
+        """
+        prompts = self.config.train.batch_size // self.spec.samples_per_prompt
+        share = prompts // self.processes
+        rows = self._next_rows(prompts)[self.rank * share:(self.rank + 1) * share]
+        return [r for r in rows for _ in range(self.spec.samples_per_prompt)]
+
     @torch.no_grad()
     def rollout(self) -> Rollout:
         """Sample, score, and compute old log-probs, reference log-probs, values, advantages, returns."""
-        rows = self._next_rows(self.config.train.batch_size // self.spec.samples_per_prompt)
-        rows = [r for r in rows for _ in range(self.spec.samples_per_prompt)]
+        rows = self._step_rows()
         prompt_B_P, prompt_mask_B_P, completion_B_T = self._sample([r["prompt"] for r in rows])
         mask_B_T = completion_mask(completion_B_T, self.tokenizer.eos_token_id)
         ids_B_L = torch.cat([prompt_B_P, completion_B_T], dim=1)
@@ -314,9 +422,9 @@ class PPOTrainer:
         positions_B_L = (attention_B_L.cumsum(dim=1) - 1).clamp(min=0)
         inputs = {"input_ids": ids_B_L, "attention_mask": attention_B_L, "position_ids": positions_B_L}
         keep = completion_B_T.shape[1] + 1
-        old_logps_B_T = self._logps(self.ac.policy_logits(inputs, keep), completion_B_T)
-        ref_logps_B_T = self._logps(self.ac.reference_logits(inputs, keep), completion_B_T)
-        old_values_B_T = self.ac.values(inputs)[:, -keep:-1]
+        old_logps_B_T = self._logps(self.engine("policy", **inputs, keep=keep), completion_B_T)
+        ref_logps_B_T = self._logps(self.engine("reference", **inputs, keep=keep), completion_B_T)
+        old_values_B_T = self.engine("value", **inputs)[:, -keep:-1]
         scores_B = self._score(rows, self.tokenizer.batch_decode(completion_B_T, skip_special_tokens=True))
         kl_B_T = pm.kl_estimate(old_logps_B_T, ref_logps_B_T, self.spec.kl_estimator)
         rewards_B_T = pm.kl_penalised_rewards(scores_B, kl_B_T, mask_B_T, self.kl_coef)
@@ -330,10 +438,10 @@ class PPOTrainer:
     def _losses(self, mb: Rollout) -> dict[str, Tensor]:
         """Policy and value losses of one minibatch, with the figures logged about them."""
         keep = mb.completion_B_T.shape[1] + 1
-        logits_B_K_V = self.ac.policy_logits(mb.inputs(), keep)
+        logits_B_K_V = self.engine("policy", **mb.inputs(), keep=keep)
         logps_B_T = self._logps(logits_B_K_V, mb.completion_B_T)
         pg, clip_frac = pm.policy_loss(logps_B_T, mb.old_logps_B_T, mb.advantages_B_T, mb.mask_B_T, self.spec.clip)
-        values_B_T = self.ac.values(mb.inputs())[:, -keep:-1]
+        values_B_T = self.engine("value", **mb.inputs())[:, -keep:-1]
         vf, value_clip_frac = pm.value_loss(values_B_T, mb.old_values_B_T, mb.returns_B_T, mb.mask_B_T,
                                             self.spec.value_clip)
         entropy_B_T = pm.entropy_from_logits(logits_B_K_V[:, :-1].detach() / self.spec.temperature)
@@ -341,69 +449,93 @@ class PPOTrainer:
                 "value_clip_frac": value_clip_frac, "entropy": pm.masked_mean(entropy_B_T, mb.mask_B_T)}
 
     def _apply(self, loss: Tensor) -> bool:
-        """One optimizer update from ``loss``; a non-finite loss is skipped and counted."""
-        if not torch.isfinite(loss):
+        """One optimizer update from ``loss``; a non-finite loss is skipped and counted.
+
+        Under several processes the update is skipped on all of them when any one's loss is non-finite
+        (a process leaving the gradient all-reduce alone would hang the others).
+        """
+        bad = torch.tensor(float(not torch.isfinite(loss)), device=self.accelerator.device)
+        if self.processes > 1:
+            bad = self.accelerator.reduce(bad, "sum")
+        if bad.item() > 0:
             self.nonfinite += 1
-            if self.nonfinite >= MAX_NONFINITE_UPDATES:
+            if self.nonfinite >= self.config.train.max_nonfinite_steps:  # updates in a row, here
                 raise RlLoraError(f"ppo: {self.nonfinite} updates in a row had a non-finite loss "
                                   f"(last at step {self.state.global_step + 1}); stopping before the weights go bad")
             return False
         self.nonfinite = 0
-        self.accelerator.backward(loss)
-        max_norm = self.config.train.max_grad_norm
-        self.accelerator.clip_grad_norm_(self.ac.policy_params, max_norm)
-        self.accelerator.clip_grad_norm_(self.ac.critic_params, max_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)  # under DeepSpeed: backward, all-reduce, clip, step, zero the grads
+        if not self.is_deepspeed_enabled:
+            max_norm = self.config.train.max_grad_norm
+            self.accelerator.clip_grad_norm_(self.ac.policy_params, max_norm)
+            self.accelerator.clip_grad_norm_(self.ac.critic_params, max_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return True
 
-    def update(self, ro: Rollout) -> dict[str, float]:
-        """``ppo.epochs`` passes over shuffled minibatches; returns the mean of each logged figure."""
+    def update(self, ro: Rollout) -> tuple[dict[str, float], int]:
+        """``ppo.epochs`` passes over shuffled minibatches: the mean of each logged figure, and the
+        tokens the training passes ran over."""
         sums: dict[str, float] = {}
-        count = skipped = 0
+        count = skipped = tokens = 0
         size = ro.ids_B_L.shape[0]
+        minibatch = self.spec.minibatch_size // self.processes
         for _ in range(self.spec.epochs):
             order = torch.randperm(size, device=ro.ids_B_L.device)
-            for start in range(0, size, self.spec.minibatch_size):
-                mb = ro.rows(order[start:start + self.spec.minibatch_size])
+            for start in range(0, size, minibatch):
+                mb = ro.rows(order[start:start + minibatch])
                 losses = self._losses(mb)
-                self.num_tokens += int(mb.attention_B_L.sum())
+                tokens += int(mb.attention_B_L.sum())
                 skipped += not self._apply(losses["loss"])
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0.0) + float(value.detach())
                 count += 1
         out = {k: v / count for k, v in sums.items()}
         out["skipped_updates"] = skipped
-        return out
+        return out, tokens
+
+    def _over_processes(self, logs: dict[str, float], tokens: int) -> tuple[dict[str, float], int]:
+        """Figures averaged and tokens summed over processes, so the main process logs the whole step."""
+        if self.processes == 1:
+            return logs, tokens
+        keys = sorted(logs)
+        values = torch.tensor([logs[k] for k in keys] + [float(tokens)], dtype=torch.float64,
+                              device=self.accelerator.device)
+        summed = self.accelerator.reduce(values, "sum").tolist()
+        return {k: v / self.processes for k, v in zip(keys, summed, strict=False)}, int(summed[-1])
 
     def step(self) -> dict[str, float]:
         """One PPO step: a rollout batch, its update, and the KL coefficient's adaptation."""
         ro = self.rollout()
         k1_B_T = pm.kl_estimate(ro.old_logps_B_T, ro.ref_logps_B_T, "k1")
         kl = float(torch.where(ro.mask_B_T.bool(), k1_B_T, 0.0).sum(dim=1).mean())  # per completion, then mean
-        logs = self.update(ro)
+        logs, tokens = self.update(ro)
         logs.update({
             "kl": kl,
             "reward": float(ro.scores_B.mean()),
             "return_mean": float(pm.masked_mean(ro.returns_B_T, ro.mask_B_T)),
             "explained_variance": float(pm.explained_variance(ro.old_values_B_T, ro.returns_B_T, ro.mask_B_T)),
-            "kl_coef": self.kl_coef,
-            "lr": self.lr_scheduler.get_last_lr()[0],
-            "num_tokens": self.num_tokens,
             "completions/mean_length": float(ro.mask_B_T.sum(1).float().mean()),
         })
+        logs, tokens = self._over_processes(logs, tokens)
+        self.num_tokens += tokens
+        logs.update({"kl_coef": self.kl_coef, "lr": self.lr_scheduler.get_last_lr()[0], "num_tokens": self.num_tokens})
         if self.spec.adaptive_kl:
-            self.kl_coef = pm.adaptive_kl_coef(self.kl_coef, kl, self.spec.target_kl, ro.ids_B_L.shape[0],
-                                               self.spec.kl_horizon)
+            self.kl_coef = pm.adaptive_kl_coef(self.kl_coef, logs["kl"], self.spec.target_kl,
+                                               self.config.train.batch_size, self.spec.kl_horizon)
         self.lr_scheduler.step()
         return logs
 
-    def train(self) -> None:
-        """Run ``train.steps`` PPO steps, calling the transformers callbacks as a Trainer would."""
+    def train(self, resume_from_checkpoint: str | None = None) -> None:
+        """Run ``train.steps`` PPO steps (from a sealed checkpoint's step when resuming), calling the
+        transformers callbacks as a Trainer would: step end, log, save."""
+        self._prepare()
+        pending: list[dict[str, float]] = []
+        if resume_from_checkpoint:
+            pending = self._load_checkpoint(Path(resume_from_checkpoint))
         h, args = self.callback_handler, self.args
         self.control = h.on_train_begin(args, self.state, self.control)
-        pending: list[dict[str, float]] = []
-        for step in range(1, args.max_steps + 1):
+        for step in range(self.state.global_step + 1, args.max_steps + 1):
             pending.append(self.step())
             self.state.global_step = step
             self.state.num_input_tokens_seen = self.num_tokens
@@ -414,7 +546,76 @@ class PPOTrainer:
                 self.control = h.on_log(args, self.state, self.control, logs)
                 self.control.should_log = False
                 pending = []
+            if self.config.train.save_every and step % self.config.train.save_every == 0:
+                self._save_checkpoint(pending)
         self.control = h.on_train_end(args, self.state, self.control)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save_checkpoint(self, pending: list[dict[str, float]]) -> None:
+        """Stage everything an exact resume needs, then let SealCheckpoints seal it (one process only)."""
+        step = self.state.global_step
+        bad = non_finite_parameters(self.ac)
+        if bad:
+            raise CheckpointError(f"step {step}: not saving a checkpoint with non-finite weights "
+                                  f"({', '.join(bad[:3])})")
+        state = {
+            "global_step": step,
+            "order": list(self.order),
+            "data_rng": _plain_rng_state(self.rng.getstate()),
+            "python_rng": _plain_rng_state(random.getstate()),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "kl_coef": self.kl_coef,
+            "num_tokens": self.num_tokens,
+            "nonfinite": self.nonfinite,
+            "pending": pending,  # steps run since the last log record (train.log_every > 1)
+        }
+        if self.state.is_world_process_zero:
+            staging = Path(self.args.output_dir) / f"checkpoint-{step}"
+            ppo_checkpoint.write(staging, self.ac, self.optimizer, self.lr_scheduler, state)
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _load_checkpoint(self, folder: Path) -> list[dict[str, float]]:
+        """Restore weights, optimizer, scheduler, data position, RNG states and counters from ``folder``."""
+        state = ppo_checkpoint.read(folder, self.ac, self.optimizer, self.lr_scheduler)
+        self.state.global_step = int(state["global_step"])
+        self.order = [int(i) for i in state["order"]]
+        self.rng.setstate(_rng_state_tuple(state["data_rng"]))
+        random.setstate(_rng_state_tuple(state["python_rng"]))
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.kl_coef = float(state["kl_coef"])
+        self.num_tokens = int(state["num_tokens"])
+        self.nonfinite = int(state["nonfinite"])
+        self.state.num_input_tokens_seen = self.num_tokens
+        return list(state["pending"])
+
+    # -- saving (the runner calls this under DeepSpeed) -------------------------------------
+    def save_model(self, output_dir: str) -> None:
+        """Save the policy (adapter, or full model) from every process's view: under ZeRO-3 the weights
+        are gathered from all processes first (each holds a slice), and only the main process writes."""
+        params = self.ac.policy_params if not self.config.lora.is_full else list(self.model.parameters())
+        gather = nullcontext()
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gather:
+            if self.accelerator.is_main_process:
+                self.model.save_pretrained(output_dir)
+        self.accelerator.wait_for_everyone()
+
+
+def _plain_rng_state(state: tuple) -> list[Any]:
+    """A python ``random`` state as plain lists, loadable with torch.load(weights_only=True)."""
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_state_tuple(plain: list[Any]) -> tuple:
+    version, internal, gauss = plain
+    return int(version), tuple(int(i) for i in internal), gauss
 
 
 def _mean_logs(records: list[dict[str, float]]) -> dict[str, float]:
@@ -438,9 +639,9 @@ def build_ppo_trainer(
 ) -> PPOTrainer:
     """The PPO trainer for a recipe (same role and signature as build_grpo_trainer).
 
-    ``output_dir`` is unused: this trainer keeps no scratch files (the runner saves the policy).
+    ``output_dir`` is the scratch folder checkpoints are staged in before they are sealed.
     """
     torch.manual_seed(config.train.seed)  # the value head's initialisation and the rollouts' sampling
     base_param_bytes = unique_param_bytes(model)
     ac = build_actor_critic(model, config.lora)
-    return PPOTrainer(config, ac, tokenizer, train_dataset, lr, callbacks, base_param_bytes)
+    return PPOTrainer(config, ac, tokenizer, train_dataset, lr, callbacks, base_param_bytes, output_dir)
