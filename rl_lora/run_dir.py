@@ -21,7 +21,11 @@ def default_run_name(config: RecipeConfig) -> str:
 
 
 def create_run_dir(config: RecipeConfig) -> Path:
-    """Make a fresh run folder (never reusing an existing one) and check that it is writable."""
+    """Make a fresh run folder (never reusing an existing one) and check that it is writable.
+
+    Runs before any model loads, so an unwritable ``logging.output_dir`` fails at once; earlier run folders
+    beside it are never opened.
+    """
     root = Path(config.logging.output_dir)
     name = config.logging.run_name or default_run_name(config)
     path = root / name
@@ -36,7 +40,10 @@ def create_run_dir(config: RecipeConfig) -> Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        raise CheckpointError(f"output folder '{path}' cannot be written ({exc.strerror or exc})") from None
+        # Name what is in the way: a file where a folder must be says more than "File exists".
+        blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+        why = f"'{blocker}' is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
+        raise CheckpointError(f"logging.output_dir '{root}': cannot write run folder '{path.name}' ({why})") from None
     return path
 
 

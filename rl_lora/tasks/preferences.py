@@ -19,6 +19,7 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +36,34 @@ SUFFIXES = (".jsonl", ".json", ".parquet")
 PAIRS_VERSION = 1  # bump when the way built-in pairs are sampled changes
 SAMPLE_BATCH = 512  # prompts per generate call while sampling built-in pairs
 
+# A further check of one validated row: (row, "dataset 'x' row N") -> None, or raises DataError.
+RowCheck = Callable[[dict[str, Any], str], None]
+
 
 # -- files ---------------------------------------------------------------------------------------
-def read_preference_file(path: str | Path) -> list[dict[str, Any]]:
-    """The validated rows of a preference file (only its prompt/chosen/rejected fields), or DataError."""
+def read_preference_file(path: str | Path, row_check: RowCheck | None = None) -> list[dict[str, Any]]:
+    """The validated rows of a preference file (only its prompt/chosen/rejected fields), or DataError.
+
+    ``row_check`` runs on every row after the format checks (e.g. ``prompt_length_check``).
+    """
     name = str(path)
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"dataset '{name}' is a folder, not a file")
     if not path.is_file():
         raise DataError(f"dataset '{name}' does not exist")
     if path.suffix not in SUFFIXES:
         raise DataError(f"dataset '{name}': unsupported file type '{path.suffix}' (use {', '.join(SUFFIXES)})")
-    numbered = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[path.suffix](path, name)
+    try:
+        numbered = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows}[path.suffix](path, name)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"dataset '{name}' cannot be read: not UTF-8 text (byte {exc.object[exc.start]:#04x} "
+                        f"at offset {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"dataset '{name}' cannot be read ({exc.strerror or exc})") from None
     if not numbered:
         raise DataError(f"dataset '{name}' has no rows")
-    return validate_rows(numbered, name)
+    return validate_rows(numbered, name, row_check)
 
 
 def _jsonl_rows(path: Path, name: str) -> list[tuple[int, Any]]:
@@ -86,7 +101,9 @@ def _parquet_rows(path: Path, name: str) -> list[tuple[int, Any]]:
     return list(enumerate(table.to_pylist(), start=1))
 
 
-def validate_rows(numbered: list[tuple[int, Any]], name: str) -> list[dict[str, Any]]:
+def validate_rows(
+    numbered: list[tuple[int, Any]], name: str, row_check: RowCheck | None = None
+) -> list[dict[str, Any]]:
     """Check every row; all rows must share one format (the first row's fields and kind)."""
     rows: list[dict[str, Any]] = []
     layout: tuple[tuple[str, ...], bool] | None = None
@@ -105,8 +122,37 @@ def validate_rows(numbered: list[tuple[int, Any]], name: str) -> list[dict[str, 
         elif kind[1] != layout[1]:
             formats = ("plain text", "conversational")
             raise DataError(f"{where}: is {formats[kind[1]]} but earlier rows are {formats[layout[1]]}")
+        if row_check is not None:
+            row_check(clean, where)
         rows.append(clean)
     return rows
+
+
+def prompt_length_check(tokenizer: PreTrainedTokenizerBase, limit: int, setting: str) -> RowCheck:
+    """A row check refusing a prompt of ``limit`` tokens or more (``setting`` names where the limit comes from).
+
+    TRL keeps the start of a pair longer than its max_length, so such a row would train DPO on no completion
+    token at all, and the reward trainer would drop it silently; past the model's context the positions
+    are ones the model never saw. A conversational prompt is counted through the chat template (when the
+    tokenizer has none, the run is refused anyway, naming the template).
+    """
+
+    def check(row: dict[str, Any], where: str) -> None:
+        prompt = row.get("prompt")
+        if prompt is None:
+            return
+        if isinstance(prompt, list):
+            if not getattr(tokenizer, "chat_template", None):
+                return
+            ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
+            ids = ids["input_ids"] if isinstance(ids, Mapping) else ids
+        else:
+            ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if len(ids) >= limit:
+            raise DataError(f"{where}: field 'prompt' is {len(ids)} tokens, not under {setting} ({limit}): "
+                            "no completion token would fit")
+
+    return check
 
 
 def _check_row(row: dict[str, Any], where: str) -> dict[str, Any]:

@@ -25,9 +25,15 @@ from rl_lora.errors import DataError
 from rl_lora.evaluation import exact_answer_accuracy
 from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.models.builtin import BUILTIN_PREFIX
-from rl_lora.models.loading import load_policy
+from rl_lora.models.loading import load_policy, policy_tokenizer_and_context
 from rl_lora.tasks import arithmetic
-from rl_lora.tasks.preferences import builtin_pairs, is_conversational, read_preference_file
+from rl_lora.tasks.preferences import (
+    RowCheck,
+    builtin_pairs,
+    is_conversational,
+    prompt_length_check,
+    read_preference_file,
+)
 from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
@@ -55,7 +61,21 @@ class RestoreTokenCount(TrainerCallback):
 def check_preferences(config: RecipeConfig) -> list[dict[str, Any]] | None:
     """The validated rows of the recipe's preference file, or None for the built-in pairs."""
     source = config.preferences_source
-    return None if source == BUILTIN_PREFERENCES else read_preference_file(source)
+    return None if source == BUILTIN_PREFERENCES else read_preference_file(source, prompt_limit(config))
+
+
+def prompt_limit(config: RecipeConfig) -> RowCheck | None:
+    """The check refusing preference prompts too long for the trainer's max_length or the model's context
+    (the tokenizer and config are read, no weights); None when the tokenizer cannot be had without them."""
+    found = policy_tokenizer_and_context(config.model)
+    if found is None:
+        return None
+    tokenizer, context = found
+    key = "dpo.max_length" if config.algorithm == "dpo" else "reward_model.max_length"
+    limit = config.dpo.max_length if config.algorithm == "dpo" else config.reward_model.max_length
+    if context is not None and context < limit:
+        key, limit = f"the context of model '{config.model.policy}'", context
+    return prompt_length_check(tokenizer, limit, key)
 
 
 def check_chat_template(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, source: str,

@@ -26,7 +26,7 @@ from rl_lora.lora import peft_config
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
 from rl_lora.tasks.preferences import read_preference_file, split_rows
 from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
-from rl_lora.trainers.dpo import RestoreTokenCount, check_chat_template, policy_pairs
+from rl_lora.trainers.dpo import RestoreTokenCount, check_chat_template, policy_pairs, prompt_limit
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
@@ -43,9 +43,10 @@ def check_preferences(config: RecipeConfig) -> tuple[Pairs, Pairs] | None:
     source = config.preferences_source
     if source == BUILTIN_PREFERENCES:
         return None
-    rows = read_preference_file(source)
+    limit = prompt_limit(config)
+    rows = read_preference_file(source, limit)
     if config.data.eval_preferences is not None:
-        return rows, read_preference_file(config.data.eval_preferences)
+        return rows, read_preference_file(config.data.eval_preferences, limit)
     return split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed)
 
 

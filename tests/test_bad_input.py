@@ -1,0 +1,194 @@
+"""The bad-input corpus: every way a user's input can be wrong, through the command line.
+
+Each case runs ``rl-lora run`` (the CLI's ``main``, in this process: the same code path as the console
+command, without a new interpreter per case) and must end with exit code 2, exactly one
+``rl-lora: error:`` line naming the offending key, file, row or function, no traceback, and an earlier
+run folder in the same ``logging.output_dir`` byte for byte as it was. Cases marked ``early`` must
+fail before any model loads and before a run folder exists. Other test files check some of these
+cases at the function level; this table is the user's view of all of them in one place
+(docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from rl_lora import checkpoint
+from rl_lora.cli import main
+from tests_support import tiny_raw
+
+ROOT = os.geteuid() == 0  # root reads and writes whatever the permission bits say
+
+
+@dataclass
+class Case:
+    """``setup(tmp)`` writes what the case needs and returns (recipe mapping, overrides)."""
+
+    id: str
+    setup: Callable[[Path], tuple[dict, list[str]]]
+    expect: list[str]  # substrings of the error line ("{tmp}" is replaced by the case's folder)
+    early: bool = True  # fails before any model loads
+    marks: list = field(default_factory=list)
+
+
+def grpo(tmp: Path, **sections: dict) -> dict:
+    raw = tiny_raw(tmp / "runs", train={"steps": 2, "threads": 1})
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def preference(tmp: Path, algorithm: str, rows: list | bytes | None, name: str = "prefs.jsonl",
+               **sections: dict) -> dict:
+    """A DPO / reward recipe reading ``name`` (written from ``rows`` unless None: then it is missing)."""
+    raw = tiny_raw(tmp / "runs", data={"max_operand": 30, "eval_size": 20},
+                   train={"steps": 2, "batch_size": 4, "threads": 1})
+    raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": algorithm}
+    path = tmp / name
+    if isinstance(rows, bytes):
+        path.write_bytes(rows)
+    elif rows is not None:
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    raw["data"]["preferences"] = str(path)
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+GOOD = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(10, 20)]
+
+
+def reward_file(tmp: Path, body: str) -> str:
+    """A reward plug-in file ``rewards.py`` whose function ``score`` returns ``body``."""
+    (tmp / "rewards.py").write_text(f"def score(prompts, completions, **kw):\n    return {body}\n")
+    return f"{tmp / 'rewards.py'}:score"
+
+
+def unreadable(tmp: Path) -> tuple[dict, list[str]]:
+    raw = preference(tmp, "dpo", GOOD)
+    (tmp / "prefs.jsonl").chmod(0)
+    return raw, []
+
+
+def read_only_output(tmp: Path) -> tuple[dict, list[str]]:
+    (tmp / "locked").mkdir()
+    (tmp / "locked").chmod(0o555)
+    return grpo(tmp), [f"logging.output_dir={tmp / 'locked' / 'runs'}"]
+
+
+def file_in_the_way(tmp: Path) -> tuple[dict, list[str]]:
+    (tmp / "not-a-folder").write_text("x")
+    return grpo(tmp), [f"logging.output_dir={tmp / 'not-a-folder' / 'runs'}"]
+
+
+LONG_PROMPT = "1+" * 40 + "1="  # 82 characters: past the built-in model's 64-token context
+
+CASES = [
+    Case("unknown-key", lambda t: (grpo(t), ["lora.rnak=2"]), ["unknown key 'lora.rnak'", "did you mean 'lora.rank'"]),
+    Case("unknown-key-in-file", lambda t: (grpo(t, train={"stpes": 3}), []), ["unknown key 'train.stpes'"]),
+    Case("wrong-type", lambda t: (grpo(t), ["train.steps=abc"]), ["'train.steps'", "valid integer"]),
+    Case("wrong-type-in-file", lambda t: (grpo(t, train={"lr": "fast"}), []), ["'train.lr'", "valid number"]),
+    Case("unknown-reward", lambda t: (grpo(t, reward={"functions": [{"name": "no_such_pkg_q:f"}]}), []),
+         ["reward 'no_such_pkg_q:f'", "cannot import module"]),
+    Case("missing-dataset", lambda t: (preference(t, "dpo", None), []), ["dataset '{tmp}/prefs.jsonl' does not exist"]),
+    Case("dataset-is-a-folder", lambda t: (preference(t, "dpo", None, name="folder.jsonl"), ["data.preferences={t}"]),
+         ["dataset '{tmp}' is a folder, not a file"]),
+    Case("unreadable-dataset", unreadable, ["dataset '{tmp}/prefs.jsonl' cannot be read (Permission denied)"],
+         marks=[pytest.mark.skipif(ROOT, reason="root reads a chmod 000 file")]),
+    Case("dataset-not-utf8", lambda t: (preference(t, "dpo", b"\xff\xfe{}\n"), []),
+         ["dataset '{tmp}/prefs.jsonl' cannot be read: not UTF-8 text (byte 0xff at offset 0)"]),
+    Case("malformed-jsonl-row", lambda t: (preference(t, "dpo", [*GOOD[:2], '{"prompt": "1+1=", "chosen"']), []),
+         ["dataset '{tmp}/prefs.jsonl' row 3: not valid JSON"]),
+    Case("empty-row", lambda t: (preference(t, "dpo", [GOOD[0], {}]), []),
+         ["dataset '{tmp}/prefs.jsonl' row 2: field 'chosen' is missing"]),
+    Case("empty-field", lambda t: (preference(t, "reward", [GOOD[0], {**GOOD[1], "rejected": "  "}]), []),
+         ["dataset '{tmp}/prefs.jsonl' row 2: field 'rejected' is empty"]),
+    Case("row-not-an-object", lambda t: (preference(t, "dpo", [GOOD[0], "[1, 2]"]), []),
+         ["dataset '{tmp}/prefs.jsonl' row 2: expected an object"]),
+    Case("empty-dataset", lambda t: (preference(t, "dpo", []), []), ["dataset '{tmp}/prefs.jsonl' has no rows"]),
+    Case("prompt-past-model-context",
+         lambda t: (preference(t, "dpo", [GOOD[0], {**GOOD[1], "prompt": LONG_PROMPT}]), []),
+         ["dataset '{tmp}/prefs.jsonl' row 2: field 'prompt' is",
+          "not under the context of model 'builtin:arithmetic-tiny' (64)"]),
+    Case("prompt-past-max-length",
+         lambda t: (preference(t, "reward", [*GOOD[:3], {**GOOD[3], "prompt": "12+13+14+15="}],
+                               reward_model={"max_length": 10}), []),
+         ["dataset '{tmp}/prefs.jsonl' row 4: field 'prompt' is", "not under reward_model.max_length (10)"]),
+    Case("output-dir-read-only", read_only_output, ["logging.output_dir '{tmp}/locked/runs'", "Permission denied"],
+         marks=[pytest.mark.skipif(ROOT, reason="root writes into a read-only folder")]),
+    Case("output-dir-under-a-file", file_in_the_way,
+         ["logging.output_dir '{tmp}/not-a-folder/runs'", "'{tmp}/not-a-folder' is a file, not a folder"]),
+    # Rewards fail during the first rollout, after the model loads: named with the function and the step.
+    Case("reward-raises", lambda t: (grpo(t, reward={"functions": [{"name": reward_file(t, "1 / 0")}]}), []),
+         ["reward '{tmp}/rewards.py:score' raised at step 0", "ZeroDivisionError"], early=False),
+    Case("reward-wrong-length", lambda t: (grpo(t, reward={"functions": [{"name": reward_file(t, "[1.0]")}]}), []),
+         ["reward '{tmp}/rewards.py:score' at step 0 returned 1 scores for 16 completions"], early=False),
+    Case("reward-nan", lambda t: (grpo(t, reward={"functions": [{"name": reward_file(
+        t, "[float('nan')] + [0.0] * (len(completions) - 1)")}]}), []),
+         ["reward '{tmp}/rewards.py:score' at step 0 sample 0: score is nan (not finite)"], early=False),
+    Case("reward-none-for-all", lambda t: (grpo(t, reward={"functions": [{"name": reward_file(
+        t, "[None] * len(completions)")}]}), []),
+         ["reward '{tmp}/rewards.py:score' at step 0 returned None for every one of 16 completions"], early=False),
+]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _earlier_run(runs: Path) -> Path:
+    """A finished run's folder (config, metrics, summary, adapter, a sealed checkpoint) that no case may touch."""
+    run = runs / "earlier"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: earlier\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    (run / "summary.json").write_text('{"steps": 1}\n')
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(256))
+    staging = runs / "staging"  # sealing moves it into checkpoints/
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(os.urandom(128))
+    checkpoint.seal(staging, run / "checkpoints", 2, {"config_hash": "x"})
+    return run
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input_fails_in_one_line_and_leaves_earlier_runs_alone(
+    case: Case, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    earlier = _earlier_run(tmp_path / "runs")
+    before = _hashes(earlier)
+    raw, overrides = case.setup(tmp_path)
+    overrides = [o.replace("{t}", str(tmp_path)) for o in overrides]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw))  # JSON is YAML
+    threads = torch.get_num_threads()
+    try:
+        code = main(["run", str(recipe), *overrides])
+    finally:
+        torch.set_num_threads(threads)  # train.threads is process-wide
+        for locked in (tmp_path / "locked", tmp_path / "prefs.jsonl"):
+            if locked.exists() and not locked.is_dir():
+                locked.chmod(0o644)
+            elif locked.exists():
+                locked.chmod(0o755)
+    err = capsys.readouterr().err
+
+    assert code == 2, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("rl-lora: error:")]
+    assert len(errors) == 1, err
+    for expected in case.expect:
+        assert expected.replace("{tmp}", str(tmp_path)) in errors[0], (expected, errors[0])
+    if case.early:  # no run folder made, no model loaded
+        assert "rl-lora: run folder" not in err and "trainable params" not in err, err
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier"]
+    assert _hashes(earlier) == before
