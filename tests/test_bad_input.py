@@ -192,3 +192,74 @@ def test_bad_input_fails_in_one_line_and_leaves_earlier_runs_alone(
         assert "rl-lora: run folder" not in err and "trainable params" not in err, err
         assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier"]
     assert _hashes(earlier) == before
+
+
+# -- a tokenizer without a pad token: handled, not refused --------------------------------------
+# rl_lora/models/loading.py gives it its EOS token as pad, with a warning naming the model. What a user
+# expects: most base-model tokenizers (Llama, Mistral) ship without one, and TRL pads with it only where
+# a mask says which positions are real. The risk with pad = EOS is a mask computed from "id == pad",
+# which would cut the EOS itself and the model would never learn to stop: checked below for GRPO.
+
+
+@pytest.fixture(scope="module")
+def no_pad_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-init built-in-shaped model whose tokenizer has no pad token."""
+    from transformers import LlamaForCausalLM
+
+    from rl_lora.models.builtin import builtin_config
+    from rl_lora.models.tokenizer import build_char_tokenizer
+
+    folder = tmp_path_factory.mktemp("no-pad")
+    tokenizer = build_char_tokenizer()
+    tokenizer.pad_token = None
+    torch.manual_seed(0)
+    LlamaForCausalLM(builtin_config()).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_tokenizer_without_pad_token_trains_with_eos_as_pad_and_a_warning(
+    no_pad_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(grpo(tmp_path, model={"policy": str(no_pad_model)})))
+    threads = torch.get_num_threads()
+    try:
+        with pytest.warns(UserWarning, match=f"tokenizer of '{no_pad_model}' has no pad token; using its eos token"):
+            code = main(["run", str(recipe), "logging.run_name=nopad"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "runs" / "nopad" / "summary.json").read_text())["steps"] == 2
+
+
+def test_pad_equal_to_eos_keeps_the_eos_inside_the_grpo_completion_mask(no_pad_model: Path, tmp_path: Path) -> None:
+    """Every completion's mask runs up to and including its first EOS; the padding after it (the same id)
+    is masked out. 64 samples of 16 tokens from a random model: some stop early (checked)."""
+    from rl_lora.config import validate
+    from rl_lora.runner import prepare_run
+
+    raw = grpo(tmp_path, model={"policy": str(no_pad_model)}, grpo={"max_completion_length": 16})
+    threads = torch.get_num_threads()
+    try:
+        with pytest.warns(UserWarning, match="has no pad token"):
+            trainer = prepare_run(validate(raw)).trainer
+        eos = trainer.processing_class.eos_token_id
+        assert trainer.processing_class.pad_token_id == eos
+        torch.manual_seed(0)
+        batch = [trainer.train_dataset[i] for i in range(16)] * 4
+        out = trainer._generate_and_score_completions(batch)  # TRL's own rollout -> ids and loss mask
+    finally:
+        torch.set_num_threads(threads)
+    ids_B_T, mask_B_T = out["completion_ids"], out["completion_mask"]
+    stopped_early = 0
+    for ids_T, mask_T in zip(ids_B_T.tolist(), mask_B_T.tolist(), strict=True):
+        length = sum(mask_T)
+        assert mask_T == [1] * length + [0] * (len(mask_T) - length)
+        if eos in ids_T:
+            assert length == ids_T.index(eos) + 1  # the first EOS is trained on, nothing after it
+            assert all(t == eos for t in ids_T[length:])  # the padding, masked out
+            stopped_early += length < len(ids_T)
+        else:
+            assert length == len(ids_T)  # cut by max_completion_length
+    assert stopped_early > 0
