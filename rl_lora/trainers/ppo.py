@@ -595,7 +595,8 @@ class PPOTrainer:
     def save_model(self, output_dir: str) -> None:
         """Save the policy (adapter, or full model) from every process's view: under ZeRO-3 the weights
         are gathered from all processes first (each holds a slice), and only the main process writes."""
-        params = self.ac.policy_params if not self.config.lora.is_full else list(self.model.parameters())
+        # LoRA: both adapters (the value adapter is saved beside the policy's); full: the whole policy.
+        params = [p for p in self.model.parameters() if p.requires_grad or self.config.lora.is_full]
         gather = nullcontext()
         if any(hasattr(p, "ds_id") for p in params):
             import deepspeed
