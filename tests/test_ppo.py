@@ -21,7 +21,7 @@ from rl_lora.config import validate
 from rl_lora.errors import ConfigError
 from rl_lora.runner import finish_run, prepare_run
 from rl_lora.trainers import ppo_math as pm
-from rl_lora.trainers.ppo import VALUE_ADAPTER, completion_mask, unique_param_bytes
+from rl_lora.trainers.ppo import VALUE_ADAPTER, check_layout, completion_mask, unique_param_bytes
 from tests_support import tiny_raw
 
 ATOL = 1e-6
@@ -145,6 +145,22 @@ def test_ppo_batch_must_split_into_prompts_and_minibatches() -> None:
         validate({"algorithm": "ppo", "ppo": {"minibatch_size": 48}})
     with pytest.raises(ConfigError, match="unknown key 'ppo.gama'; did you mean 'ppo.gamma'"):
         validate({"algorithm": "ppo", "ppo": {"gama": 1.0}})
+
+
+def test_ppo_layout_over_processes_is_checked_before_training() -> None:
+    """64 completions = 16 prompts x 4 samples, minibatches of 32: splits over 2 or 4 processes, not 3."""
+    ppo = validate({"algorithm": "ppo", "ppo": {"samples_per_prompt": 4, "minibatch_size": 32}})
+    check_layout(ppo, processes=4, deepspeed=True)
+    with pytest.raises(ConfigError, match=r"= 16\) and ppo.minibatch_size \(32\) must divide evenly over 3"):
+        check_layout(ppo, processes=3, deepspeed=True)
+    with pytest.raises(ConfigError, match="needs distributed.zero_stage"):
+        check_layout(ppo, processes=2, deepspeed=False)
+    saving = validate({"algorithm": "ppo", "train": {"save_every": 10}, "distributed": {"zero_stage": 2}})
+    with pytest.raises(ConfigError, match="train.save_every .* works without DeepSpeed only"):
+        check_layout(saving, processes=1, deepspeed=True)
+    accumulating = validate({"algorithm": "ppo", "distributed": {"zero_stage": 2, "gradient_accumulation": 2}})
+    with pytest.raises(ConfigError, match="distributed.gradient_accumulation must be 1"):
+        check_layout(accumulating, processes=1, deepspeed=True)
 
 
 # -- runs on a tiny random-init model ----------------------------------------------------------------

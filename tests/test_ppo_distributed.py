@@ -3,13 +3,17 @@ value adapters on one shared base, one engine). Checks: finite losses, one metri
 (main process only), both ranks at step 3 with identical trainable weights, and a saved policy adapter
 that is complete under ZeRO-3 (gathered before saving) and loads with plain PEFT, value adapter beside it.
 Full-parameter PPO under ZeRO-3 (policy + critic copy in the engine, the frozen reference outside it)
-saves a consolidated policy."""
+saves a consolidated policy.
+
+Each launch takes a free port (bound to port 0, the kernel picks), as tests/test_distributed.py does:
+fixed ports collide when two test sessions share a machine."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +34,12 @@ def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("RL_LORA_LAUNCHED", None)
     return env
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _recipe(tmp: Path, stage: int, rank: int | str = 1) -> Path:
@@ -61,7 +71,7 @@ def _check_run(run: Path, ranks: int) -> None:
 def test_ppo_lora_two_processes(tmp_path: Path, stage: int) -> None:
     recipe = _recipe(tmp_path, stage)
     proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=ppo",
-                           "--nproc", "2", "--master-port", str(29700 + stage)],
+                           "--nproc", "2", "--master-port", str(_free_port())],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "runs" / "ppo"
@@ -81,7 +91,7 @@ def test_ppo_lora_two_processes(tmp_path: Path, stage: int) -> None:
 def test_ppo_full_parameter_zero3_saves_a_consolidated_policy(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, 3, rank="full")
     proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=full",
-                           "--nproc", "2", "--master-port", "29709"],
+                           "--nproc", "2", "--master-port", str(_free_port())],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "runs" / "full"

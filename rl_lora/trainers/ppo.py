@@ -301,6 +301,7 @@ class PPOTrainer:
         self.num_tokens = 0
         self.nonfinite = 0
         self.engine: nn.Module = ac  # the DeepSpeed engine (or the module itself) once prepared in train()
+        self.prepared = False
         groups = [{"params": ac.policy_params, "lr": lr},
                   {"params": ac.critic_params, "lr": lr * self.spec.value_lr_multiplier}]
         self.optimizer: Any = torch.optim.AdamW(groups, lr=lr, weight_decay=t.weight_decay)
@@ -324,7 +325,10 @@ class PPOTrainer:
         Done at the start of training, as transformers' Trainer does, so the parameter counts the runner
         reads after building are whole tensors, not ZeRO-3 partitions.
         """
+        if self.prepared:  # by an earlier train() call
+            return
         self.engine, self.optimizer = self.accelerator.prepare(self.ac, self.optimizer)
+        self.prepared = True
         self.callback_handler.optimizer = self.optimizer
         if self.ac.reference is not None:
             self.ac.reference.to(self.accelerator.device)
@@ -561,10 +565,7 @@ class PPOTrainer:
         state = {
             "global_step": step,
             "order": list(self.order),
-            "data_rng": _plain_rng_state(self.rng.getstate()),
-            "python_rng": _plain_rng_state(random.getstate()),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            **ppo_checkpoint.rng_states(self.rng),
             "kl_coef": self.kl_coef,
             "num_tokens": self.num_tokens,
             "nonfinite": self.nonfinite,
@@ -580,11 +581,7 @@ class PPOTrainer:
         state = ppo_checkpoint.read(folder, self.ac, self.optimizer, self.lr_scheduler)
         self.state.global_step = int(state["global_step"])
         self.order = [int(i) for i in state["order"]]
-        self.rng.setstate(_rng_state_tuple(state["data_rng"]))
-        random.setstate(_rng_state_tuple(state["python_rng"]))
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        ppo_checkpoint.restore_rng_states(state, self.rng)
         self.kl_coef = float(state["kl_coef"])
         self.num_tokens = int(state["num_tokens"])
         self.nonfinite = int(state["nonfinite"])
@@ -606,17 +603,6 @@ class PPOTrainer:
             if self.accelerator.is_main_process:
                 self.model.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
-
-
-def _plain_rng_state(state: tuple) -> list[Any]:
-    """A python ``random`` state as plain lists, loadable with torch.load(weights_only=True)."""
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_state_tuple(plain: list[Any]) -> tuple:
-    version, internal, gauss = plain
-    return int(version), tuple(int(i) for i in internal), gauss
 
 
 def _mean_logs(records: list[dict[str, float]]) -> dict[str, float]:

@@ -18,6 +18,7 @@ Everything but the weights is plain Python types and tensors, so it loads with
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,3 +69,32 @@ def read(folder: Path, module: nn.Module, optimizer: Any, scheduler: Any) -> dic
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER, weights_only=True))
     return torch.load(folder / STATE, weights_only=True)
+
+
+def rng_states(data_rng: random.Random) -> dict[str, Any]:
+    """Every random stream the loop draws from (data order, python, torch CPU and CUDA), as plain
+    lists and tensors: a python ``random`` state is a tuple holding a tuple of 625 ints."""
+    return {
+        "data_rng": _plain(data_rng.getstate()),
+        "python_rng": _plain(random.getstate()),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_states(state: dict[str, Any], data_rng: random.Random) -> None:
+    data_rng.setstate(_random_state(state["data_rng"]))
+    random.setstate(_random_state(state["python_rng"]))
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _plain(state: tuple) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _random_state(plain: list[Any]) -> tuple:
+    version, internal, gauss = plain
+    return int(version), tuple(int(i) for i in internal), gauss
