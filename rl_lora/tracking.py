@@ -166,7 +166,7 @@ class RunTracker(TrainerCallback):
         self._last_tokens = tokens
         self._step_times = []
         record.update(peak_memory())
-        if self._model is not None:
+        if self._model is not None:  # bytes THIS process holds (ZeRO slices); the main process's are written
             record.update(state_bytes(self._model, self._optimizer))
         record.update({f"eval/{k}": v for k, v in self._pending_eval.items()})
         self._pending_eval = {}

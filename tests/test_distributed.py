@@ -17,6 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,23 +105,42 @@ def _kill_tree(pid: int) -> None:
             os.kill(p, signal.SIGKILL)
 
 
-def _check_run(run: Path, ranks: int) -> None:
-    records = _records(run)
-    steps = [r for r in records if r["step"] > 0]
-    assert [r["step"] for r in steps] == [1, 2, 3], "one metrics file, written once (main process only)"
-    assert all(math.isfinite(r["loss"]) for r in steps)
+def _check_run(run: Path, ranks: int, steps: int = 3) -> None:
+    records = [r for r in _records(run) if r["step"] > 0]
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), "one metrics file, written by the main process"
+    assert all(math.isfinite(r["loss"]) for r in records)
     reports = [json.loads((run / "ranks" / f"rank{i}.json").read_text()) for i in range(ranks)]
-    assert {r["global_step"] for r in reports} == {3}
+    assert {r["global_step"] for r in reports} == {steps}
     assert len({r["trainable_hash"] for r in reports}) == 1, f"ranks disagree: {reports}"
     assert not any(r["empty_trainable"] for r in reports)
     assert (run / "summary.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """stage -> the folder of an 8-step rank-1 GRPO run on 2 processes, sealing a checkpoint every 2 steps.
+
+    Made once per stage and shared by the GRPO test and the resume test (each launch costs ~17 CPU-s).
+    """
+    made: dict[int, Path] = {}
+
+    def run_for(stage: int) -> Path:
+        if stage not in made:
+            tmp = tmp_path_factory.mktemp(f"lora-zero{stage}")
+            raw = tiny_raw(tmp / "runs", train={"steps": 8, "batch_size": 16, "threads": 1, "save_every": 2,
+                                                "eval_every": 3}, distributed={"zero_stage": stage})
+            (tmp / "r.yaml").write_text(yaml.safe_dump(raw))
+            _launch(tmp / "r.yaml", "logging.run_name=whole")
+            made[stage] = tmp
+        return made[stage]
+
+    return run_for
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_grpo_lora_two_processes(tmp_path: Path, stage: int) -> None:
-    _launch(_recipe(tmp_path, stage), "logging.run_name=ds")
-    run = tmp_path / "runs" / "ds"
-    _check_run(run, 2)
+def test_grpo_lora_two_processes(lora_runs: Callable[[int], Path], stage: int) -> None:
+    run = lora_runs(stage) / "runs" / "whole"
+    _check_run(run, 2, steps=8)
     # the adapter saved under ZeRO is complete and loads with plain PEFT
     summary = json.loads((run / "summary.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(summary["base_model"])
@@ -207,30 +228,26 @@ def test_reward_model_two_processes(tmp_path: Path, stage: int) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_with_two_processes_reproduces_the_adapter(tmp_path: Path, stage: int) -> None:
-    import time
-
-    raw = tiny_raw(tmp_path / "runs", train={"steps": 8, "batch_size": 16, "threads": 1, "save_every": 2,
-                                             "eval_every": 3}, distributed={"zero_stage": stage})
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    _launch(recipe, "logging.run_name=whole")
-
-    cut = tmp_path / "runs" / "cut"
+def test_resume_with_two_processes_reproduces_the_adapter(lora_runs: Callable[[int], Path], stage: int) -> None:
+    """The uninterrupted run against the same recipe killed (kill -9, every process) after its step-2
+    checkpoint and resumed: the same per-step loss and reward, the same trained weights on both ranks."""
+    tmp = lora_runs(stage)
+    recipe = tmp / "r.yaml"
+    cut = tmp / "runs" / "cut"
     proc = subprocess.Popen(_command(recipe, "logging.run_name=cut", "--nproc", "2"), cwd=REPO, env=_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (cut / "checkpoints" / "step_000002" / "manifest.json").exists():
         time.sleep(0.05)
-    _kill_tree(proc.pid)  # kill -9 the launcher, torchrun and every worker
+    _kill_tree(proc.pid)  # the launcher, torchrun and every worker
     proc.wait()
     time.sleep(0.5)
     assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
     _launch(recipe, "--resume", str(cut))
-    a = _records(tmp_path / "runs" / "whole")
+    a = _records(tmp / "runs" / "whole")
     b = _records(cut)
     assert [(r["step"], r.get("loss"), r.get("reward")) for r in a] == [(r["step"], r.get("loss"), r.get("reward"))
                                                                          for r in b]
-    same = json.loads((tmp_path / "runs" / "whole" / "ranks" / "rank0.json").read_text())["trainable_hash"]
+    same = json.loads((tmp / "runs" / "whole" / "ranks" / "rank0.json").read_text())["trainable_hash"]
     assert json.loads((cut / "ranks" / "rank0.json").read_text())["trainable_hash"] == same
     assert json.loads((cut / "ranks" / "rank1.json").read_text())["trainable_hash"] == same
