@@ -159,7 +159,7 @@ class RewardSpec(_Section):
 
 BUILTIN_PREFERENCES = "builtin"
 # Algorithms whose trainers load a 4-bit base (model.quantization); the others refuse the key.
-QUANTIZED_ALGORITHMS = ("grpo", "dpo")
+QUANTIZED_ALGORITHMS = ("grpo", "dpo", "ppo")
 
 
 class DataSpec(_Section):
@@ -369,7 +369,12 @@ class RecipeConfig(_Section):
         if self.algorithm not in QUANTIZED_ALGORITHMS:
             raise ValueError(
                 f"model.quantization {self.model.quantization} is wired for algorithm "
-                f"{' or '.join(QUANTIZED_ALGORITHMS)}, not {self.algorithm}: set model.quantization: none"
+                f"{', '.join(QUANTIZED_ALGORITHMS)}, not {self.algorithm}: set model.quantization: none"
+            )
+        if self.distributed.zero_stage is not None:
+            raise ValueError(
+                f"model.quantization {self.model.quantization} is not tested under DeepSpeed here: set "
+                "distributed.zero_stage: null (one process) or model.quantization: none"
             )
         return self
 

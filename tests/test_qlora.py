@@ -108,3 +108,28 @@ def test_qlora_dpo_trains_adapters_on_a_4_bit_base(tmp_path: Path) -> None:
     assert steps and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert steps[-1]["param_bytes"] - steps[-1]["trainable_param_bytes"] <= 0.3 * FP32_BASE_BYTES
     assert result.summary["reference_param_bytes"] == 0  # the reference is the adapter-off 4-bit policy
+
+
+def test_qlora_ppo_trains_policy_and_value_adapters_on_one_4_bit_base(tmp_path: Path) -> None:
+    """PPO on a 4-bit base: policy and value adapters (fp32) both train, the shared 4-bit base stays frozen."""
+    pytest.importorskip("bitsandbytes")
+    raw = tiny_raw(tmp_path, model={"quantization": "nf4", "warmup_steps": 20}, train={"threads": 1},
+                   ppo={"samples_per_prompt": 4, "max_completion_length": 4, "epochs": 2, "minibatch_size": 8})
+    raw["algorithm"] = "ppo"
+    run = prepare_run(validate(raw))
+    model = run.trainer.ac.policy
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert len([n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"]) == 4 * 7
+    run.trainer.train()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    result = finish_run(run, train_seconds=0.0)
+
+    assert moved and moved <= trainable, "a frozen (4-bit) weight changed"
+    assert {".default." in n for n in moved if "lora_B" in n} == {True, False}, "policy and value adapters both train"
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trainable)
+    # Policy, critic and reference share one 4-bit base: all of it, adapters and value head included, is
+    # about 0.17x what one fp32 base holds.
+    assert result.summary["ppo_param_bytes"] <= 0.3 * FP32_BASE_BYTES
+    with pytest.raises(ConfigError, match="not tested under DeepSpeed"):
+        validate({**raw, "distributed": {"zero_stage": 2}})

@@ -60,6 +60,7 @@ from rl_lora.config import LoraSpec, RecipeConfig
 from rl_lora.distributed import deepspeed_config
 from rl_lora.errors import CheckpointError, ConfigError, RlLoraError
 from rl_lora.lora import peft_config
+from rl_lora.memory import quantization_state_bytes
 from rl_lora.trainers import ppo_checkpoint
 from rl_lora.trainers import ppo_math as pm
 from rl_lora.trainers.checkpointing import non_finite_parameters
@@ -85,7 +86,8 @@ def unique_param_bytes(*modules: nn.Module | None) -> int:
             key = ("ds", p.ds_id) if hasattr(p, "ds_id") else p.data_ptr()
             if key not in seen:
                 seen.add(key)
-                total += getattr(p, "ds_numel", p.numel()) * p.element_size()
+                # a 4-bit (QLoRA) weight: its packed bytes plus its quantisation state
+                total += getattr(p, "ds_numel", p.numel()) * p.element_size() + quantization_state_bytes(p)
     return total
 
 
