@@ -241,7 +241,8 @@ class TrainSpec(_Section):
     save_every: int | None = Field(default=None, ge=1)
     # Checkpoints kept; the newest verified one is never deleted.
     keep_last: int = Field(default=2, ge=1)
-    # GRPO / DPO / reward: a step whose loss or gradient is NaN or inf is skipped; this many in a row stop the run.
+    # Every algorithm: a step (PPO: an update) whose loss or gradient is NaN or inf is skipped; this many in a row
+    # stop the run.
     max_nonfinite_steps: int = Field(default=8, ge=1)
 
 
