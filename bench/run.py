@@ -1,22 +1,26 @@
 """Performance benchmark: rl-lora against plain TRL, LoRA ranks against full-parameter, side by side.
 
-    python bench/run.py                       # CPU default: a ~28M-parameter Qwen2 shape, GRPO
+    python bench/run.py                       # CPU default: a ~28M-parameter Qwen2 shape; GRPO, DPO, PPO
     python bench/run.py --shape qwen2.5-1.5b  # GPU: Qwen2.5-1.5B's shape (random init)
-    python bench/run.py --shape tiny --steps 3 --repeats 1   # a smoke test
+    python bench/run.py --algorithms grpo,dpo --ranks full,1   # a subset
+    python bench/run.py --shape tiny --steps 3 --repeats 1     # a smoke test
 
-Each measurement runs in its own process (peak memory is a per-process high-water mark), in an
-interleaved order repeated ``--repeats`` times, so that slow drift of a shared machine hits every
-configuration alike; the figure reported is the median over repeats of each process's median step
-time (the first ``--skip`` steps of a process are warm-up and left out). Models are random-init at
-real shapes: speed and memory do not depend on what the weights know.
+Each measurement runs in its own process (bench/workers.py; peak memory is a per-process high-water
+mark), in an interleaved order repeated ``--repeats`` times, so that slow drift of a shared machine
+hits every configuration alike; rl-lora and plain TRL swap turns every repeat. The figure reported is
+the median over repeats of each process's median step time (the first ``--skip`` steps of a process
+are warm-up and left out). Models are random-init at real shapes: speed and memory do not depend on
+what the weights know.
 
-Measured:
-- GRPO step time and peak memory: full-parameter and LoRA ranks, through rl-lora and through plain
-  TRL (GRPOTrainer with the same GRPOConfig and LoraConfig), to show the toolkit's overhead;
+Measured, for full-parameter and every LoRA rank in ``--ranks``:
+- GRPO and DPO: step time, peak memory, trained tokens/s (and generated tokens/s for GRPO), through
+  rl-lora and through plain TRL (GRPOTrainer / DPOTrainer with the settings rl-lora passes them), to
+  show the toolkit's overhead. DPO trains on ``--pairs`` synthetic pairs ("a+b=" -> right vs wrong sum);
+- PPO (rl-lora only: TRL 1.16 has no PPO trainer): the same figures, one optimizer update per step;
 - rollout throughput: generated tokens/s of the plain model, of the LoRA model with unmerged adapters,
   and of the LoRA model with adapters folded into the weights (rl_lora/rollout.py).
 
-Writes ``--out`` (JSON) and prints a markdown table.
+Writes ``--out`` (JSON, with every process's raw figures) and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -32,255 +36,250 @@ import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
-SHAPES = {
-    # ENVIRONMENT's plain-TRL CPU anchor used a 28.2M-parameter Qwen2 shape; this is of that size.
-    "cpu-28m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                    num_key_value_heads=2, vocab_size=8192),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=128),
-}
+from workers import SHAPES, build_model_folder, write_preferences
 
-
-def build_model_folder(shape: str, folder: Path) -> None:
-    """A random-init Qwen2 of the given shape with the built-in character tokenizer."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from rl_lora.models.tokenizer import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=256, tie_word_embeddings=False,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+BENCH_DIR = Path(__file__).resolve().parent
+ALGORITHMS = ("grpo", "dpo", "ppo")
+WITH_TRL = ("grpo", "dpo")  # TRL 1.16 has no PPO trainer
+# Targets of the benchmark issue (#9), CPU: toolkit step / plain TRL step, rank-1 / full GRPO step,
+# merged LoRA rollout tokens/s / plain model's.
+MAX_OVERHEAD, MAX_RANK1_VS_FULL, MIN_ROLLOUT_VS_PLAIN = 1.05, 0.85, 0.95
 
 
-def _recipe(args: argparse.Namespace, model_dir: Path, rank: str, out: Path) -> dict:
-    return {
-        "name": "bench", "model": {"policy": str(model_dir)}, "lora": {"rank": rank if rank == "full" else int(rank)},
-        "grpo": {"num_generations": args.generations, "max_completion_length": args.completion_tokens,
-                 "merge_rollouts": not args.unmerged},
-        "reward": {"functions": [{"name": "bench_rewards:spread"}]},
-        "data": {"eval_size": 8},
-        "train": {"steps": args.steps, "batch_size": args.batch, "lr": 1e-5, "eval_every": 10_000},
-        "logging": {"output_dir": str(out), "wandb": False, "progress": False},
-    }
-
-
-def worker_grpo(args: argparse.Namespace) -> dict:
-    """One process: GRPO for ``args.steps`` steps, through rl-lora or plain TRL; prints JSON."""
-    import torch
-
-    from rl_lora.config import validate
-    from rl_lora.memory import peak_memory
-
-    step_times: list[float] = []
-    if args.path == "rl-lora":
-        from rl_lora.runner import prepare_run
-
-        run = prepare_run(validate(_recipe(args, Path(args.model_dir), args.rank, Path(args.tmp))))
-        trainer = run.trainer
-    else:
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from trl import GRPOConfig, GRPOTrainer
-
-        from rl_lora.config import DataSpec
-        from rl_lora.tasks import arithmetic
-
-        tok = AutoTokenizer.from_pretrained(args.model_dir)
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-        train, _ = arithmetic.split(DataSpec(eval_size=8))
-        peft = None if args.rank == "full" else LoraConfig(r=int(args.rank), lora_alpha=32, target_modules="all-linear")
-        cfg = GRPOConfig(
-            output_dir=args.tmp, use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
-            learning_rate=1e-5, per_device_train_batch_size=args.batch, num_generations=args.generations,
-            max_completion_length=args.completion_tokens, max_steps=args.steps, logging_steps=1, report_to="none",
-            save_strategy="no", disable_tqdm=True, seed=1, lr_scheduler_type="constant",
-        )
-        from bench_rewards import spread
-
-        trainer = GRPOTrainer(model=model, reward_funcs=spread, args=cfg,
-                              train_dataset=arithmetic.to_dataset(train), processing_class=tok, peft_config=peft)
-
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a: object, **k: object) -> None:
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a: object, **k: object) -> None:
-            step_times.append(time.perf_counter() - self.t)
-
-    trainer.add_callback(Clock())
-    trainer.train()
-    kept = step_times[args.skip:] or step_times
-    return {"median_step_s": statistics.median(kept), "steps": len(step_times), **peak_memory()}
-
-
-def worker_rollout(args: argparse.Namespace) -> dict:
-    """Generated tokens/s: plain model, LoRA unmerged, LoRA merged (same prompts, greedy, fixed length)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rl_lora.rollout import merged_adapters
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(args.model_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device).eval()
-    prompts = tok([f"{a}+{a + 7}=" for a in range(10, 10 + args.batch)], return_tensors="pt", padding=True).to(device)
-    new = args.completion_tokens * 4
-
-    def rate(m: torch.nn.Module) -> float:
-        times = []
-        for _ in range(args.repeats_inner):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.no_grad():
-                m.generate(**prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return args.batch * new / statistics.median(times[1:] or times)
-
-    plain = rate(model)
-    lora = get_peft_model(model, LoraConfig(r=int(args.rank), lora_alpha=32, target_modules="all-linear")).eval()
-    unmerged = rate(lora)
-    with merged_adapters(lora):
-        merged = rate(lora)
-    return {"plain_tok_s": plain, "lora_unmerged_tok_s": unmerged, "lora_merged_tok_s": merged}
-
-
-def _spawn(args: argparse.Namespace, extra: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+def _spawn(args: argparse.Namespace, task: str, path: str, rank: str) -> dict[str, Any]:
+    """One worker process; its result line, plus the process's wall time."""
+    env = {**os.environ, "PYTHONPATH": str(BENCH_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, __file__, "--worker", *extra, "--model-dir", args.model_dir, "--steps", str(args.steps),
-           "--batch", str(args.batch), "--generations", str(args.generations), "--skip", str(args.skip),
-           "--completion-tokens", str(args.completion_tokens)]
+    cmd = [sys.executable, str(BENCH_DIR / "workers.py"), "--task", task, "--path", path, "--rank", rank,
+           "--model-dir", args.model_dir, "--preferences", args.preferences, "--steps", str(args.steps),
+           "--skip", str(args.skip), "--batch", str(args.batch), "--generations", str(args.generations),
+           "--completion-tokens", str(args.completion_tokens), "--repeats-inner", str(args.repeats_inner),
+           *(["--unmerged"] if args.unmerged else [])]
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([*cmd, "--tmp", tmp], capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
-        raise SystemExit(f"bench worker {extra} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"bench worker {task} {path} rank={rank} failed (exit {proc.returncode}):\n"
+                         f"{proc.stderr[-3000:]}")
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        raise SystemExit(f"bench worker {task} {path} rank={rank} printed no result line:\n{proc.stderr[-3000:]}")
+    return {**json.loads(lines[-1]), "process_wall_s": round(time.perf_counter() - started, 2)}
 
 
-def main_driver(args: argparse.Namespace) -> None:
-    import torch
+def schedule(algorithms: list[str], ranks: list[str], repeat: int) -> list[tuple[str, str, str]]:
+    """(algorithm, path, rank) in this repeat's order; rl-lora and TRL swap turns every repeat, so neither
+    always runs on the machine the other just warmed (or heated)."""
+    out = []
+    for algorithm in algorithms:
+        paths = ["rl-lora", "trl"] if algorithm in WITH_TRL else ["rl-lora"]
+        if repeat % 2:
+            paths.reverse()
+        out += [(algorithm, path, rank) for rank in ranks for path in paths]
+    return out
 
-    ranks = args.ranks.split(",")
-    configs = [(path, rank) for rank in ranks for path in ("rl-lora", "trl")]
-    results: dict[str, list[dict]] = {f"{p}|{r}": [] for p, r in configs}
-    rollouts: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        args.model_dir = str(Path(tmp) / "model")
-        build_model_folder(args.shape, Path(args.model_dir))
-        for rep in range(args.repeats):
-            for path, rank in configs:
-                print(f"[{rep + 1}/{args.repeats}] grpo {path} rank={rank}", file=sys.stderr, flush=True)
-                results[f"{path}|{rank}"].append(_spawn(args, ["--task", "grpo", "--path", path, "--rank", rank]))
-            print(f"[{rep + 1}/{args.repeats}] rollout", file=sys.stderr, flush=True)
-            rollouts.append(_spawn(args, ["--task", "rollout", "--rank", "1", "--path", "none"]))
 
-    def med(key: str, field: str) -> float:
-        return statistics.median(r[field] for r in results[key])
+def _median(runs: list[dict[str, Any]], field: str) -> float | None:
+    values = [r[field] for r in runs if r.get(field) is not None]
+    return statistics.median(values) if values else None
 
-    memory_field = "cuda_max_allocated_bytes" if torch.cuda.is_available() else "peak_rss_bytes"
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def summarise(raw: dict[str, list[dict[str, Any]]], algorithm: str, ranks: list[str], memory_field: str) -> list[dict]:
+    """One row per rank: medians over repeats of rl-lora's and plain TRL's figures, and their ratios."""
     rows = []
     for rank in ranks:
-        ours, trl = f"rl-lora|{rank}", f"trl|{rank}"
-        rows.append({
-            "rank": rank, "rl_lora_step_s": med(ours, "median_step_s"), "trl_step_s": med(trl, "median_step_s"),
-            "overhead_ratio": med(ours, "median_step_s") / med(trl, "median_step_s"),
-            "rl_lora_peak_bytes": med(ours, memory_field), "trl_peak_bytes": med(trl, memory_field),
-        })
+        ours, trl = raw.get(f"{algorithm}|rl-lora|{rank}", []), raw.get(f"{algorithm}|trl|{rank}", [])
+        row: dict[str, Any] = {"rank": rank}
+        for prefix, runs in (("rl_lora", ours), ("trl", trl)):
+            row[f"{prefix}_step_s"] = _median(runs, "median_step_s")
+            row[f"{prefix}_peak_bytes"] = _median(runs, memory_field)
+            row[f"{prefix}_trained_tok_s"] = _median(runs, "trained_tokens_per_s")
+            row[f"{prefix}_generated_tok_s"] = _median(runs, "generated_tokens_per_s")
+        row["overhead_ratio"] = _div(row["rl_lora_step_s"], row["trl_step_s"])
+        rows.append(row)
     full = next((r for r in rows if r["rank"] == "full"), None)
     for r in rows:
-        r["step_vs_full"] = r["rl_lora_step_s"] / full["rl_lora_step_s"] if full else None
-        r["memory_vs_full"] = r["rl_lora_peak_bytes"] / full["rl_lora_peak_bytes"] if full else None
-    roll = {k: statistics.median(r[k] for r in rollouts) for k in rollouts[0]}
-    roll["merged_vs_plain"] = roll["lora_merged_tok_s"] / roll["plain_tok_s"]
-    roll["unmerged_vs_plain"] = roll["lora_unmerged_tok_s"] / roll["plain_tok_s"]
+        r["step_vs_full"] = _div(r["rl_lora_step_s"], full["rl_lora_step_s"]) if full else None
+        r["memory_vs_full"] = _div(r["rl_lora_peak_bytes"], full["rl_lora_peak_bytes"]) if full else None
+    return rows
+
+
+def main_driver(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    started = time.perf_counter()
+    algorithms, ranks = args.algorithms.split(","), args.ranks.split(",")
+    raw: dict[str, list[dict[str, Any]]] = {}
+    rollouts: list[dict[str, Any]] = []
+    partial = Path(args.out).with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.model_dir, args.preferences = str(Path(tmp) / "model"), str(Path(tmp) / "preferences.jsonl")
+        build_model_folder(args.shape, Path(args.model_dir))
+        write_preferences(Path(args.preferences), rows=args.pairs)
+        for rep in range(args.repeats):
+            for algorithm, path, rank in schedule(algorithms, ranks, rep):
+                result = _spawn(args, algorithm, path, rank)
+                raw.setdefault(f"{algorithm}|{path}|{rank}", []).append(result)
+                # A worker failing late in a long run leaves the figures measured so far here.
+                partial.write_text(json.dumps({**raw, "rollout": rollouts}, indent=2))
+                print(f"[{rep + 1}/{args.repeats}] {algorithm} {path} rank={rank}: step "
+                      f"{result['median_step_s']:.3f} s, process {result['process_wall_s']:.0f} s",
+                      file=sys.stderr, flush=True)
+            if not args.no_rollout:
+                rollouts.append(_spawn(args, "rollout", "none", "1"))
+                print(f"[{rep + 1}/{args.repeats}] rollout: process {rollouts[-1]['process_wall_s']:.0f} s",
+                      file=sys.stderr, flush=True)
+
+    memory_field = "cuda_max_allocated_bytes" if torch.cuda.is_available() else "peak_rss_bytes"
+    roll = None
+    if rollouts:
+        roll = {k: statistics.median(r[k] for r in rollouts) for k in ("plain_tok_s", "lora_unmerged_tok_s",
+                                                                       "lora_merged_tok_s")}
+        roll["merged_vs_plain"] = roll["lora_merged_tok_s"] / roll["plain_tok_s"]
+        roll["unmerged_vs_plain"] = roll["lora_unmerged_tok_s"] / roll["plain_tok_s"]
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "memory_field": memory_field,
         "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft")},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "model_dir")},
-        "grpo": rows, "rollout": roll, "raw": {"grpo": results, "rollout": rollouts},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("model_dir", "preferences")},
+        **{a: summarise(raw, a, ranks, memory_field) for a in algorithms},
+        "rollout": roll, "raw": {**raw, "rollout": rollouts},
+        "wall_s": round(time.perf_counter() - started, 1),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print(markdown(report))
+    partial.unlink(missing_ok=True)
+    return report
 
 
-def _ratio(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _f(value: float | None, spec: str = ".3f") -> str:
+    return "—" if value is None else format(value, spec)
 
 
-def markdown(report: dict) -> str:
+def _gib(value: float | None) -> str:
+    return "—" if value is None else f"{value / 2**30:.2f}"
+
+
+def _setting(report: dict[str, Any], algorithm: str) -> str:
+    s = report["settings"]
+    if algorithm == "grpo":
+        return (f"{s['batch']} completions ({s['generations']} per prompt) x {s['completion_tokens']} tokens per step; "
+                "plain TRL = GRPOTrainer")
+    if algorithm == "dpo":
+        return f"{s['batch']} preference pairs per step ({s['pairs']} synthetic pairs); plain TRL = DPOTrainer"
+    return (f"{s['batch']} completions ({s['generations']} per prompt) x {s['completion_tokens']} tokens per step, "
+            "1 epoch, 1 update per step; rl-lora only (TRL 1.16 has no PPO)")
+
+
+def algorithm_table(report: dict[str, Any], algorithm: str) -> list[str]:
     unit = "CUDA max allocated" if report["memory_field"].startswith("cuda") else "peak RSS"
+    rollout = algorithm in ("grpo", "ppo")
     lines = [
-        f"GRPO, shape `{report['settings']['shape']}`, {report['settings']['batch']} completions x "
-        f"{report['settings']['completion_tokens']} tokens per step, median over {report['settings']['repeats']} "
-        f"interleaved repeats ({report['device']}, {report['cpus']} CPUs, {report['date']})",
+        f"**{algorithm.upper()}**: {_setting(report, algorithm)}.",
         "",
         f"| rank | rl-lora step (s) | plain TRL step (s) | rl-lora / TRL | step vs full | {unit} (GiB) "
-        "| memory vs full |",
-        "|---|---|---|---|---|---|---|",
+        "| memory vs full | trained tok/s |" + (" generated tok/s |" if rollout else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if rollout else ""),
     ]
-    for r in report["grpo"]:
+    for r in report[algorithm]:
         lines.append(
-            f"| {r['rank']} | {r['rl_lora_step_s']:.3f} | {r['trl_step_s']:.3f} | {r['overhead_ratio']:.3f} | "
-            f"{_ratio(r['step_vs_full'])} | {r['rl_lora_peak_bytes'] / 2**30:.2f} | {_ratio(r['memory_vs_full'])} |"
+            f"| {r['rank']} | {_f(r['rl_lora_step_s'])} | {_f(r['trl_step_s'])} | {_f(r['overhead_ratio'])} | "
+            f"{_f(r['step_vs_full'])} | {_gib(r['rl_lora_peak_bytes'])} | {_f(r['memory_vs_full'])} | "
+            f"{_f(r['rl_lora_trained_tok_s'], '.0f')} |" + (f" {_f(r['rl_lora_generated_tok_s'], '.0f')} |"
+                                                           if rollout else "")
         )
-    ro = report["rollout"]
-    lines += [
-        "",
-        "| rollout (rank 1, greedy) | tokens/s | vs plain model |",
-        "|---|---|---|",
-        f"| plain model | {ro['plain_tok_s']:.0f} | 1.000 |",
-        f"| LoRA, adapters unmerged | {ro['lora_unmerged_tok_s']:.0f} | {ro['unmerged_vs_plain']:.3f} |",
-        f"| LoRA, merged for rollout | {ro['lora_merged_tok_s']:.0f} | {ro['merged_vs_plain']:.3f} |",
+    return lines
+
+
+def targets(report: dict[str, Any]) -> list[str]:
+    """The issue's CPU targets against this run's figures (only those this run measured)."""
+    lines = ["| target | measured | |", "|---|---|---|"]
+    for algorithm in WITH_TRL:
+        ratios = [(r["rank"], r["overhead_ratio"]) for r in report.get(algorithm) or [] if r["overhead_ratio"]]
+        if ratios:
+            worst = max(v for _, v in ratios)
+            shown = ", ".join(f"{rank} {v:.3f}x" for rank, v in ratios)
+            verdict = "met" if worst <= MAX_OVERHEAD else "missed"
+            lines.append(f"| rl-lora {algorithm.upper()} step ≤ {MAX_OVERHEAD}x plain TRL's | {shown} | {verdict} |")
+    rank1 = next((r for r in report.get("grpo") or [] if r["rank"] == "1"), None)
+    if rank1 and rank1["step_vs_full"] is not None:
+        verdict = "met" if rank1["step_vs_full"] <= MAX_RANK1_VS_FULL else "missed"
+        lines.append(f"| rank-1 LoRA GRPO step ≤ {MAX_RANK1_VS_FULL}x full | {rank1['step_vs_full']:.3f}x "
+                     f"| {verdict} |")
+    ro = report.get("rollout")
+    if ro:
+        verdict = "met" if ro["merged_vs_plain"] >= MIN_ROLLOUT_VS_PLAIN else "missed"
+        lines.append(f"| LoRA rollout tokens/s ≥ {MIN_ROLLOUT_VS_PLAIN}x the plain model's | "
+                     f"{ro['merged_vs_plain']:.3f}x merged ({ro['unmerged_vs_plain']:.3f}x unmerged) | {verdict} |")
+    return lines if len(lines) > 2 else []
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        f"Shape `{s['shape']}`, median over {s['repeats']} interleaved repeats of each process's median step "
+        f"(steps {s['skip'] + 1}-{s['steps']} of {s['steps']}); {report['device']}, {report['cpus']} CPUs, "
+        f"{report['date']}; whole run {report['wall_s']:.0f} s",
     ]
+    for algorithm in ALGORITHMS:
+        if report.get(algorithm):
+            lines += ["", *algorithm_table(report, algorithm)]
+    ro = report.get("rollout")
+    if ro:
+        lines += [
+            "",
+            f"| rollout (rank 1, greedy, {s['batch']} prompts x {4 * s['completion_tokens']} new tokens) "
+            "| tokens/s | vs plain model |",
+            "|---|---|---|",
+            f"| plain model | {ro['plain_tok_s']:.0f} | 1.000 |",
+            f"| LoRA, adapters unmerged | {ro['lora_unmerged_tok_s']:.0f} | {ro['unmerged_vs_plain']:.3f} |",
+            f"| LoRA, merged for rollout | {ro['lora_merged_tok_s']:.0f} | {ro['merged_vs_plain']:.3f} |",
+        ]
+    checks = targets(report)
+    if checks:
+        lines += ["", "Against the CPU targets of issue #9 (set for the default CPU shape):", "", *checks]
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="model shape (default: qwen2.5-1.5b on a GPU, cpu-28m otherwise)")
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated, of grpo,dpo,ppo")
     p.add_argument("--ranks", default="full,1,16,64")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of each process's median")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--repeats-inner", type=int, default=4, dest="repeats_inner")
-    p.add_argument("--batch", type=int, default=32, help="completions per step")
-    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--repeats-inner", type=int, default=4, dest="repeats_inner", help="generate() calls per rollout")
+    p.add_argument("--batch", type=int, default=32, help="completions (GRPO, PPO) or pairs (DPO) per step")
+    p.add_argument("--generations", type=int, default=8, help="completions per prompt (GRPO, PPO)")
     p.add_argument("--completion-tokens", type=int, default=16, dest="completion_tokens")
-    p.add_argument("--unmerged", action="store_true", help="rl-lora rollouts without merging (for comparison)")
+    p.add_argument("--pairs", type=int, default=512, help="synthetic DPO preference pairs")
+    p.add_argument("--unmerged", action="store_true", help="rl-lora GRPO rollouts without merging (for comparison)")
+    p.add_argument("--no-rollout", action="store_true", dest="no_rollout", help="skip the rollout measurement")
     p.add_argument("--out", default="bench/results.json")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--task", default="grpo", help=argparse.SUPPRESS)
-    p.add_argument("--path", default="rl-lora", help=argparse.SUPPRESS)
-    p.add_argument("--rank", default="1", help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", default=None, dest="model_dir", help=argparse.SUPPRESS)
-    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        result = worker_grpo(args) if args.task == "grpo" else worker_rollout(args)
-        print(json.dumps(result))
-        return
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.algorithms.split(",")) - set(ALGORITHMS))
+    if unknown:
+        p.error(f"--algorithms: unknown {', '.join(unknown)} (choose from {', '.join(ALGORITHMS)})")
+    if args.skip >= args.steps:
+        p.error(f"--skip {args.skip} must be below --steps {args.steps}: no step would be left to time")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.shape is None:
         import torch
 
         args.shape = "qwen2.5-1.5b" if torch.cuda.is_available() else "cpu-28m"
-    main_driver(args)
+    print(markdown(main_driver(args)))
 
 
 if __name__ == "__main__":

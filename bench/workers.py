@@ -1,0 +1,309 @@
+"""The benchmark's measurements, one per process: ``bench/run.py`` spawns this file once per configuration.
+
+    python bench/workers.py --task dpo --path trl --rank 1 --model-dir M --tmp T --preferences P.jsonl
+
+Each run prints one JSON line (its last line on stdout): median step time, peak memory, trained and
+generated tokens/s for GRPO, DPO and PPO (``--task grpo|dpo|ppo``, through rl-lora or plain TRL with
+``--path rl-lora|trl``), or generated tokens/s of plain, LoRA-unmerged and LoRA-merged rollouts
+(``--task rollout``). One process per measurement, because peak memory is a per-process high-water mark.
+
+Step time is the interval between consecutive ``on_step_end`` callbacks, the first starting at
+``on_train_begin``: rl-lora's PPO loop is not a transformers Trainer and calls only on_train_begin,
+on_step_end, on_log and on_train_end, so this is the one clock every algorithm and path shares. The
+stamp of a step's end is taken before any other callback runs, so the held-out evaluation the tracker
+runs after the last step is not part of it (the benchmark sets ``train.eval_every`` past the run).
+The plain-TRL side gets the settings rl-lora's trainers pass (rl_lora/trainers/common.py
+``shared_training_args``, grpo.py ``grpo_args``, dpo.py ``dpo_args``), written out here by hand so
+that it measures TRL itself; TRL 1.16 has no PPO trainer, so PPO runs through rl-lora only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+SHAPES = {
+    # ENVIRONMENT's plain-TRL CPU anchor used a 28.2M-parameter Qwen2 shape; this is of that size.
+    "cpu-28m": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=2, vocab_size=8192),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128),
+}
+TASKS = ("grpo", "dpo", "ppo", "rollout")
+LR = 1e-5  # speed and memory do not depend on it; one LR for every rank and path (lora.lr_multiplier 1)
+DPO_BETA = 0.1  # TRL's and rl-lora's default
+DPO_MAX_LENGTH = 64  # pairs are ~10 tokens ("<bos>12+34=" + "46" + EOS); nothing is truncated
+LORA_ALPHA = 32  # rl-lora's default alpha, fixed across ranks
+
+
+def build_model_folder(shape: str, folder: Path) -> None:
+    """A random-init Qwen2 of the given shape with the built-in character tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rl_lora.models.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=256, tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def write_preferences(path: Path, rows: int = 512, seed: int = 0) -> None:
+    """Synthetic DPO pairs, one JSON object a line: prompt "a+b=", chosen the sum, rejected a wrong sum."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(rows):
+            a, b = rng.randint(10, 99), rng.randint(10, 99)
+            wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "chosen": str(a + b), "rejected": str(wrong)}) + "\n")
+
+
+def recipe(args: argparse.Namespace) -> dict[str, Any]:
+    """The rl-lora recipe of one measurement: cheap evaluation, no W&B, LR independent of rank."""
+    raw: dict[str, Any] = {
+        "name": f"bench-{args.task}", "algorithm": args.task, "model": {"policy": args.model_dir},
+        "lora": {"rank": args.rank if args.rank == "full" else int(args.rank), "alpha": LORA_ALPHA,
+                 "lr_multiplier": 1.0},
+        "data": {"eval_size": 8},
+        "train": {"steps": args.steps, "batch_size": args.batch, "lr": LR, "eval_every": 10_000,
+                  "lr_scheduler": "constant"},
+        "logging": {"output_dir": args.tmp, "wandb": False, "progress": False},
+    }
+    rewards = {"functions": [{"name": "bench_rewards:spread"}]}
+    if args.task == "grpo":
+        raw["grpo"] = {"num_generations": args.generations, "max_completion_length": args.completion_tokens,
+                       "merge_rollouts": not args.unmerged}
+        raw["reward"] = rewards
+    elif args.task == "dpo":
+        raw["dpo"] = {"beta": DPO_BETA, "loss_type": "sigmoid", "max_length": DPO_MAX_LENGTH}
+        raw["data"]["preferences"] = args.preferences
+    elif args.task == "ppo":
+        # One optimizer update per step (1 epoch, minibatch = the whole batch), as GRPO makes: step times
+        # of the two algorithms then differ by what PPO adds (critic, reference pass), not by update count.
+        raw["ppo"] = {"samples_per_prompt": args.generations, "max_completion_length": args.completion_tokens,
+                      "epochs": 1, "minibatch_size": args.batch}
+        raw["reward"] = rewards
+    return raw
+
+
+class StepClock:
+    """Step-end times and the per-step figures the trainer logs (trained and generated token counts).
+
+    Two callbacks share it: ``start`` goes last in the callback list (the clock starts after the
+    tracker's step-0 evaluation), ``stamp`` goes first (a step ends before any callback's work).
+    """
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        clock = self
+        self.ends: list[float] = []
+        self.logs: dict[int, dict[str, float]] = {}
+
+        class Start(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.ends = [time.perf_counter()]
+
+        class Stamp(TrainerCallback):
+            def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                clock.ends.append(time.perf_counter())
+
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+                kept = {k: float(v) for k, v in (logs or {}).items()
+                        if k in ("num_tokens", "completions/mean_length") and v is not None}
+                if kept:
+                    clock.logs.setdefault(state.global_step, {}).update(kept)
+
+        self.start, self.stamp = Start(), Stamp()
+
+    def attach(self, trainer: Any) -> None:
+        """Both the TRL trainers and rl-lora's PPO loop dispatch through a transformers CallbackHandler."""
+        handler = trainer.callback_handler
+        handler.callbacks.insert(0, self.stamp)
+        handler.callbacks.append(self.start)
+
+    def figures(self, skip: int, samples_per_step: int) -> dict[str, Any]:
+        """Median step time and token rates over the steps after the first ``skip`` (warm-up)."""
+        times = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
+        first = skip if len(times) > skip else 0
+        kept = times[first:]
+        out: dict[str, Any] = {"median_step_s": statistics.median(kept), "steps": len(times), "step_times_s": times}
+        seconds = sum(kept)
+        tokens = {step: r["num_tokens"] for step, r in self.logs.items() if "num_tokens" in r}
+        last = len(times)
+        if last in tokens and (first == 0 or first in tokens):
+            trained = tokens[last] - (tokens[first] if first else 0.0)
+            out["trained_tokens_per_s"] = trained / seconds
+        lengths = [self.logs.get(s, {}).get("completions/mean_length") for s in range(first + 1, last + 1)]
+        if lengths and all(v is not None for v in lengths):
+            out["generated_tokens_per_s"] = sum(lengths) * samples_per_step / seconds
+        return out
+
+
+def _quiet(trainer: Any) -> Any:
+    # rl-lora drops transformers' printers (its tracker writes the records); the plain-TRL side drops
+    # them too so that stdout carries only the result line, and neither side pays for printing.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def _trl_common(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainingArguments rl-lora's shared_training_args sets for this recipe, written out."""
+    import torch
+
+    return dict(
+        output_dir=args.tmp, use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps, seed=1,
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
+
+
+def _trl_lora(args: argparse.Namespace) -> Any:
+    from peft import LoraConfig
+
+    if args.rank == "full":
+        return None
+    return LoraConfig(r=int(args.rank), lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def trl_grpo(args: argparse.Namespace) -> Any:
+    """Plain TRL GRPOTrainer with the GRPOConfig rl-lora's grpo_args builds for the bench recipe."""
+    from bench_rewards import spread
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rl_lora.config import DataSpec
+    from rl_lora.tasks import arithmetic
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    train, _ = arithmetic.split(DataSpec(eval_size=8))
+    cfg = GRPOConfig(**_trl_common(args), num_generations=args.generations,
+                     max_completion_length=args.completion_tokens, temperature=1.0, beta=0.0, epsilon=0.2,
+                     loss_type="dapo", scale_rewards="group", reward_weights=[1.0])
+    return GRPOTrainer(model=model, reward_funcs=spread, args=cfg, train_dataset=arithmetic.to_dataset(train),
+                       processing_class=tok, peft_config=_trl_lora(args))
+
+
+def trl_dpo(args: argparse.Namespace) -> Any:
+    """Plain TRL DPOTrainer with rl-lora's dpo_args; full-parameter gets a frozen reference copy, as in rl-lora."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir)
+    rows = [json.loads(line) for line in Path(args.preferences).read_text(encoding="utf-8").splitlines() if line]
+    reference = None
+    if args.rank == "full":  # TRL would otherwise load a reference from the model's (empty) hub name
+        reference = copy.deepcopy(model).eval()
+        reference.requires_grad_(False)
+    cfg = DPOConfig(**_trl_common(args), beta=DPO_BETA, loss_type=["sigmoid"], loss_weights=None,
+                    max_length=DPO_MAX_LENGTH)
+    return DPOTrainer(model=model, ref_model=reference, args=cfg, train_dataset=Dataset.from_list(rows),
+                      processing_class=tok, peft_config=_trl_lora(args))
+
+
+def rl_lora_trainer(args: argparse.Namespace) -> Any:
+    """The trainer rl-lora builds for the bench recipe (tracker callback included), not yet trained."""
+    from rl_lora.config import validate
+    from rl_lora.runner import prepare_run
+
+    return prepare_run(validate(recipe(args))).trainer
+
+
+def worker_train(args: argparse.Namespace) -> dict[str, Any]:
+    """One process: ``args.steps`` steps of GRPO, DPO or PPO through rl-lora or plain TRL."""
+    from rl_lora.memory import peak_memory
+
+    if args.path == "rl-lora":
+        trainer = rl_lora_trainer(args)
+    elif args.task == "ppo":
+        raise SystemExit("bench worker: --task ppo has no plain-TRL path (TRL 1.16 has no PPO trainer)")
+    else:
+        trainer = _quiet(trl_grpo(args) if args.task == "grpo" else trl_dpo(args))
+    clock = StepClock()
+    clock.attach(trainer)
+    trainer.train()
+    return {**clock.figures(args.skip, args.batch), **peak_memory()}
+
+
+def worker_rollout(args: argparse.Namespace) -> dict[str, Any]:
+    """Generated tokens/s: plain model, LoRA unmerged, LoRA merged (same prompts, greedy, fixed length)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rl_lora.rollout import merged_adapters
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(args.model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device).eval()
+    prompts = tok([f"{a}+{a + 7}=" for a in range(10, 10 + args.batch)], return_tensors="pt", padding=True).to(device)
+    new = args.completion_tokens * 4
+
+    def rate(m: torch.nn.Module) -> float:
+        times = []
+        for _ in range(args.repeats_inner):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            with torch.no_grad():
+                m.generate(**prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return args.batch * new / statistics.median(times[1:] or times)
+
+    plain = rate(model)
+    lora = get_peft_model(model, LoraConfig(r=int(args.rank), lora_alpha=LORA_ALPHA,
+                                            target_modules="all-linear")).eval()
+    unmerged = rate(lora)
+    with merged_adapters(lora):
+        merged = rate(lora)
+    return {"plain_tok_s": plain, "lora_unmerged_tok_s": unmerged, "lora_merged_tok_s": merged}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--path", choices=("rl-lora", "trl", "none"), default="rl-lora",
+                   help="none: the rollout task, which measures the models without a trainer")
+    p.add_argument("--rank", default="1", help="'full' or a LoRA rank")
+    p.add_argument("--model-dir", required=True, dest="model_dir")
+    p.add_argument("--tmp", required=True, help="scratch folder (run folders, TRL output_dir)")
+    p.add_argument("--preferences", default=None, help="DPO pairs (.jsonl), written by bench/run.py")
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--skip", type=int, default=2)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--completion-tokens", type=int, default=16, dest="completion_tokens")
+    p.add_argument("--repeats-inner", type=int, default=4, dest="repeats_inner")
+    p.add_argument("--unmerged", action="store_true")
+    args = p.parse_args()
+    if args.task == "dpo" and not args.preferences:
+        p.error("--task dpo needs --preferences")
+    result = worker_rollout(args) if args.task == "rollout" else worker_train(args)
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
