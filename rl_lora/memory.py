@@ -1,4 +1,5 @@
-"""Memory accounting: peak process/device memory and the bytes held by parameters, grads, optimizer."""
+"""Memory accounting: peak process/device memory, and the bytes this process holds in parameters,
+gradients and optimizer state (its slices under DeepSpeed ZeRO)."""
 
 from __future__ import annotations
 
@@ -77,14 +78,10 @@ def _optimizer_chain(optimizer: Any) -> list[Any]:
     return chain
 
 
-def _partitions_gradients(chain: list[Any]) -> bool:
-    """ZeRO-2 and ZeRO-3 reduce each gradient into this process's slice; ZeRO-0/1 keep whole gradients."""
-    for opt in chain:
-        if hasattr(opt, "fp32_partitioned_groups_flat"):  # DeepSpeedZeroOptimizer_Stage3
-            return True
-        if hasattr(opt, "single_partition_of_fp32_groups"):  # DeepSpeedZeroOptimizer (stage 1 or 2)
-            return bool(getattr(opt, "partition_gradients", False))
-    return False
+def _zero_optimizer(chain: list[Any]) -> Any | None:
+    """DeepSpeed's ZeRO optimizer in the chain (stage 1/2 or stage 3), or None."""
+    zero = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
+    return next((opt for opt in chain if any(hasattr(opt, name) for name in zero)), None)
 
 
 def state_bytes(model: nn.Module, optimizer: Any | None) -> dict[str, int]:
@@ -92,33 +89,37 @@ def state_bytes(model: nn.Module, optimizer: Any | None) -> dict[str, int]:
 
     Without DeepSpeed and under ZeRO-0 each process holds everything. Under ZeRO-3 a parameter counts
     its local slice (``ds_tensor``), plus its whole data while it is gathered or persistent. The
-    optimizer counts its state (Adam's two moments) and the fp32 master weights DeepSpeed's ZeRO
-    optimizer keeps beside the model's (its slice of them, under ZeRO-1/2/3); a master weight that
-    shares its buffer with the model's parameters (ZeRO-3 in fp32) is counted once, as a parameter.
+    optimizer counts its state (Adam's two moments) and, under ZeRO-1/2/3, the fp32 master copy of
+    this process's slice that DeepSpeed's ZeRO optimizer keeps; a master slice that shares its buffer
+    with the weights (ZeRO-3 in fp32, rl_lora/distributed.py) is counted once, as a parameter.
     A 4-bit (QLoRA) base weight counts its packed bytes and its quantisation state, not 4 bytes a weight.
     """
     params = list(model.parameters())
     held = sum(_local_param_bytes(p) for p in params)
     trainable = sum(_local_param_bytes(p) for p in params if p.requires_grad)
-    optim = 0
+    # Without ZeRO-2/3, gradients live from backward to the optimizer step, one per trainable parameter
+    # and of its dtype; at a step boundary they are already freed, so count what backward allocates.
     grads = trainable
+    optim = 0
     if optimizer is not None:
         chain = _optimizer_chain(optimizer)
         inner = chain[-1]  # the torch optimizer that owns the state
-        # The tensors the optimizer updates: the model's own parameters, or under ZeRO its fp32 master
-        # slices. ZeRO-3 empties param_groups after each step, so the state's keys are read as well.
-        updated = {id(t): t for group in getattr(inner, "param_groups", []) for t in group["params"]}
         state = getattr(inner, "state", {})
-        updated.update({id(t): t for t in state if torch.is_tensor(t)})
-        updated_tensors = [t for t in updated.values() if t.numel() > 0]
-        shared = {_storage(t) for p in params for t in _held(p)}
-        optim = sum(_tensor_bytes(t) for t in updated_tensors if _storage(t) not in shared)
         for values in state.values():
             optim += sum(_tensor_bytes(v) for v in values.values() if torch.is_tensor(v) and v.dim() > 0)
-        if _partitions_gradients(chain):  # a gradient slice per master-weight slice, in the master dtype
-            grads = sum(_tensor_bytes(t) for t in updated_tensors)
-    # Without ZeRO-2/3, gradients live from backward to the optimizer step, one per trainable parameter
-    # and of its dtype; at a step boundary they are already freed, so count what backward allocates.
+        zero = _zero_optimizer(chain)
+        if zero is not None:
+            # What the torch optimizer updates under ZeRO: fp32 master slices. ZeRO-3 empties
+            # param_groups after each step, so the state's keys are read as well.
+            masters = {id(t): t for group in inner.param_groups for t in group["params"]}
+            masters.update({id(t): t for t in state if torch.is_tensor(t)})
+            slices = [t for t in masters.values() if t.numel() > 0]
+            shared = {_storage(t) for p in params for t in _held(p)}
+            optim += sum(_tensor_bytes(t) for t in slices if _storage(t) not in shared)
+            # ZeRO-2 and ZeRO-3 reduce each gradient into this process's slice, in the master dtype;
+            # ZeRO-1 keeps whole gradients.
+            if hasattr(zero, "fp32_partitioned_groups_flat") or getattr(zero, "partition_gradients", False):
+                grads = sum(_tensor_bytes(t) for t in slices)
     return {"param_bytes": held, "trainable_param_bytes": trainable, "grad_bytes": grads, "optimizer_bytes": optim}
 
 
