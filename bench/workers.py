@@ -133,6 +133,17 @@ class StepClock:
         handler.callbacks.insert(0, self.stamp)
         handler.callbacks.append(self.start)
 
+    def read_tracker(self, trainer: Any) -> None:
+        """Take rl-lora's own per-step FLOP figures from its tracker's records (none on the TRL path)."""
+        from rl_lora.tracking import RunTracker
+
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, RunTracker):
+                for record in callback.records:
+                    kept = {k: record[k] for k in ("train_tflops_per_s", "mfu") if record.get(k) is not None}
+                    if kept:
+                        self.logs.setdefault(record["step"], {}).update(kept)
+
     def figures(self, skip: int, samples_per_step: int) -> dict[str, Any]:
         """Median step time and token rates over the steps after the first ``skip`` (warm-up)."""
         times = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)]
@@ -148,6 +159,12 @@ class StepClock:
         lengths = [self.logs.get(s, {}).get("completions/mean_length") for s in range(first + 1, last + 1)]
         if lengths and all(v is not None for v in lengths):
             out["generated_tokens_per_s"] = sum(lengths) * samples_per_step / seconds
+        # rl-lora's tracker: training-pass FLOPs over the whole step's time (rollout included), and MFU
+        # against the device's peak (an H200's measured bf16 rate, or RL_LORA_PEAK_TFLOPS).
+        for key in ("train_tflops_per_s", "mfu"):
+            values = [self.logs.get(s, {}).get(key) for s in range(first + 1, last + 1)]
+            if values and all(v is not None for v in values):
+                out[key] = statistics.median(values)
         return out
 
 
@@ -241,6 +258,7 @@ def worker_train(args: argparse.Namespace) -> dict[str, Any]:
     clock = StepClock()
     clock.attach(trainer)
     trainer.train()
+    clock.read_tracker(trainer)
     return {**clock.figures(args.skip, args.batch), **peak_memory()}
 
 
