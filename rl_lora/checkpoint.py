@@ -18,7 +18,6 @@ at any moment (inside a save included) loses at most the steps since the last se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_lora.errors import CheckpointError
+from rl_lora.files import sha256_file
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -38,14 +38,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(folder: Path) -> list[Path]:
@@ -73,7 +65,7 @@ def seal(staging: Path, root: Path, step: int, meta: dict[str, Any], keep_last: 
             with path.open("rb+") as f:
                 os.fsync(f.fileno())
             entries.append({"path": str(path.relative_to(staging)), "bytes": path.stat().st_size,
-                            "sha256": _sha256(path)})
+                            "sha256": sha256_file(path)})
         if not entries:
             raise CheckpointError(f"checkpoint staging folder '{staging}' is empty")
         manifest = {"step": step, "files": entries, **meta}
@@ -115,7 +107,7 @@ def verify(folder: Path) -> dict[str, Any]:
         path = folder / entry["path"]
         if not path.is_file() or path.stat().st_size != entry["bytes"]:
             raise CheckpointError(f"checkpoint '{folder}': file '{entry['path']}' is missing or truncated")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise CheckpointError(f"checkpoint '{folder}': file '{entry['path']}' does not match its sha256")
     return manifest
 

@@ -87,16 +87,22 @@ def _substitute(value: Any, outputs: dict[str, dict[str, str]]) -> Any:
     return value
 
 
+def _checked_name(raw: dict[str, Any], keys: set[str], at: str, what: str, example: str) -> str:
+    """``raw``'s name, after checking it has no key outside ``keys`` (errors say where, and what is allowed)."""
+    unknown = sorted(set(raw) - keys)
+    if unknown:
+        raise ConfigError(f"{at}: unknown key '{unknown[0]}' ({what} has {', '.join(sorted(keys))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"{at}: 'name' must be a word like {example} (got {name!r})")
+    return name
+
+
 def _parse_stage(index: int, raw: Any, where: str, base: Path, earlier: list[str]) -> Stage:
     at = f"{where} stage {index + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{at}: a stage must be a mapping with 'name' and 'recipe'")
-    unknown = sorted(set(raw) - _STAGE_KEYS)
-    if unknown:
-        raise ConfigError(f"{at}: unknown key '{unknown[0]}' (a stage has {', '.join(sorted(_STAGE_KEYS))})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"{at}: 'name' must be a word like reward_model (got {name!r})")
+    name = _checked_name(raw, _STAGE_KEYS, at, "a stage", "reward_model")
     if name in earlier:
         raise ConfigError(f"{at}: stage name '{name}' is used twice")
     at = f"{where} stage '{name}'"
@@ -136,12 +142,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     path = Path(path)
     raw = read_recipe_file(path)
     where = f"pipeline '{path}'"
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}' (a pipeline has {', '.join(sorted(_TOP_KEYS))})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"{where}: 'name' must be a word like rlhf_arithmetic (got {name!r})")
+    name = _checked_name(raw, _TOP_KEYS, where, "a pipeline", "rlhf_arithmetic")
     if not isinstance(raw.get("stages"), list) or not raw["stages"]:
         raise ConfigError(f"{where}: 'stages' must be a non-empty list")
     stages: list[Stage] = []

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl_lora.config import DataSpec
 from rl_lora.evaluation import exact_answer_accuracy
+from rl_lora.files import build_folder_atomically
 from rl_lora.models.tokenizer import CHARS, SPECIALS, build_char_tokenizer
 from rl_lora.tasks import arithmetic
 from rl_lora.warmup import supervised_warmup
@@ -81,18 +80,7 @@ def builtin_path(name: str, warmup_steps: int, data: DataSpec, progress: bool = 
     target = cache_root() / "builtin" / f"{name}-w{warmup_steps}-{_build_key(name, warmup_steps, data)}"
     if (target / "build.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _build(staging, warmup_steps, data, progress)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished the same build first; theirs is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return build_folder_atomically(target, lambda staging: _build(staging, warmup_steps, data, progress))
 
 
 def _build(folder: Path, warmup_steps: int, data: DataSpec, progress: bool) -> None:

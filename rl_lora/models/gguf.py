@@ -21,15 +21,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rl_lora.errors import ModelError
+from rl_lora.files import build_folder_atomically, sha256_file
 from rl_lora.models.builtin import cache_root
 
 if TYPE_CHECKING:
@@ -82,18 +80,9 @@ def require_gguf_reader(policy: str) -> None:
                          f"{GGUF_READER_HINT}")
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of the file's bytes (0.3 s for the 98 MB SmolLM2 file): the cache key."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_folder(path: Path) -> Path:
     """Where the dequantised copy of the GGUF file ``path`` lives (whether or not it exists yet)."""
-    key = hashlib.sha256(f"{file_digest(path)}:{CONVERT_VERSION}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{sha256_file(path)}:{CONVERT_VERSION}".encode()).hexdigest()[:12]
     return cache_root() / "gguf" / f"{path.stem}-{key}"
 
 
@@ -132,18 +121,7 @@ def resolve_gguf(policy: str, progress: bool = True) -> Path:
     require_gguf_reader(policy)
     if progress:
         print(f"rl-lora: dequantising {path.name} to fp32 (once; cached in {target})", file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        convert(path, staging, policy)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process finished the same conversion first; theirs is identical
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+    return build_folder_atomically(target, lambda staging: convert(path, staging, policy))
 
 
 def convert(path: Path, folder: Path, policy: str) -> None:
@@ -170,7 +148,7 @@ def convert(path: Path, folder: Path, policy: str) -> None:
     tokenizer.save_pretrained(str(folder))
     info = {
         "source": str(path),
-        "sha256": file_digest(path),
+        "sha256": sha256_file(path),
         "convert_version": CONVERT_VERSION,
         "parameters": sum(p.numel() for p in model.parameters()),
         "chat_template": tokenizer.chat_template is not None,
