@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from rl_lora.config import validate
 from rl_lora.errors import CheckpointError
 from rl_lora.runner import prepare_run
 from rl_lora.trainers import ppo_checkpoint
-from tests_support import tiny_raw
+from tests_support import kill_after_checkpoint, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 # Every figure PPO logs that depends on the weights, the data position or the RNG streams.
@@ -61,15 +59,7 @@ def test_kill_then_resume_reproduces_the_uninterrupted_ppo_run(tmp_path: Path) -
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     cut = tmp_path / "runs" / "cut"
-    proc = subprocess.Popen([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=cut"],
-                            cwd=REPO, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (cut / "checkpoints" / "step_000003" / "manifest.json").exists():
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
+    kill_after_checkpoint(recipe, cut, 3)
 
     resumed = _cli("run", str(recipe), "--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

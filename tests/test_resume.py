@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests_support import tiny_raw
+from tests_support import kill_after_checkpoint, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 COMPARED = ("loss", "reward", "lr", "grad_norm")
@@ -50,21 +48,6 @@ NOT_COMPARED = ("step_time", "steps_per_s", "tokens_per_s", "samples_per_s", "ge
                 "train_tflops_per_s", "mfu", "peak_rss_bytes", "peak_device_bytes", "peak_device_reserved_bytes")
 
 
-def _kill_after_checkpoint(recipe: Path, cut: Path, step: int) -> None:
-    """Start a run named ``cut`` and SIGKILL its whole process group once checkpoint ``step`` is sealed and
-    the ``latest`` pointer names it (a kill between the two resumes from the checkpoint before)."""
-    proc = subprocess.Popen([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), f"logging.run_name={cut.name}"],
-                            cwd=REPO, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer, name = cut / "checkpoints" / "latest", f"step_{step:06d}"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (pointer.is_file() and pointer.read_text().strip() == name):
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "summary.json").exists(), "the run finished before it could be killed"
-
-
 def _assert_same_run(whole: Path, cut: Path, compared: tuple[str, ...] | None, steps: int) -> None:
     """Same per-step metrics (``compared``, or every logged key but speed and memory) and the same adapter bytes."""
     a, b = _records(whole), _records(cut)
@@ -87,7 +70,7 @@ def test_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> No
     assert whole.returncode == 0, whole.stderr[-2000:]
 
     cut = tmp_path / "runs" / "cut"
-    _kill_after_checkpoint(recipe, cut, 4)
+    kill_after_checkpoint(recipe, cut, 4)
     resumed = _cli("run", str(recipe), "--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
@@ -105,7 +88,7 @@ def test_dpo_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -
     assert {"loss", "lr", "grad_norm", "rewards/margins", "rewards/accuracies"} <= set(logged)
 
     cut = tmp_path / "runs" / "cut"
-    _kill_after_checkpoint(recipe, cut, 4)
+    kill_after_checkpoint(recipe, cut, 4)
     resumed = _cli("run", str(recipe), "--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr

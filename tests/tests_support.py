@@ -50,3 +50,21 @@ def save_tiny_moe(folder: Path, kind: str = "qwen3_moe") -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def kill_after_checkpoint(recipe: Path, cut: Path, step: int) -> None:
+    """Run ``recipe`` as run ``cut`` (its folder); the process SIGKILLs itself right after sealing checkpoint
+    ``step`` (tests/kill_hook/sitecustomize.py), so the kill point does not depend on how busy the machine is."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "WANDB_MODE": "disabled", "RL_LORA_TEST_KILL_AFTER_STEP": str(step),
+           "PYTHONPATH": os.pathsep.join([str(tests / "kill_hook"), str(tests)])}
+    proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), f"logging.run_name={cut.name}"],
+                          cwd=tests.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (cut / "checkpoints" / "latest").read_text().strip() == f"step_{step:06d}"
+    assert not (cut / "summary.json").exists()
