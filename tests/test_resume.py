@@ -24,8 +24,8 @@ def _env() -> dict[str, str]:
 
 def _recipe(tmp: Path, train: dict | None = None, algorithm: str = "grpo") -> Path:
     raw = tiny_raw(tmp / "runs", train={"steps": 8, "save_every": 2, "keep_last": 2, "eval_every": 4, **(train or {})})
-    if algorithm == "dpo":  # tests/test_preference_training.py's DPO recipe: built-in pairs, 8 pairs a step
-        raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "dpo"}
+    if algorithm in ("dpo", "reward"):  # tests/test_preference_training.py's recipes: built-in pairs, 8 a step
+        raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": algorithm}
         raw["data"] = {"max_operand": 30, "eval_size": 20}
         raw["train"] |= {"batch_size": 8, "threads": 1}
     path = tmp / "recipe.yaml"
@@ -92,6 +92,20 @@ def test_dpo_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -
     resumed = _cli("run", str(recipe), "--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
+    _assert_same_run(tmp_path / "runs" / "whole", cut, None, 8)
+
+
+@pytest.mark.slow
+def test_reward_model_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Reward-model training: every logged figure (loss, accuracy, margin, held-out pairwise accuracy, ...)
+    at each of 8 steps, and the adapter bytes (LoRA and the score head), as in an uninterrupted run."""
+    recipe = _recipe(tmp_path, algorithm="reward")
+    whole = _cli("run", str(recipe), "logging.run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = tmp_path / "runs" / "cut"
+    kill_after_checkpoint(recipe, cut, 4)
+    resumed = _cli("run", str(recipe), "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
     _assert_same_run(tmp_path / "runs" / "whole", cut, None, 8)
 
 
