@@ -156,8 +156,9 @@ def test_ppo_layout_over_processes_is_checked_before_training() -> None:
     with pytest.raises(ConfigError, match="needs distributed.zero_stage"):
         check_layout(ppo, processes=2, deepspeed=False)
     saving = validate({"algorithm": "ppo", "train": {"save_every": 10}, "distributed": {"zero_stage": 2}})
-    with pytest.raises(ConfigError, match="train.save_every .* works without DeepSpeed only"):
-        check_layout(saving, processes=1, deepspeed=True)
+    check_layout(saving, processes=2, deepspeed=True)  # checkpoints under DeepSpeed on one machine
+    with pytest.raises(ConfigError, match=r"train.save_every under DeepSpeed works on one machine only .* spans 2"):
+        check_layout(saving, processes=2, deepspeed=True, nodes=2)
     accumulating = validate({"algorithm": "ppo", "distributed": {"zero_stage": 2, "gradient_accumulation": 2}})
     with pytest.raises(ConfigError, match="distributed.gradient_accumulation must be 1"):
         check_layout(accumulating, processes=1, deepspeed=True)

@@ -3,7 +3,9 @@ value adapters on one shared base, one engine). Checks: finite losses, one metri
 (main process only), both ranks at step 3 with identical trainable weights, and a saved policy adapter
 that is complete under ZeRO-3 (gathered before saving) and loads with plain PEFT, value adapter beside it.
 Full-parameter PPO under ZeRO-3 (policy + critic copy in the engine, the frozen reference outside it)
-saves a consolidated policy.
+saves a consolidated policy. Checkpoints under ZeRO-2 and ZeRO-3: a run killed (SIGKILL) right after its
+step-2 checkpoint and resumed on 2 processes logs the uninterrupted run's figures and ends with its weights;
+a NaN in one process's ZeRO-3 partition makes both refuse to save, naming the parameter.
 
 Each launch takes a free port (bound to port 0, the kernel picks), as tests/test_distributed.py does:
 fixed ports collide when two test sessions share a machine."""
@@ -42,10 +44,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _recipe(tmp: Path, stage: int, rank: int | str = 1) -> Path:
+def _recipe(tmp: Path, stage: int, rank: int | str = 1, **train: int) -> Path:
     # 16 completions a step = 4 prompts x 4 samples, 2 prompts per process; minibatches of 8 = 4 per process.
     raw = tiny_raw(tmp / "runs", lora={"rank": rank},
-                   train={"steps": 3, "batch_size": 16, "eval_every": 3, "threads": 1},
+                   train={"steps": 3, "batch_size": 16, "eval_every": 3, "threads": 1, **train},
                    ppo={"samples_per_prompt": 4, "max_completion_length": 4, "epochs": 1, "minibatch_size": 8},
                    distributed={"zero_stage": stage})
     raw["algorithm"] = "ppo"
@@ -103,3 +105,94 @@ def test_ppo_full_parameter_zero3_saves_a_consolidated_policy(tmp_path: Path) ->
     assert sum(p.numel() for p in model.parameters()) == 865_920
     moved = [n for (n, p), q in zip(model.named_parameters(), base.parameters(), strict=True) if not p.equal(q)]
     assert moved, "the saved policy equals the base: training or consolidation was lost"
+
+
+def _run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--nproc", "2",
+                           "--master-port", str(_free_port())],
+                          cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_ppo_resume_with_two_processes_reproduces_the_run(tmp_path: Path, stage: int) -> None:
+    """4 steps, a checkpoint every 2: uninterrupted, against killed right after sealing step 2 and resumed.
+
+    The main process SIGKILLs itself the moment checkpoint 2 is sealed (tests/kill_hook, the same hook as
+    the one-process resume tests); the other process is then waiting at the barrier after the seal, and
+    torchrun tears it down. The resumed run must log the same figures and end with the same weights on
+    both ranks: every process's RNG streams, data position and DeepSpeed shards came back.
+    """
+    recipe = _recipe(tmp_path, stage, steps=4, save_every=2, eval_every=4)
+    whole = _run(recipe, "logging.run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-4000:]
+
+    cut = tmp_path / "runs" / "cut"
+    kill_env = {**_env(), "RL_LORA_TEST_KILL_AFTER_STEP": "2",
+                "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "kill_hook"), str(REPO / "tests")])}
+    killed = _run(recipe, "logging.run_name=cut", env=kill_env)
+    assert killed.returncode != 0, "the run finished: the kill hook did not fire"
+    assert "Signal 9 (SIGKILL)" in killed.stderr, killed.stderr[-3000:]  # torchrun's report: rank 0 died by kill -9
+    assert (cut / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert not (cut / "summary.json").exists()
+    sealed = {p.name for p in (cut / "checkpoints" / "step_000002").iterdir()}
+    assert {"state_rank0.pt", "state_rank1.pt", "scheduler.pt", "deepspeed", "manifest.json"} <= sealed
+
+    resumed = _run(recipe, "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from" in resumed.stderr
+
+    a = [json.loads(line) for line in (tmp_path / "runs" / "whole" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "loss/policy", "loss/value", "reward", "lr", "kl", "num_tokens")
+    assert [r["step"] for r in a if r["step"] > 0] == [1, 2, 3, 4]
+    assert [[r.get(k) for k in keys] for r in a] == [[r.get(k) for k in keys] for r in b]
+    hashes = {json.loads((run / "ranks" / f"rank{i}.json").read_text())["trainable_hash"]
+              for run in (tmp_path / "runs" / "whole", cut) for i in (0, 1)}
+    assert len(hashes) == 1, f"weights differ between runs or ranks: {hashes}"
+    assert json.loads((cut / "summary.json").read_text())["resumed_from_step"] == 2
+
+
+_NAN_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from rl_lora.config import validate
+from rl_lora.errors import CheckpointError
+from rl_lora.runner import prepare_run
+
+trainer = prepare_run(validate(yaml.safe_load(Path(sys.argv[1]).read_text()))).trainer
+trainer._prepare()
+trainer.state.global_step = 1
+head = trainer.ac.value_head.weight
+if trainer.rank == 1:  # only rank 1's slice of the head goes bad
+    with torch.no_grad():
+        getattr(head, "ds_tensor", head).view(-1)[0] = float("nan")
+try:
+    trainer._save_checkpoint([])
+    outcome = "saved"
+except CheckpointError as exc:
+    outcome = str(exc)
+Path(sys.argv[2], f"rank{trainer.rank}.txt").write_text(outcome)
+"""
+
+
+def test_ppo_zero3_refuses_to_save_non_finite_weights_on_every_rank(tmp_path: Path) -> None:
+    """Under ZeRO-3 each process holds a slice of every weight: a NaN in rank 1's slice only must stop
+    both processes (neither writes, neither waits for the other at a barrier), naming the parameter."""
+    recipe = _recipe(tmp_path, 3, save_every=1)
+    (tmp_path / "script.py").write_text(_NAN_SCRIPT)
+    run_dir = tmp_path / "runs" / "nan"
+    run_dir.mkdir(parents=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={_free_port()}", str(tmp_path / "script.py"), str(recipe), str(tmp_path)],
+                          cwd=REPO, env={**_env(), "RL_LORA_RUN_DIR": str(run_dir)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "step 1: not saving a checkpoint with non-finite weights (value_head.weight)" in outcome, outcome
+    assert not (run_dir / "trainer" / "checkpoint-1").exists()
+    assert not (run_dir / "checkpoints").exists()

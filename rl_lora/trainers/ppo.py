@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
@@ -48,7 +50,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DeepSpeedPlugin
+from accelerate.utils import DeepSpeedPlugin, gather_object
 from datasets import Dataset
 from peft import get_peft_model
 from torch import Tensor, nn
@@ -263,8 +265,8 @@ def make_accelerator(config: RecipeConfig) -> Accelerator:
     return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds))
 
 
-def check_layout(config: RecipeConfig, processes: int, deepspeed: bool) -> None:
-    """Refuse, naming the keys, what PPO cannot split over ``processes`` or save under DeepSpeed."""
+def check_layout(config: RecipeConfig, processes: int, deepspeed: bool, nodes: int = 1) -> None:
+    """Refuse, naming the keys, what PPO cannot split over ``processes`` (on ``nodes`` machines) or save."""
     t, spec = config.train, config.ppo
     if processes > 1 and not deepspeed:
         raise ConfigError("algorithm 'ppo' under several processes needs distributed.zero_stage (0, 2 or 3): "
@@ -277,9 +279,11 @@ def check_layout(config: RecipeConfig, processes: int, deepspeed: bool) -> None:
         raise ConfigError(f"algorithm 'ppo': the step's prompts (train.batch_size {t.batch_size} / "
                           f"ppo.samples_per_prompt {spec.samples_per_prompt} = {prompts}) and ppo.minibatch_size "
                           f"({spec.minibatch_size}) must divide evenly over {processes} processes")
-    if deepspeed and t.save_every:
-        raise ConfigError("algorithm 'ppo': train.save_every (checkpoints, --resume) works without DeepSpeed only "
-                          "for now; drop distributed.zero_stage or train.save_every")
+    if deepspeed and t.save_every and nodes > 1:
+        # Every process writes its shard into the one staging folder the main process seals: on several
+        # machines those writes land on each machine's own disk unless the run folder is shared.
+        raise ConfigError(f"algorithm 'ppo': train.save_every under DeepSpeed works on one machine only (this "
+                          f"launch spans {nodes}, --nnodes); drop train.save_every or run on one machine")
 
 
 class PPOTrainer:
@@ -292,7 +296,8 @@ class PPOTrainer:
         self.accelerator = make_accelerator(config)
         self.processes, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.is_deepspeed_enabled = self.accelerator.state.deepspeed_plugin is not None
-        check_layout(config, self.processes, self.is_deepspeed_enabled)
+        nodes = self.processes // int(os.environ.get("LOCAL_WORLD_SIZE", self.processes))  # set by torchrun
+        check_layout(config, self.processes, self.is_deepspeed_enabled, nodes)
         self.spec, t = config.ppo, config.train
         self.base_param_bytes = base_param_bytes
         self.rows = train_dataset.to_list()
@@ -558,9 +563,13 @@ class PPOTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save_checkpoint(self, pending: list[dict[str, float]]) -> None:
-        """Stage everything an exact resume needs, then let SealCheckpoints seal it (one process only)."""
+        """Stage everything an exact resume needs, then let SealCheckpoints seal it.
+
+        One process: the main process writes the folder alone. Under DeepSpeed every process takes part
+        (_save_shards); the weights are checked first on every process, and all refuse together.
+        """
         step = self.state.global_step
-        bad = non_finite_parameters(self.ac)
+        bad = non_finite_parameters(self.ac) if not self.is_deepspeed_enabled else self._non_finite_anywhere()
         if bad:
             raise CheckpointError(f"step {step}: not saving a checkpoint with non-finite weights "
                                   f"({', '.join(bad[:3])})")
@@ -573,14 +582,46 @@ class PPOTrainer:
             "nonfinite": self.nonfinite,
             "pending": pending,  # steps run since the last log record (train.log_every > 1)
         }
+        staging = Path(self.args.output_dir) / f"checkpoint-{step}"
+        if self.is_deepspeed_enabled:
+            self._save_shards(staging, state)
+            return
         if self.state.is_world_process_zero:
-            staging = Path(self.args.output_dir) / f"checkpoint-{step}"
             ppo_checkpoint.write(staging, self.ac, self.optimizer, self.lr_scheduler, state)
         self.control = self.callback_handler.on_save(self.args, self.state, self.control)
 
+    def _non_finite_anywhere(self) -> list[str]:
+        """Trainable parameters holding NaN or inf in any process's share (a ZeRO-3 partition is checked
+        where it lives), the same list on every process, so all refuse together and name the same ones."""
+        bad = [n for n, p in self.ac.named_parameters()
+               if p.requires_grad and not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+        if self.processes == 1:
+            return bad
+        return sorted(set(gather_object(bad)))
+
+    def _save_shards(self, staging: Path, state: dict[str, Any]) -> None:
+        """Under DeepSpeed: every process writes its share into one staging folder; the main process seals it.
+
+        Three barriers: the main process empties the folder before anyone writes, every process has
+        written before it is sealed, and it is sealed before any process goes on (so no process starts the
+        next checkpoint's folder, or exits, with this one unsealed).
+        """
+        if self.accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+            staging.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        ppo_checkpoint.write_shard(staging, self.engine, self.lr_scheduler, state, self.rank,
+                                   self.accelerator.is_main_process)
+        self.accelerator.wait_for_everyone()
+        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        self.accelerator.wait_for_everyone()
+
     def _load_checkpoint(self, folder: Path) -> list[dict[str, float]]:
         """Restore weights, optimizer, scheduler, data position, RNG states and counters from ``folder``."""
-        state = ppo_checkpoint.read(folder, self.ac, self.optimizer, self.lr_scheduler)
+        if self.is_deepspeed_enabled:
+            state = ppo_checkpoint.read_shard(folder, self.engine, self.lr_scheduler, self.rank, self.processes)
+        else:
+            state = ppo_checkpoint.read(folder, self.ac, self.optimizer, self.lr_scheduler)
         self.state.global_step = int(state["global_step"])
         self.order = [int(i) for i in state["order"]]
         ppo_checkpoint.restore_rng_states(state, self.rng)

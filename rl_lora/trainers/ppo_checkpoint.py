@@ -14,6 +14,19 @@ rename, keep_last) exactly as for GRPO and DPO.
 
 Everything but the weights is plain Python types and tensors, so it loads with
 ``torch.load(weights_only=True)`` (no pickled objects; RELIABILITY.md's security defaults).
+
+Under DeepSpeed (ZeRO-2/3, several processes on one machine) the engine owns the partitioned optimizer
+state (and, ZeRO-3, the partitioned weights), so every process writes its share into the same staging
+folder (``write_shard``):
+
+    deepspeed/             the engine's own checkpoint (``engine.save_checkpoint``): module states and one
+                           ``zero_pp_rank_N_*`` optimizer (ZeRO-3: and weight) shard per process
+    scheduler.pt           the LR scheduler's state (the same on every process; the main process writes it)
+    state_rank{N}.pt       process N's loop state: what state.pt holds, with its own torch/python RNG
+                           streams (each process samples with its own seed)
+
+DeepSpeed's files are pickles it loads with ``weights_only=False``, as transformers' Trainer does for
+GRPO and DPO under DeepSpeed; the manifest's sha256 of every file is verified before anything loads.
 """
 
 from __future__ import annotations
@@ -33,6 +46,11 @@ WEIGHTS = "trainable.safetensors"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 STATE = "state.pt"
+DEEPSPEED_TAG = "deepspeed"  # the engine's checkpoint folder inside the staging folder
+
+
+def rank_state_name(rank: int) -> str:
+    return f"state_rank{rank}.pt"
 
 
 def trainable_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -69,6 +87,39 @@ def read(folder: Path, module: nn.Module, optimizer: Any, scheduler: Any) -> dic
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER, weights_only=True))
     scheduler.load_state_dict(torch.load(folder / SCHEDULER, weights_only=True))
     return torch.load(folder / STATE, weights_only=True)
+
+
+def write_shard(staging: Path, engine: Any, scheduler: Any, state: dict[str, Any], rank: int, main: bool) -> None:
+    """This process's part of a DeepSpeed checkpoint, into ``staging`` (made empty by the main process).
+
+    Every process must call it: ``engine.save_checkpoint`` is collective (each writes its own shards).
+    """
+    # The frozen base is the recipe's model, rebuilt on resume: only trainable tensors are saved (with
+    # LoRA, kilobytes instead of the whole base; resume.check_compatible refuses a changed recipe).
+    engine.save_checkpoint(str(staging), tag=DEEPSPEED_TAG, save_latest=False, exclude_frozen_parameters=True)
+    torch.save(state, staging / rank_state_name(rank))
+    if main:
+        torch.save(scheduler.state_dict(), staging / SCHEDULER)
+
+
+def read_shard(folder: Path, engine: Any, scheduler: Any, rank: int, processes: int) -> dict[str, Any]:
+    """Load a DeepSpeed checkpoint into ``engine`` (collective) and return this process's loop state.
+
+    The checkpoint must have been written by as many processes as now run: each process's RNG streams
+    and DeepSpeed's optimizer partitions are per process, and a different count cannot resume exactly.
+    """
+    saved = sorted(folder.glob("state_rank*.pt"))
+    if len(saved) != processes or not (folder / DEEPSPEED_TAG).is_dir():
+        what = f"{len(saved)} processes' state" if saved else "no DeepSpeed shards (a one-process checkpoint?)"
+        raise CheckpointError(f"checkpoint '{folder}' holds {what}; this run has {processes} processes under "
+                              f"DeepSpeed: resume with the same --nproc and distributed.zero_stage")
+    # Not strict: the module states hold the trainable tensors only (write_shard), not the frozen base.
+    path, _ = engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False, load_module_strict=False)
+    if path is None:
+        raise CheckpointError(f"checkpoint '{folder}': DeepSpeed could not load '{folder / DEEPSPEED_TAG}'")
+    scheduler.load_state_dict(torch.load(folder / SCHEDULER, weights_only=True))
+    return torch.load(folder / rank_state_name(rank), weights_only=True)
 
 
 def rng_states(data_rng: random.Random) -> dict[str, Any]:
