@@ -95,3 +95,18 @@ def test_checkpoint_content_loads_without_pickles_and_non_finite_weights_are_ref
     with pytest.raises(CheckpointError, match=r"non-finite weights \(value_head.weight\)"):
         run.trainer._save_checkpoint([])
     assert not (run.run_dir / "trainer" / "checkpoint-4").exists()
+
+
+def test_a_deepspeed_checkpoint_resumes_only_with_the_processes_that_wrote_it(tmp_path: Path) -> None:
+    """Each process's RNG streams and DeepSpeed's optimizer partitions are per process: a checkpoint
+    written by 2 processes cannot resume exactly on 4, nor a one-process checkpoint under DeepSpeed."""
+    (tmp_path / ppo_checkpoint.DEEPSPEED_TAG).mkdir()
+    for rank in (0, 1):
+        (tmp_path / ppo_checkpoint.rank_state_name(rank)).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"holds 2 processes' state; this run has 4 processes .* same --nproc"):
+        ppo_checkpoint.read_shard(tmp_path, None, None, 0, 4)
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / ppo_checkpoint.STATE).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"no DeepSpeed shards \(a one-process checkpoint\?\)"):
+        ppo_checkpoint.read_shard(single, None, None, 0, 2)

@@ -27,8 +27,9 @@ policy and critic are clipped together (``train.max_grad_norm`` on their joint n
 separately. Advantages are whitened over each process's share of the batch. Under ZeRO-3 rollouts
 generate with ``synced_gpus`` so processes that stop early keep serving the others' gathers.
 
-Checkpoints (``train.save_every``) and ``--resume`` work in one process without DeepSpeed; the
-content is in rl_lora/trainers/ppo_checkpoint.py.
+Checkpoints (``train.save_every``) and ``--resume`` work in one process and under DeepSpeed on one
+machine (every process writes its shards, the main process seals); the content is in
+rl_lora/trainers/ppo_checkpoint.py.
 
     rl-lora run recipes/ppo_arithmetic.yaml                  # rank-1 LoRA, one shared base
     rl-lora run recipes/ppo_arithmetic.yaml lora.rank=full   # separate policy, critic and reference
