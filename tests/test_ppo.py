@@ -21,7 +21,8 @@ from rl_lora.config import validate
 from rl_lora.errors import ConfigError
 from rl_lora.runner import finish_run, prepare_run
 from rl_lora.trainers import ppo_math as pm
-from rl_lora.trainers.ppo import VALUE_ADAPTER, check_layout, completion_mask, unique_param_bytes
+from rl_lora.trainers.actor_critic import VALUE_ADAPTER, unique_param_bytes
+from rl_lora.trainers.ppo import check_layout, completion_mask
 from tests_support import tiny_raw
 
 ATOL = 1e-6
