@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,13 +74,19 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return found
 
 
-def truncate_metrics(path: Path, step: int) -> list[dict[str, Any]]:
-    """Keep the records up to ``step`` (rewriting the file); returns them."""
+def truncate_metrics(path: Path, step: int, rewrite: bool = True) -> list[dict[str, Any]]:
+    """The records up to ``step``; with ``rewrite`` the file is cut back to them (atomically).
+
+    Under several processes only the main process rewrites (``rewrite=is_main()``): every process reads
+    the same records, and two processes replacing one file would race.
+    """
     if not path.is_file():
         return []
     kept = [r for r in map(json.loads, filter(str.strip, path.read_text(encoding="utf-8").splitlines()))
             if r.get("step", 0) <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    if rewrite:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
     return kept

@@ -209,7 +209,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
         raise CheckpointError(f"run '{run_dir}' already reached train.steps ({config.train.steps}) in its "
                               f"checkpoint '{resume_from}': nothing to resume (raise train.steps to train on)")
     if resumed_step is not None:
-        tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step))
+        tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step, rewrite=is_main()))
     callbacks: list[Any] = [tracker]
     if config.train.save_every:
         meta = {"config_hash": config_hash(config), "versions": _versions()}
