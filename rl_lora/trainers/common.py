@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rl_lora.config import RecipeConfig
@@ -79,6 +79,22 @@ def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> d
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
+
+
+class RestoreTokenCount(TrainerCallback):
+    """Carry TRL's trained-token count (logged as ``num_tokens``) across a resume.
+
+    TRL 1.16's DPO and reward trainers keep that count in memory only (``_total_train_tokens``), so a resumed
+    run would start it again at 0; the checkpoint's log history holds the count at its last record.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        counts = [r["num_tokens"] for r in state.log_history if r.get("num_tokens") is not None]
+        if counts and hasattr(self.trainer, "_total_train_tokens"):
+            self.trainer._total_train_tokens = int(counts[-1])
 
 
 def quiet(trainer: Any) -> Any:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
@@ -34,28 +34,12 @@ from rl_lora.tasks.preferences import (
     prompt_length_check,
     read_preference_file,
 )
-from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
+from rl_lora.trainers.common import Algorithm, Loaded, RestoreTokenCount, quiet, shared_training_args
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 
 class GuardedDPOTrainer(NonFiniteGuard, DPOTrainer):
     """TRL's DPOTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
-
-
-class RestoreTokenCount(TrainerCallback):
-    """Carry TRL's trained-token count (logged as ``num_tokens``) across a resume.
-
-    TRL 1.16's DPO and reward trainers keep that count in memory only (``_total_train_tokens``), so a resumed
-    run would start it again at 0; the checkpoint's log history holds the count at its last record.
-    """
-
-    def __init__(self, trainer: Any) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        counts = [r["num_tokens"] for r in state.log_history if r.get("num_tokens") is not None]
-        if counts and hasattr(self.trainer, "_total_train_tokens"):
-            self.trainer._total_train_tokens = int(counts[-1])
 
 
 def check_preferences(config: RecipeConfig) -> list[dict[str, Any]] | None:

@@ -25,8 +25,8 @@ from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
 from rl_lora.lora import peft_config
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
 from rl_lora.tasks.preferences import read_preference_file, split_rows
-from rl_lora.trainers.common import Algorithm, Loaded, quiet, shared_training_args
-from rl_lora.trainers.dpo import RestoreTokenCount, check_chat_template, policy_pairs, prompt_limit
+from rl_lora.trainers.common import Algorithm, Loaded, RestoreTokenCount, quiet, shared_training_args
+from rl_lora.trainers.dpo import check_chat_template, policy_pairs, prompt_limit
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
