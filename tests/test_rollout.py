@@ -80,3 +80,27 @@ def test_plain_model_passes_through() -> None:
     base = LlamaForCausalLM(tiny_llama_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id))
     with merged_adapters(base) as m:
         assert m is base
+
+
+def test_fused_merge_equals_peft_delta_and_dora_is_left_unmerged() -> None:
+    from rl_lora.rollout import _adapted_linears, _merged_weight
+
+    model, tok = _policy(rank=3)
+    for _, _, layer in _adapted_linears(model):
+        weight = layer.get_base_layer().weight
+        expected = weight + layer.get_delta_weight("default")
+        assert torch.allclose(_merged_weight(layer), expected, atol=1e-6, rtol=0)
+
+    base = LlamaForCausalLM(tiny_llama_config(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id))
+    dora = get_peft_model(base, LoraConfig(r=2, lora_alpha=32, target_modules="all-linear", use_dora=True))
+    assert _adapted_linears(dora) == []
+    with torch.no_grad():
+        for name, p in dora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = dora(**batch).logits
+        with merged_adapters(dora):
+            merged = dora(**batch).logits
+    assert torch.equal(plain, merged)
