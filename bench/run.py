@@ -108,8 +108,14 @@ def summarise(raw: dict[str, list[dict[str, Any]]], algorithm: str, ranks: list[
         row["overhead_ratio"] = _div(row["rl_lora_step_s"], row["trl_step_s"])
         rows.append(row)
     full = next((r for r in rows if r["rank"] == "full"), None)
+    full_runs = raw.get(f"{algorithm}|rl-lora|full", [])
     for r in rows:
         r["step_vs_full"] = _div(r["rl_lora_step_s"], full["rl_lora_step_s"]) if full else None
+        # Repeat i of this rank against repeat i of full-parameter (neighbours in time): the spread of
+        # the ratio across repeats, to read the median against.
+        runs = raw.get(f"{algorithm}|rl-lora|{r['rank']}", [])
+        per_repeat = [a["median_step_s"] / b["median_step_s"] for a, b in zip(runs, full_runs, strict=False)]
+        r["step_vs_full_range"] = [min(per_repeat), max(per_repeat)] if full and per_repeat else None
         r["memory_vs_full"] = _div(r["rl_lora_peak_bytes"], full["rl_lora_peak_bytes"]) if full else None
     return rows
 
@@ -219,7 +225,9 @@ def targets(report: dict[str, Any]) -> list[str]:
     step_target = GPU_MAX_RANK1_STEP_VS_FULL if gpu else MAX_RANK1_VS_FULL
     if rank1 and rank1["step_vs_full"] is not None:
         verdict = "met" if rank1["step_vs_full"] <= step_target else "missed"
-        lines.append(f"| rank-1 LoRA GRPO step ≤ {step_target}x full | {rank1['step_vs_full']:.3f}x | {verdict} |")
+        spread = rank1.get("step_vs_full_range")
+        shown = f"{rank1['step_vs_full']:.3f}x" + (f" (repeats {spread[0]:.3f}-{spread[1]:.3f}x)" if spread else "")
+        lines.append(f"| rank-1 LoRA GRPO step ≤ {step_target}x full | {shown} | {verdict} |")
     if gpu and rank1 and rank1["memory_vs_full"] is not None:
         verdict = "met" if rank1["memory_vs_full"] <= GPU_MAX_RANK1_MEMORY_VS_FULL else "missed"
         lines.append(f"| rank-1 LoRA GRPO peak memory ≤ {GPU_MAX_RANK1_MEMORY_VS_FULL}x full | "
@@ -266,9 +274,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model shape (default: qwen2.5-1.5b on a GPU, cpu-28m otherwise)")
     p.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated, of grpo,dpo,ppo")
     p.add_argument("--ranks", default="full,1,16,64")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=8)
     p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of each process's median")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--repeats-inner", type=int, default=4, dest="repeats_inner", help="generate() calls per rollout")
     p.add_argument("--batch", type=int, default=32, help="completions (GRPO, PPO) or pairs (DPO) per step")
     p.add_argument("--generations", type=int, default=8, help="completions per prompt (GRPO, PPO)")
