@@ -20,6 +20,7 @@ that it measures TRL itself; TRL 1.16 has no PPO trainer, so PPO runs through rl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -263,7 +264,13 @@ def worker_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_rollout(args: argparse.Namespace) -> dict[str, Any]:
-    """Generated tokens/s: plain model, LoRA unmerged, LoRA merged (same prompts, greedy, fixed length)."""
+    """Generated tokens/s: plain model, LoRA unmerged, LoRA merged (same prompts, greedy, fixed length).
+
+    The plain model and the LoRA model are two copies of the same weights, so the three variants can
+    take turns: every round times each once, and a variant's figure is its median over the rounds after
+    the first (warm-up). Taking turns keeps a slow drift of the machine from landing on one variant.
+    The merged variant's time includes folding the adapters in and restoring them, as a rollout pays it.
+    """
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -273,31 +280,31 @@ def worker_rollout(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device).eval()
+    plain = AutoModelForCausalLM.from_pretrained(args.model_dir).to(device).eval()
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(args.model_dir).to(device),
+                          LoraConfig(r=int(args.rank), lora_alpha=LORA_ALPHA, target_modules="all-linear")).eval()
     prompts = tok([f"{a}+{a + 7}=" for a in range(10, 10 + args.batch)], return_tensors="pt", padding=True).to(device)
     new = args.completion_tokens * 4
 
-    def rate(m: torch.nn.Module) -> float:
-        times = []
-        for _ in range(args.repeats_inner):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            with torch.no_grad():
-                m.generate(**prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=tok.pad_token_id)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return args.batch * new / statistics.median(times[1:] or times)
+    def seconds(m: torch.nn.Module, merge: bool = False) -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad(), merged_adapters(m) if merge else contextlib.nullcontext():
+            m.generate(**prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       pad_token_id=tok.pad_token_id)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
 
-    plain = rate(model)
-    lora = get_peft_model(model, LoraConfig(r=int(args.rank), lora_alpha=LORA_ALPHA,
-                                            target_modules="all-linear")).eval()
-    unmerged = rate(lora)
-    with merged_adapters(lora):
-        merged = rate(lora)
-    return {"plain_tok_s": plain, "lora_unmerged_tok_s": unmerged, "lora_merged_tok_s": merged}
+    rounds: dict[str, list[float]] = {"plain": [], "unmerged": [], "merged": []}
+    for _ in range(args.repeats_inner + 1):
+        rounds["plain"].append(seconds(plain))
+        rounds["unmerged"].append(seconds(lora))
+        rounds["merged"].append(seconds(lora, merge=True))
+    rate = {k: args.batch * new / statistics.median(v[1:]) for k, v in rounds.items()}
+    return {"plain_tok_s": rate["plain"], "lora_unmerged_tok_s": rate["unmerged"],
+            "lora_merged_tok_s": rate["merged"], "round_seconds": rounds}
 
 
 def main() -> None:

@@ -111,6 +111,8 @@ class PpoSpec(_Section):
     whiten_advantages: bool = True
     # Critic LR = value_lr_multiplier x the policy's LR.
     value_lr_multiplier: float = Field(default=1.0, gt=0)
+    # Generate rollouts with the policy adapter folded into the weights (rl_lora/rollout.py).
+    merge_rollouts: bool = True
 
 
 LEARNED_PREFIX = "learned:"

@@ -111,6 +111,28 @@ def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tmp_path: Path, monke
     assert summary["nonfinite_skipped"] == 1
 
 
+def test_a_nan_gradient_under_a_finite_loss_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One gradient element turns NaN after the backward pass while the loss stays finite."""
+    original = GRPOTrainer.training_step
+
+    def training_step(self: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = original(self, model, *args, **kwargs)
+        if self.state.global_step + 1 == 2:
+            grad = next(p.grad for p in model.parameters() if p.grad is not None)
+            grad.view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(GRPOTrainer, "training_step", training_step)
+    snaps, summary, records = _train(_raw(tmp_path, "grpo", steps=3))
+    assert _same(snaps.weights[1], snaps.weights[2])
+    assert _same_state(snaps.optimizer[1], snaps.optimizer[2])
+    assert not _same(snaps.weights[2], snaps.weights[3])
+    assert all(torch.isfinite(t).all() for t in snaps.weights[3].values())
+    by_step = {r["step"]: r for r in records if "nonfinite_skipped" in r}
+    assert {s: r["nonfinite_skipped"] for s, r in by_step.items()} == {1: 0, 2: 1, 3: 0}
+    assert summary["nonfinite_skipped"] == 1
+
+
 def test_an_unguarded_step_would_have_poisoned_the_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without the guard the same injection writes NaN into the adapter: the injection is real."""
     poison_loss(monkeypatch, "grpo", {2})

@@ -279,3 +279,20 @@ def test_full_parameter_ppo_holds_three_models_and_trains_policy_and_critic(tmp_
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["kl_coef"] for r in records if r["step"] > 0][-1] < 0.05
     assert (result.run_dir / "model" / "model.safetensors").is_file()
+
+
+def test_merged_rollouts_sample_what_unmerged_rollouts_sample(lora_run) -> None:
+    """With the trained (non-zero) policy adapter: the same seed gives the same completions either way,
+    and sampling leaves every weight as it was."""
+    run, *_ = lora_run
+    trainer = run.trainer
+    prompts = ["12+35=", "99+99=", "10+1=", "57+68="] * 4
+    before = _snapshot(trainer.model)
+    completions = {}
+    for merge in (True, False):
+        trainer.spec.merge_rollouts = merge
+        torch.manual_seed(7)
+        completions[merge] = trainer._sample(prompts)[2]
+    trainer.spec.merge_rollouts = True
+    assert torch.equal(completions[True], completions[False])
+    assert not _changed(before, trainer.model)

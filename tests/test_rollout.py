@@ -104,3 +104,28 @@ def test_fused_merge_equals_peft_delta_and_dora_is_left_unmerged() -> None:
         with merged_adapters(dora):
             merged = dora(**batch).logits
     assert torch.equal(plain, merged)
+
+
+def test_two_adapters_merge_only_the_active_one() -> None:
+    """PPO's layout: policy and value adapters on one base; rollouts fold in the policy adapter only."""
+    model, tok = _policy()
+    model.add_adapter("value", LoraConfig(r=2, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".value." in name:
+                p.normal_(0, 0.05)
+    model.set_adapter("default")
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        model.set_adapter("value")
+        value_before = model(**batch).logits
+        model.set_adapter("default")
+    before = _state(model)
+    plain = greedy_completions(model, tok, PROMPTS, max_new_tokens=6)
+    with merged_adapters(model):
+        merged = greedy_completions(model, tok, PROMPTS, max_new_tokens=6)
+    assert merged == plain
+    assert all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
+    with torch.no_grad():
+        model.set_adapter("value")
+        assert torch.equal(model(**batch).logits, value_before)

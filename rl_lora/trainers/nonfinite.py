@@ -7,7 +7,10 @@ placed before the TRL class (``class GuardedDPOTrainer(NonFiniteGuard, DPOTraine
 
 - notes whether any micro-batch loss of the current optimizer step was NaN or inf (``training_step``),
 - wraps the prepared optimizer's ``step`` so that, when that loss or any gradient is not finite, the
-  update is skipped: weights and optimizer state stay as they were (transformers zeroes the gradients
+  update is skipped (the gradients are judged by the total gradient norm transformers computes before
+  every optimizer step, for clipping and logging: a norm over tensors holding NaN or inf is not finite;
+  no second pass over the gradients, which for a full-parameter run is a pass over as many floats as
+  the model has): weights and optimizer state stay as they were (transformers zeroes the gradients
   right after, and the LR schedule still advances: the step counts toward ``train.steps``),
 - logs ``nonfinite_skipped`` (skipped steps since the previous record) in every training record, and
   a null loss for a record made of skipped steps only (transformers' NaN filter would log 0.0),
@@ -25,6 +28,7 @@ transformers has no hook that can veto an optimizer step, hence the wrapper arou
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -59,6 +63,14 @@ class NonFiniteGuard:
     _nonfinite_in_a_row: int = 0
     _nonfinite_since_log: int = 0
     _steps_since_log: int = 0
+    _step_grad_norm: Any = None  # transformers' total gradient norm of the current optimizer step
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # transformers calls this once per optimizer step, right before ``optimizer.step()``, with the
+        # pre-clip norm (or computes it here when clipping is off).
+        norm = super()._get_grad_norm(model, grad_norm=grad_norm)  # type: ignore[misc]
+        self._step_grad_norm = norm
+        return norm
 
     def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
         self._guard_optimizer()
@@ -100,7 +112,13 @@ class NonFiniteGuard:
         setattr(optimizer, _GUARDED, True)
 
     def _step_is_finite(self, optimizer: Any) -> bool:
-        finite = not self._nonfinite_loss and gradients_finite(optimizer)
+        norm, self._step_grad_norm = self._step_grad_norm, None
+        if self._nonfinite_loss:
+            finite = False
+        elif norm is not None:
+            finite = math.isfinite(float(norm))
+        else:
+            finite = gradients_finite(optimizer)
         self._nonfinite_loss = False
         accelerator = self.accelerator  # type: ignore[attr-defined]
         if accelerator.num_processes > 1:  # every rank must take the same decision, or the replicas drift apart

@@ -57,6 +57,7 @@ from reward_models.adapters import trainer_rewards
 from rl_lora.config import RecipeConfig
 from rl_lora.distributed import deepspeed_config
 from rl_lora.errors import CheckpointError, ConfigError, RlLoraError
+from rl_lora.rollout import merged_adapters
 from rl_lora.trainers import ppo_checkpoint
 from rl_lora.trainers import ppo_math as pm
 from rl_lora.trainers.actor_critic import (
@@ -252,11 +253,15 @@ class PPOTrainer:
         # (transformers' default top_k is 50, which would truncate it). Under ZeRO-3 each forward gathers
         # the weights from every process: synced_gpus keeps a process whose completions all ended
         # stepping until every process is done, instead of leaving the others waiting forever.
-        out_B_L = self.model.generate(
-            **batch, do_sample=True, temperature=self.spec.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=self.spec.max_completion_length, synced_gpus=self._zero3() and self.processes > 1,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )
+        # LoRA: the policy adapter folded into the weights for generation (rl_lora/rollout.py), not under
+        # ZeRO-3 where each process holds only a slice of every weight.
+        merge = self.spec.merge_rollouts and not self._zero3()
+        with merged_adapters(self.model) if merge else nullcontext():
+            out_B_L = self.model.generate(
+                **batch, do_sample=True, temperature=self.spec.temperature, top_k=0, top_p=1.0,
+                max_new_tokens=self.spec.max_completion_length, synced_gpus=self._zero3() and self.processes > 1,
+                pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            )
         self.model.train()
         return batch["input_ids"], batch["attention_mask"], out_B_L[:, batch["input_ids"].shape[1]:]
 
