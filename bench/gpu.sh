@@ -7,7 +7,7 @@
 #                                   # installs what is missing from bench/wheels, then runs bench/run.py
 #
 # `run` defaults to what fits a 10-minute device call at the Qwen2.5-1.5B shape: GRPO only, full vs
-# rank 1, one repeat (4 training processes and the rollout test). Extra ARGS go to bench/run.py.
+# rank 1, one repeat, 6 steps a process (4 training processes and the rollout test). Extra ARGS go to bench/run.py.
 # Output: bench/results_gpu.json and bench/results_gpu.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ case "${1:-}" in
     "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null
     "$PY" -c "import torch, trl, rl_lora; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), \
 'trl', trl.__version__)"
-    WANDB_MODE=disabled "$PY" bench/run.py --algorithms grpo --ranks full,1 --repeats 1 \
+    WANDB_MODE=disabled "$PY" bench/run.py --algorithms grpo --ranks full,1 --repeats 1 --steps 6 \
       --out bench/results_gpu.json "$@" | tee bench/results_gpu.md
     ;;
   *)

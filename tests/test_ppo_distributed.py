@@ -113,8 +113,8 @@ def _run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subproc
                           cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_ppo_resume_with_two_processes_reproduces_the_run(tmp_path: Path, stage: int) -> None:
+@pytest.mark.parametrize(("stage", "rank"), [(2, 1), (3, 1), (3, "full")])
+def test_ppo_resume_with_two_processes_reproduces_the_run(tmp_path: Path, stage: int, rank: int | str) -> None:
     """4 steps, a checkpoint every 2: uninterrupted, against killed right after sealing step 2 and resumed.
 
     The main process SIGKILLs itself the moment checkpoint 2 is sealed (tests/kill_hook, the same hook as
@@ -122,7 +122,7 @@ def test_ppo_resume_with_two_processes_reproduces_the_run(tmp_path: Path, stage:
     torchrun tears it down. The resumed run must log the same figures and end with the same weights on
     both ranks: every process's RNG streams, data position and DeepSpeed shards came back.
     """
-    recipe = _recipe(tmp_path, stage, steps=4, save_every=2, eval_every=4)
+    recipe = _recipe(tmp_path, stage, rank, steps=4, save_every=2, eval_every=4)
     whole = _run(recipe, "logging.run_name=whole")
     assert whole.returncode == 0, whole.stderr[-4000:]
 
