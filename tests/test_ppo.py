@@ -296,3 +296,22 @@ def test_merged_rollouts_sample_what_unmerged_rollouts_sample(lora_run) -> None:
     trainer.spec.merge_rollouts = True
     assert torch.equal(completions[True], completions[False])
     assert not _changed(before, trainer.model)
+
+
+def test_zero3_padding_is_not_read_as_weights() -> None:
+    """A ZeRO-3 partition ends in never-written padding when the size does not split evenly: NaN there
+    must not stop a checkpoint (it did, for the 1-element value-head bias on the second of two processes)."""
+    from rl_lora.trainers.ppo import zero3_local_values
+
+    nan = float("nan")
+    bias = torch.zeros(0)  # what a partitioned parameter holds outside a gather
+    bias.ds_numel, bias.ds_tensor = 1, torch.tensor([nan])  # rank 1's partition: padding only
+    assert zero3_local_values(bias, rank=1).numel() == 0
+    bias.ds_tensor = torch.tensor([0.5])  # rank 0 holds the one real element
+    assert zero3_local_values(bias, rank=0).tolist() == [0.5]
+    weight = torch.zeros(0)
+    weight.ds_numel, weight.ds_tensor = 5, torch.tensor([1.0, nan, nan])  # 5 over 2 processes: 3 + (2 + 1 pad)
+    assert zero3_local_values(weight, rank=1).numel() == 2
+    assert not torch.isfinite(zero3_local_values(weight, rank=1)).all()  # a real NaN is still seen
+    plain = torch.ones(3)
+    assert zero3_local_values(plain, rank=1) is plain

@@ -154,6 +154,20 @@ def check_layout(config: RecipeConfig, processes: int, deepspeed: bool, nodes: i
                           f"launch spans {nodes}, --nnodes); drop train.save_every or run on one machine")
 
 
+def zero3_local_values(p: Tensor, rank: int) -> Tensor:
+    """The elements of ``p`` this process holds: its ZeRO-3 partition without the padding, or ``p``.
+
+    DeepSpeed gives every process a partition of ceil(numel / processes) elements; the last ones run
+    past the parameter's end and are padding that is never written (a 1-element bias split over two
+    processes is all padding on the second), so their bytes are whatever the allocator left there.
+    """
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p
+    size = part.numel()
+    return part.view(-1).narrow(0, 0, max(0, min(size, p.ds_numel - rank * size)))
+
+
 class PPOTrainer:
     """PPO with a critic. ``.model`` is the policy (what evaluation and saving use); ``.train()`` runs it."""
 
@@ -466,7 +480,7 @@ class PPOTrainer:
         """Trainable parameters holding NaN or inf in any process's share (a ZeRO-3 partition is checked
         where it lives), the same list on every process, so all refuse together and name the same ones."""
         bad = [n for n, p in self.ac.named_parameters()
-               if p.requires_grad and not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+               if p.requires_grad and not torch.isfinite(zero3_local_values(p, self.rank)).all()]
         if self.processes == 1:
             return bad
         return sorted(set(gather_object(bad)))
