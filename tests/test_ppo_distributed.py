@@ -69,12 +69,16 @@ def _check_run(run: Path, ranks: int) -> None:
     assert (run / "summary.json").is_file()
 
 
+def _run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--nproc", "2",
+                           "--master-port", str(_free_port())],
+                          cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_ppo_lora_two_processes(tmp_path: Path, stage: int) -> None:
     recipe = _recipe(tmp_path, stage)
-    proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=ppo",
-                           "--nproc", "2", "--master-port", str(_free_port())],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = _run(recipe, "logging.run_name=ppo")
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "runs" / "ppo"
     _check_run(run, 2)
@@ -92,9 +96,7 @@ def test_ppo_lora_two_processes(tmp_path: Path, stage: int) -> None:
 
 def test_ppo_full_parameter_zero3_saves_a_consolidated_policy(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, 3, rank="full")
-    proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=full",
-                           "--nproc", "2", "--master-port", str(_free_port())],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = _run(recipe, "logging.run_name=full")
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "runs" / "full"
     _check_run(run, 2)
@@ -105,12 +107,6 @@ def test_ppo_full_parameter_zero3_saves_a_consolidated_policy(tmp_path: Path) ->
     assert sum(p.numel() for p in model.parameters()) == 865_920
     moved = [n for (n, p), q in zip(model.named_parameters(), base.parameters(), strict=True) if not p.equal(q)]
     assert moved, "the saved policy equals the base: training or consolidation was lost"
-
-
-def _run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--nproc", "2",
-                           "--master-port", str(_free_port())],
-                          cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize(("stage", "rank"), [(2, 1), (3, 1), (3, "full")])
