@@ -92,6 +92,12 @@ def _div(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _repeat_range(runs: list[dict[str, Any]], against: list[dict[str, Any]]) -> list[float] | None:
+    """[min, max] over repeats of the step-time ratio, repeat i against repeat i (neighbours in time)."""
+    ratios = [a["median_step_s"] / b["median_step_s"] for a, b in zip(runs, against, strict=False)]
+    return [min(ratios), max(ratios)] if ratios else None
+
+
 def summarise(raw: dict[str, list[dict[str, Any]]], algorithm: str, ranks: list[str], memory_field: str) -> list[dict]:
     """One row per rank: medians over repeats of rl-lora's and plain TRL's figures, and their ratios."""
     rows = []
@@ -106,8 +112,7 @@ def summarise(raw: dict[str, list[dict[str, Any]]], algorithm: str, ranks: list[
         row["rl_lora_train_tflops"] = _median(ours, "train_tflops_per_s")
         row["rl_lora_mfu"] = _median(ours, "mfu")
         row["overhead_ratio"] = _div(row["rl_lora_step_s"], row["trl_step_s"])
-        per_repeat = [a["median_step_s"] / b["median_step_s"] for a, b in zip(ours, trl, strict=False)]
-        row["overhead_range"] = [min(per_repeat), max(per_repeat)] if per_repeat else None
+        row["overhead_range"] = _repeat_range(ours, trl)
         rows.append(row)
     full = next((r for r in rows if r["rank"] == "full"), None)
     full_runs = raw.get(f"{algorithm}|rl-lora|full", [])
@@ -116,8 +121,7 @@ def summarise(raw: dict[str, list[dict[str, Any]]], algorithm: str, ranks: list[
         # Repeat i of this rank against repeat i of full-parameter (neighbours in time): the spread of
         # the ratio across repeats, to read the median against.
         runs = raw.get(f"{algorithm}|rl-lora|{r['rank']}", [])
-        per_repeat = [a["median_step_s"] / b["median_step_s"] for a, b in zip(runs, full_runs, strict=False)]
-        r["step_vs_full_range"] = [min(per_repeat), max(per_repeat)] if full and per_repeat else None
+        r["step_vs_full_range"] = _repeat_range(runs, full_runs) if full else None
         r["memory_vs_full"] = _div(r["rl_lora_peak_bytes"], full["rl_lora_peak_bytes"]) if full else None
     return rows
 
