@@ -15,20 +15,14 @@ reward and what is missing, raised before any model loads.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import sys
 from collections.abc import Callable
-from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any
 
 from reward_models.exact_answer import exact_answer
 from reward_models.shaping import answer_format, length_penalty
 from rl_lora.errors import RewardError
+from rl_lora.plugins import PluginKind, resolve
 
 ENTRY_POINT_GROUP = "rl_lora.reward_models"
 LEARNED_PREFIX = "learned:"
@@ -40,20 +34,16 @@ BUILTIN_REWARDS: dict[str, Callable] = {
 }
 
 
+REWARD_PLUGINS = PluginKind("reward", ENTRY_POINT_GROUP, BUILTIN_REWARDS, RewardError)
+
+
 def resolve_reward(name: str) -> Callable:
     """The callable a recipe's reward name refers to. Raises RewardError if it cannot be found."""
-    if name in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[name]
     if name.startswith(LEARNED_PREFIX):
         from reward_models.learned import LearnedReward  # torch + transformers: only when asked for
 
         return LearnedReward(name.removeprefix(LEARNED_PREFIX))
-    if ":" in name:
-        target, _, attr = name.rpartition(":")
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            return _from_file(name, Path(target), attr)
-        return _from_module(name, target, attr)
-    return _from_entry_point(name)
+    return resolve(REWARD_PLUGINS, name)
 
 
 def check_reward(name: str, kwargs: dict[str, Any]) -> None:
@@ -63,13 +53,13 @@ def check_reward(name: str, kwargs: dict[str, Any]) -> None:
     fails before the policy loads rather than at the first training step.
     """
     fn = resolve_reward(name)
-    _check_keywords(name, fn, kwargs)
+    check_keywords(name, fn, kwargs)
     load = getattr(fn, "load", None)
     if name.startswith(LEARNED_PREFIX) and load is not None:
         load(base=kwargs.get("base"))
 
 
-def _check_keywords(name: str, fn: Callable, kwargs: dict[str, Any]) -> None:
+def check_keywords(name: str, fn: Callable, kwargs: dict[str, Any]) -> None:
     """Refuse keywords ``fn`` would not read.
 
     A function whose catch-all is named ``**_`` (or ``**_anything``) declares that it ignores extra
@@ -89,68 +79,27 @@ def _check_keywords(name: str, fn: Callable, kwargs: dict[str, Any]) -> None:
         raise RewardError(f"reward '{name}' takes no keyword {', '.join(map(repr, unknown))} (kwargs in the recipe)")
 
 
-def _callable_attr(name: str, owner: Any, attr: str, where: str) -> Callable:
-    fn = getattr(owner, attr, None)
-    if fn is None or not callable(fn):
-        raise RewardError(f"reward '{name}': {where} has no callable '{attr}'")
-    return fn
+# Keywords TRL passes that are not dataset columns.
+_TRAINER_KEYWORDS = {"completion_ids", "trainer_state", "log_extra", "log_metric"}
 
 
-def _from_module(name: str, module_name: str, attr: str) -> Callable:
+def required_columns(fn: Callable, kwargs: dict[str, Any]) -> list[str]:
+    """The dataset columns ``fn`` cannot run without: its keyword parameters with no default, after
+    ``prompts`` and ``completions``, that the recipe's kwargs do not give."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise RewardError(f"reward '{name}': cannot import module '{module_name}' ({exc})") from None
-    return _callable_attr(name, module, attr, f"module '{module_name}'")
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    positional = [p for p in named if p.kind is p.POSITIONAL_OR_KEYWORD][:2]  # prompts, completions
+    return [p.name for p in named if p not in positional and p.default is inspect.Parameter.empty
+            and p.name not in kwargs and p.name not in _TRAINER_KEYWORDS]
 
 
-@functools.cache
-def _load_file(path: Path, mtime_ns: int) -> Any:
-    """Execute a reward file once per version of it, as a module of its own."""
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
-    module_name = f"rl_lora_reward_file_{path.stem}_{digest}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise RewardError(f"file '{path}' cannot be loaded as Python")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # so pickling and dataclasses inside the file work
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[module_name]
-        raise RewardError(f"file '{path}' raised while loading: {type(exc).__name__}: {exc}") from exc
-    return module
-
-
-def _from_file(name: str, path: Path, attr: str) -> Callable:
-    path = path.expanduser().resolve()
-    if not path.is_file():
-        raise RewardError(f"reward '{name}': file '{path}' does not exist")
-    try:
-        module = _load_file(path, path.stat().st_mtime_ns)
-    except RewardError as exc:
-        raise RewardError(f"reward '{name}': {exc}") from exc.__cause__
-    return _callable_attr(name, module, attr, f"file '{path}'")
-
-
-def _from_entry_point(name: str) -> Callable:
-    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
-    if not found:
-        installed = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
-        known = ", ".join(sorted(BUILTIN_REWARDS))
-        plugins = ", ".join(installed) if installed else "none installed"
-        raise RewardError(
-            f"unknown reward '{name}': not a built-in ({known}), not an entry point in group "
-            f"'{ENTRY_POINT_GROUP}' ({plugins}), and not 'module.path:function' or 'path/to/file.py:function'"
-        )
-    ep = found[0]
-    dist = getattr(ep.dist, "name", None) or "an installed package"
-    try:
-        fn = ep.load()
-    except Exception as exc:
-        raise RewardError(
-            f"reward '{name}': entry point '{ep.value}' (from {dist}) cannot be loaded: {type(exc).__name__}: {exc}"
-        ) from exc
-    if not callable(fn):
-        raise RewardError(f"reward '{name}': entry point '{ep.value}' (from {dist}) is not callable")
-    return fn
+def check_columns(what: str, fn: Callable, kwargs: dict[str, Any], columns: list[str], dataset: str) -> None:
+    """Refuse ``fn`` (named by ``what``, e.g. "reward 'x.py:score'") if it needs a column the dataset lacks."""
+    missing = [c for c in required_columns(fn, kwargs) if c not in columns]
+    if missing:
+        have = ", ".join(columns) or "none besides 'prompt'"
+        raise RewardError(f"{what} needs column '{missing[0]}', which dataset '{dataset}' does not have "
+                          f"(its columns: {have})")

@@ -36,7 +36,6 @@ from rl_lora.capacity import (
     rl_data_bits,
     targeted_experts,
     targeted_shapes,
-    token_data_bits,
 )
 from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
 from rl_lora.errors import ConfigError, ModelError
@@ -44,7 +43,6 @@ from rl_lora.lr_rule import resolve_lr
 from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, builtin_config
 from rl_lora.models.gguf import is_gguf_reference
 from rl_lora.models.gguf import read_config as read_gguf_config
-from rl_lora.tasks.arithmetic import answer_tokens
 
 Shapes = dict[str, tuple[int, int]]
 ModuleKind = Literal["attention", "mlp", "other"]
@@ -175,7 +173,7 @@ def distinct_pairs_available(config: RecipeConfig) -> int | None:
     from rl_lora.tasks.preferences import read_preference_file
 
     try:
-        return len(read_preference_file(config.preferences_source))
+        return len(read_preference_file(config.preferences_source, split=data.split, subset=data.subset))
     except (DataError, OSError):
         return None
 
@@ -197,10 +195,8 @@ def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
         seen = batch * steps
         available = distinct_pairs_available(config)
         distinct = seen if available is None else min(seen, available)
-        tokens = token_data_bits(distinct * 2 * answer_tokens(config.data))
         cap = "" if available is None else f", at most {available:,} in the data"
-        how = (f"{distinct:,} distinct pairs ({batch} pairs/step x {steps} steps{cap}), 1 bit per pair; "
-               f"<= ~{tokens:,.0f} bits at 1 bit per completion token")
+        how = f"{distinct:,} distinct pairs ({batch} pairs/step x {steps} steps{cap}), 1 bit per pair"
         return pair_data_bits(distinct), how
     raise ConfigError(f"algorithm '{config.algorithm}': the advisor has no data-bits estimate for it yet")
 

@@ -58,11 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lrs", default=None, help="explicit LRs to sweep for every method")
     p.add_argument("--name", default=None, help="sweep name (default: the recipe's name)")
     p.add_argument("--output-dir", default="sweeps", help="where sweep folders go")
-    p.add_argument("--threshold", type=float, default=0.8, help="held-out accuracy for 'steps to threshold'")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a value of the task's headline metric: the report adds 'steps to' it")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     p = sub.add_parser("report", help="write report.md/report.html and plots for a sweep folder")
     p.add_argument("sweep_dir", help="a folder made by rl-lora sweep")
-    p.add_argument("--threshold", type=float, default=0.8, help="held-out accuracy for 'steps to threshold'")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a value of the task's headline metric: the report adds 'steps to' it")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 

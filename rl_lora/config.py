@@ -75,7 +75,8 @@ class GrpoSpec(_Section):
     """Group-relative policy optimisation (TRL's GRPOTrainer)."""
 
     num_generations: int = Field(default=8, ge=2)
-    max_completion_length: int = Field(default=5, ge=1)
+    # TRL's default; the arithmetic recipes set 5 (3 digits + EOS).
+    max_completion_length: int = Field(default=256, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     # KL coefficient to the reference (the policy with its adapter disabled). 0 = no reference pass.
     beta: float = Field(default=0.0, ge=0)
@@ -91,7 +92,8 @@ class PpoSpec(_Section):
 
     # Prompts per step = train.batch_size / samples_per_prompt.
     samples_per_prompt: int = Field(default=4, ge=1)
-    max_completion_length: int = Field(default=5, ge=1)
+    # As GRPO's (TRL's default); the arithmetic recipes set 5.
+    max_completion_length: int = Field(default=256, ge=1)
     temperature: float = Field(default=1.0, gt=0)
     # Passes over each rollout batch, in minibatches of minibatch_size completions (one update each).
     epochs: int = Field(default=2, ge=1)
@@ -164,32 +166,93 @@ BUILTIN_PREFERENCES = "builtin"
 QUANTIZED_ALGORITHMS = ("grpo", "dpo", "ppo")
 
 
+class MetricSpec(_Section):
+    """A held-out metric for a dataset task: a function with the reward signature, averaged over the held-out
+    prompts' greedy completions. ``name`` is found like a reward's (built-in, module:function, file.py:function,
+    entry point); ``label`` is the key it is logged under (default: the function's name)."""
+
+    name: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    label: str | None = None
+    higher_is_better: bool = True
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name.rpartition(":")[2] or self.name
+
+
+# Keys of the dataset task (data.task: dataset); other tasks refuse them.
+DATASET_KEYS = ("source", "subset", "eval_source", "eval_split", "metrics")
+ARITHMETIC_KEYS = ("min_operand", "max_operand", "prompt_style")
+
+
 class DataSpec(_Section):
     """The task, and for DPO and reward-model training the preference pairs.
 
-    ``arithmetic`` is the built-in synthetic task (two-operand addition). Its preference pairs
-    (``preferences: builtin``) pair each training prompt's correct answer with one of the policy's own
-    wrong samples; ``preferences`` may instead name a JSONL, JSON or parquet file in TRL's preference
-    formats.
+    ``task`` names what the policy trains on and is judged by (rl_lora/tasks/): ``arithmetic`` (the
+    built-in synthetic two-operand addition), ``dataset`` (prompts from a file or a ``datasets`` source,
+    judged by the recipe's rewards and metrics), or a plug-in: ``module:factory``, ``path/to/file.py:factory``
+    or an entry point in group ``rl_lora.tasks``. ``preferences`` may name a file or ``datasets`` source in
+    TRL's preference formats for DPO and reward-model training.
     """
 
-    task: Literal["arithmetic"] = "arithmetic"
+    task: str = "arithmetic"
+    # Keywords for a plug-in task's factory: factory(config, **task_kwargs).
+    task_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # -- arithmetic ----------------------------------------------------------------------------------
     min_operand: int = Field(default=10, ge=0)
     max_operand: int = Field(default=99, ge=1)
-    eval_size: int = Field(default=300, ge=1)
-    # The held-out split is fixed by this seed, independent of the training seed.
-    split_seed: int = 1234
     # "plain": "12+35=" -> "47", judged on the completion's first line (the built-in character model).
     # "chat": "What is 12+35? Answer with the number only." through the tokenizer's chat template, judged
     # on the last integer of the completion (instruct models). GRPO and PPO only.
     prompt_style: Literal["plain", "chat"] = "plain"
-    # DPO / reward only: "builtin" (null means the same) or a preference file.
+    # -- dataset -------------------------------------------------------------------------------------
+    # Prompts: a .jsonl/.json/.parquet/.csv file, a folder written by datasets' save_to_disk, or a hub
+    # dataset name (needs the hub). A "prompt" column (a string, or a list of chat messages); every other
+    # column reaches the reward functions as a keyword argument.
+    source: str | None = None
+    subset: str | None = None  # the dataset's configuration name (hub datasets)
+    split: str = "train"  # the split read from a folder or hub source (prompts or preferences)
+    # Held-out prompts: a second source, or another split of the same source; neither = a seeded
+    # eval_fraction of the training rows (never trained on).
+    eval_source: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # Metrics of the held-out greedy completions besides the rewards; the first is the headline metric.
+    metrics: list[MetricSpec] = Field(default_factory=list)
+    # -- shared --------------------------------------------------------------------------------------
+    # Held-out prompts: arithmetic holds exactly this many out; a dataset task evaluates at most this many.
+    eval_size: int = Field(default=300, ge=1)
+    # Greedy completion length of the held-out evaluation; None = the algorithm's completion length
+    # (GRPO, PPO) or 256 tokens (DPO on a dataset task).
+    eval_max_new_tokens: int | None = Field(default=None, ge=1)
+    # The held-out split is fixed by this seed, independent of the training seed.
+    split_seed: int = 1234
+    # DPO / reward only: "builtin" (null means the same; the arithmetic task's pairs) or a preference source.
     preferences: str | None = None
     # Reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a
     # seeded 10% of a preference file.
     eval_preferences: str | None = None
     # Built-in pairs: policy samples per training prompt (temperature 1) to find a wrong one.
     samples_per_prompt: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _task_keys(self) -> DataSpec:
+        defaults = DataSpec.model_construct()
+        if self.task != "dataset":
+            for key in DATASET_KEYS:
+                if getattr(self, key) not in (None, []):
+                    raise ValueError(f"data.{key} is read by data.task: dataset, not '{self.task}'")
+        elif self.source is None:
+            raise ValueError("data.task dataset needs data.source: a .jsonl/.json/.parquet/.csv file, a folder "
+                             "written by save_to_disk, or a hub dataset name")
+        if self.task != "arithmetic":
+            for key in ARITHMETIC_KEYS:
+                if getattr(self, key) != getattr(defaults, key):
+                    raise ValueError(f"data.{key} is read by data.task: arithmetic, not '{self.task}'")
+        if self.eval_source is not None and self.eval_split is not None:
+            raise ValueError("data.eval_source and data.eval_split both name the held-out prompts: set one")
+        return self
 
 
 # TRL 1.16's DPO loss names (trl/trainer/dpo_config.py).
@@ -343,8 +406,8 @@ class RecipeConfig(_Section):
             return
         if self.algorithm == "dpo" and self.data.eval_preferences is not None:
             raise ValueError(
-                "data.eval_preferences is read by algorithm reward only: DPO is judged by held-out "
-                "exact-answer accuracy on the built-in task"
+                "data.eval_preferences is read by algorithm reward only: DPO is judged by its task's held-out "
+                "metric (data.task)"
             )
         if self.data.eval_preferences is not None and self.preferences_source == BUILTIN_PREFERENCES:
             raise ValueError("data.eval_preferences needs data.preferences to name a file (the built-in pairs "

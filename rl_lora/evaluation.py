@@ -1,11 +1,9 @@
-"""Held-out evaluation: greedy exact-answer accuracy of a policy on problems it never trained on."""
+"""Greedy completions of held-out prompts: what every task's held-out evaluation scores."""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from rl_lora.tasks.arithmetic import Problem, extract_answer
 
 
 @torch.no_grad()
@@ -39,15 +37,3 @@ def greedy_completions(
         tokenizer.padding_side = side
         model.train(was_training)
     return out
-
-
-def exact_answer_accuracy(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    problems: list[Problem],
-    max_new_tokens: int,
-) -> float:
-    """Fraction of problems whose greedy completion's answer, read by the problem's rule, is exactly right."""
-    completions = greedy_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
-    correct = sum(extract_answer(c, p.rule) == p.answer for c, p in zip(completions, problems, strict=True))
-    return correct / len(problems)

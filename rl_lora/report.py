@@ -4,6 +4,10 @@
 writes ``report.md``, a self-contained ``report.html`` (plots embedded) and the PNG plots. Nothing
 in the report is typed in by hand: every number comes from what the runs logged.
 
+The headline metric is the task's (summary.json ``headline_metric``: ``accuracy`` for the arithmetic
+task, ``pairwise_accuracy`` for a reward model, a user's metric for a dataset task); every column and
+plot that judges a method reads it, and "better" follows its direction.
+
 Noise: "spread" is sqrt(sd_method² + sd_full²) over seeds (sample standard deviations); a method is
 "within noise of full" when |gap| <= 2 x spread. With one seed there is no noise estimate, and the
 report says so instead of a verdict.
@@ -61,6 +65,32 @@ def load_runs(sweep_dir: Path) -> list[Run]:
     return runs
 
 
+@dataclass(frozen=True)
+class Headline:
+    """The metric the sweep's runs are judged by, read from their summaries."""
+
+    name: str
+    higher_is_better: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"held-out {self.name.replace('_', ' ')}"
+
+    @property
+    def plot_file(self) -> str:
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in self.name) + ".png"
+
+
+def headline_metric(runs: list[Run]) -> Headline:
+    """The runs' common headline metric (runs from before tasks were plug-ins judged by ``accuracy``)."""
+    found = {(r.summary.get("headline_metric", "accuracy"), r.summary.get("higher_is_better", True)) for r in runs}
+    if len(found) > 1:
+        names = ", ".join(sorted(f"'{n}'" for n, _ in found))
+        raise RlLoraError(f"the sweep's runs are judged by different metrics ({names}): one report needs one")
+    name, higher = found.pop()
+    return Headline(name, higher)
+
+
 def group_runs(runs: list[Run]) -> list[Group]:
     """One group per (method, LR); labels carry the LR only where a method was run at several."""
     by_key: dict[tuple[str, float], Group] = {}
@@ -104,15 +134,17 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 
 def area_under_curve(steps: list[int], values: list[float]) -> float | None:
-    """Mean held-out accuracy over training (trapezoid area / steps): rewards learning early."""
+    """Mean of a held-out metric over training (trapezoid area / steps): rewards learning early."""
     if len(steps) < 2 or steps[-1] == steps[0]:
         return None
     area = sum((steps[i + 1] - steps[i]) * (values[i] + values[i + 1]) / 2 for i in range(len(steps) - 1))
     return area / (steps[-1] - steps[0])
 
 
-def steps_to(steps: list[int], values: list[float], threshold: float) -> int | None:
-    return next((s for s, v in zip(steps, values, strict=True) if v >= threshold), None)
+def steps_to(steps: list[int], values: list[float], threshold: float, higher_is_better: bool = True) -> int | None:
+    """The first step whose value reaches ``threshold`` (at or above it; at or below for lower-is-better)."""
+    return next((s for s, v in zip(steps, values, strict=True) if (v >= threshold if higher_is_better
+                                                                   else v <= threshold)), None)
 
 
 def _peak_memory(summary: dict[str, Any]) -> float | None:
@@ -142,7 +174,7 @@ class Row:
     optim_ratio: float | None
 
 
-def _verdict(gap: float | None, spread: float | None, is_full: bool) -> str:
+def _verdict(gap: float | None, spread: float | None, is_full: bool, higher_is_better: bool = True) -> str:
     if is_full:
         return "baseline"
     if gap is None:
@@ -151,22 +183,25 @@ def _verdict(gap: float | None, spread: float | None, is_full: bool) -> str:
         return "one seed: no noise estimate"
     if abs(gap) <= 2 * spread:
         return "within noise of full"
-    return "above full (beyond noise)" if gap > 0 else "below full (beyond noise)"
+    better = gap > 0 if higher_is_better else gap < 0
+    return "better than full (beyond noise)" if better else "worse than full (beyond noise)"
 
 
-def build_rows(groups: list[Group], threshold: float) -> list[Row]:
+def build_rows(groups: list[Group], threshold: float | None, metric: Headline | None = None) -> list[Row]:
+    metric = metric or Headline("accuracy")
+    final_key = f"final_{metric.name}"
     full = next((g for g in groups if g.rank == "full"), None)
-    full_mean, full_sd = _mean_sd(full.values("final_accuracy")) if full else (None, None)
+    full_mean, full_sd = _mean_sd(full.values(final_key)) if full else (None, None)
     rows = []
     for g in groups:
-        mean, sd = _mean_sd(g.values("final_accuracy"))
+        mean, sd = _mean_sd(g.values(final_key))
         gap = None if full is None else mean - full_mean
         spread = None
         if full is not None and sd is not None and full_sd is not None:
             spread = math.sqrt(sd**2 + full_sd**2)
-        curves = [_curve(r, "eval/accuracy") for r in g.runs]
+        curves = [_curve(r, f"eval/{metric.name}") for r in g.runs]
         aucs = [a for a in (area_under_curve(s, v) for s, v in curves) if a is not None]
-        reach = [steps_to(s, v, threshold) for s, v in curves]
+        reach = [steps_to(s, v, threshold, metric.higher_is_better) for s, v in curves] if threshold is not None else []
         states = [s for s in (_state_bytes(r) for r in g.runs) if s is not None]
         memories = [m for m in (_peak_memory(r.summary) for r in g.runs) if m]
         lasts = [next((x for x in reversed(r.records) if x.get("optimizer_bytes")), None) for r in g.runs]
@@ -175,7 +210,8 @@ def build_rows(groups: list[Group], threshold: float) -> list[Row]:
         step_times = [statistics.fmean(t) for t in ([x["step_time"] for x in r.records if x.get("step_time")]
                                                     for r in g.runs) if t]
         rows.append(Row(
-            group=g, final=(mean, sd), gap=gap, spread=spread, verdict=_verdict(gap, spread, g.rank == "full"),
+            group=g, final=(mean, sd), gap=gap, spread=spread,
+            verdict=_verdict(gap, spread, g.rank == "full", metric.higher_is_better),
             auc=statistics.fmean(aucs) if aucs else None,
             to_threshold=statistics.fmean(reach) if reach and all(x is not None for x in reach) else None,
             memory=statistics.fmean(memories) if memories else None,
@@ -235,7 +271,7 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def _table(rows: list[Row], threshold: float) -> list[str]:
+def _table(rows: list[Row], threshold: float | None, metric: Headline) -> list[str]:
     full = next((r for r in rows if r.group.rank == "full"), None)
 
     def rel(row: Row, attr: str) -> str:
@@ -243,8 +279,9 @@ def _table(rows: list[Row], threshold: float) -> list[str]:
         value = getattr(row, attr)
         return f"{value / base:.2f}x" if base and value else "n/a"
 
-    head = (f"| method | seeds | trainable params | final held-out acc | gap to full (± spread) | verdict | "
-            f"mean acc over training | steps to {threshold:g} | param+grad+optim | vs full | peak memory | vs full | "
+    reach = f" steps to {threshold:g} |" if threshold is not None else ""
+    head = (f"| method | seeds | trainable params | final {metric.label} | gap to full (± spread) | verdict | "
+            f"mean over training |{reach} param+grad+optim | vs full | peak memory | vs full | "
             f"step time | vs full | optimizer bytes / trainable param bytes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -256,14 +293,15 @@ def _table(rows: list[Row], threshold: float) -> list[str]:
         lines.append(
             f"| {r.group.label} | {len(r.group.runs)} | {int(params[0]):,} | {_fmt(mean)}"
             f"{' ± ' + _fmt(sd) if sd is not None else ''} | {gap} | {r.verdict} | {_fmt(r.auc)} | "
-            f"{_fmt(r.to_threshold, '.0f')} | {_fmt(r.state / 2**20 if r.state else None, '.2f')} MiB | "
+            + (f"{_fmt(r.to_threshold, '.0f')} | " if threshold is not None else "")
+            + f"{_fmt(r.state / 2**20 if r.state else None, '.2f')} MiB | "
             f"{rel(r, 'state')} | {_fmt(r.memory / 2**30 if r.memory else None, '.2f')} GiB | {rel(r, 'memory')} | "
             f"{_fmt(r.step_time)} s | {rel(r, 'step_time')} | {_fmt(r.optim_ratio, '.2f')} |"
         )
     return lines
 
 
-def _findings(rows: list[Row]) -> list[str]:
+def _findings(rows: list[Row], metric: Headline) -> list[str]:
     full = next((r for r in rows if r.group.rank == "full"), None)
     if full is None:
         return ["No full-parameter run in this sweep: add `full` to --ranks to compare against a baseline."]
@@ -272,23 +310,39 @@ def _findings(rows: list[Row]) -> list[str]:
         if r is full or r.gap is None:
             continue
         out.append(
-            f"- **{r.group.label}**: final held-out accuracy {_fmt(r.final[0])} vs full {_fmt(full.final[0])} "
-            f"({100 * r.gap:+.1f} points): {r.verdict}."
+            f"- **{r.group.label}**: final {metric.label} {_fmt(r.final[0])} vs full {_fmt(full.final[0])} "
+            f"({_gap_text(r.gap, metric)}): {r.verdict}."
         )
     return out
 
 
-def write_report(sweep_dir: Path, threshold: float = 0.8) -> Path:
-    """Write report.md, report.html and the plots into ``sweep_dir``; returns report.md's path."""
-    groups = group_runs(load_runs(sweep_dir))
-    rows = build_rows(groups, threshold)
+def _gap_text(gap: float, metric: Headline) -> str:
+    """A gap in points for a metric in [0, 1] (accuracies), else in the metric's own units."""
+    return f"{100 * gap:+.1f} points" if metric.name.endswith("accuracy") else f"{gap:+.4g}"
+
+
+def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
+    """Write report.md, report.html and the plots into ``sweep_dir``; returns report.md's path.
+
+    ``threshold``: a value of the headline metric; the table then says how many steps each method took to
+    reach it.
+    """
+    runs = load_runs(sweep_dir)
+    metric = headline_metric(runs)
+    groups = group_runs(runs)
+    rows = build_rows(groups, threshold, metric)
     plots = {
-        "accuracy.png": "Held-out accuracy",
+        metric.plot_file: metric.label.capitalize(),
         "reward.png": f"Reward (rolling mean over {REWARD_SMOOTHING} steps)",
         "cost.png": "Memory and speed relative to the full-parameter run",
     }
-    _band_plot(groups, "eval/accuracy", "held-out accuracy", sweep_dir / "accuracy.png")
-    _band_plot(groups, "reward", "reward", sweep_dir / "reward.png", smooth=REWARD_SMOOTHING)
+    _band_plot(groups, f"eval/{metric.name}", metric.label, sweep_dir / metric.plot_file)
+    reward_key = _training_curve_key(groups)
+    if reward_key is None:
+        del plots["reward.png"]
+    else:
+        _band_plot(groups, reward_key, reward_key, sweep_dir / "reward.png", smooth=REWARD_SMOOTHING)
+        plots["reward.png"] = f"Training {reward_key} (rolling mean over {REWARD_SMOOTHING} steps)"
     _cost_plot(rows, sweep_dir / "cost.png")
     failures = sweep_dir / "failures.jsonl"
     failed = [json.loads(x)["run"] for x in failures.read_text().splitlines() if x.strip()] if failures.exists() else []
@@ -298,17 +352,18 @@ def write_report(sweep_dir: Path, threshold: float = 0.8) -> Path:
         f"# Sweep report: {sweep_dir.name}",
         "",
         f"Recipe `{any_run.get('recipe')}`, algorithm {any_run.get('algorithm')}, {any_run.get('steps')} steps "
-        f"per run; {sum(len(g.runs) for g in groups)} finished runs{failed_note}.",
+        f"per run; {sum(len(g.runs) for g in groups)} finished runs{failed_note}. Judged by {metric.label} "
+        f"({'higher' if metric.higher_is_better else 'lower'} is better).",
         "",
         "## What it found",
         "",
-        *_findings(rows),
+        *_findings(rows, metric),
         "",
         "Within noise: |gap| <= 2 x spread, spread = sqrt(sd_method² + sd_full²) over seeds.",
         "",
         "## Table",
         "",
-        *_table(rows, threshold),
+        *_table(rows, threshold, metric),
         "",
         "Memory on CPU is the process's peak RSS, which includes the Python and torch runtime; the "
         "param+grad+optim column is the training state itself. For AdamW the last column is 2.00 "
@@ -320,6 +375,18 @@ def write_report(sweep_dir: Path, threshold: float = 0.8) -> Path:
     (sweep_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
     (sweep_dir / "report.html").write_text(_html(md, sweep_dir), encoding="utf-8")
     return sweep_dir / "report.md"
+
+
+# What each algorithm logs per training step, in order of preference, for the training-curve plot.
+TRAINING_CURVES = ("reward", "rewards/margins", "accuracy", "loss")
+
+
+def _training_curve_key(groups: list[Group]) -> str | None:
+    """The first training figure every run logged: GRPO/PPO's reward, DPO's margin, a reward model's accuracy."""
+    for key in TRAINING_CURVES:
+        if all(any(r.get(key) is not None for r in run.records) for g in groups for run in g.runs):
+            return key
+    return None
 
 
 def _html(md_lines: list[str], sweep_dir: Path) -> str:

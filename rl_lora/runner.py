@@ -9,6 +9,7 @@ of an ``Algorithm`` (rl_lora/trainers/common.py), one module each under rl_lora/
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -32,6 +33,7 @@ from rl_lora.memory import module_param_bytes, peak_memory
 from rl_lora.models.loading import check_policy
 from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
+from rl_lora.tasks.base import Metric
 from rl_lora.tracking import RunTracker, WandbSink
 from rl_lora.trainers import dpo, reward_model
 from rl_lora.trainers.checkpointing import SealCheckpoints
@@ -40,19 +42,15 @@ from rl_lora.trainers.grpo import build_grpo_trainer
 from rl_lora.trainers.ppo import build_ppo_trainer
 
 FINAL_REWARD_WINDOW = 10  # final reward = mean over the last 10 logged steps (one step is noisy)
+# A run whose headline metric ends this far below its best evaluation says so (points of a [0, 1] metric;
+# for other metrics, this fraction of the best value's size).
+FELL_BACK_MARGIN = 0.05
 
 ALGORITHMS: dict[str, Algorithm] = {
     "grpo": rollout_algorithm(build_grpo_trainer, lambda c: c.grpo.max_completion_length),
     "ppo": rollout_algorithm(build_ppo_trainer, lambda c: c.ppo.max_completion_length),
     "dpo": dpo.ALGORITHM,
     "reward": reward_model.ALGORITHM,
-}
-# What the held-out metric means, per algorithm (summary.json "held_out_metric" and the closing lines).
-HELD_OUT_METRIC = {
-    "dpo": "greedy exact-answer accuracy on the held-out problems",
-    "grpo": "greedy exact-answer accuracy on the held-out problems",
-    "ppo": "greedy exact-answer accuracy on the held-out problems",
-    "reward": "pairwise accuracy on held-out preference pairs (chosen scored above rejected)",
 }
 
 
@@ -113,6 +111,7 @@ class PreparedRun:
     started: float
     algorithm: Algorithm
     info: dict[str, Any]
+    metric: Metric
     resume_from: Path | None = None  # the sealed checkpoint this run continues from
     resumed_step: int | None = None
 
@@ -185,6 +184,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
         "lr": lr.lr,
         "lr_multiplier": lr.multiplier,
         "lr_reason": lr.reason,
+        "headline_metric": loaded.metric.as_dict(),
         "policy_path": loaded.source,
         "versions": _versions(),
         "advice": advice,
@@ -202,7 +202,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
             tags, job_type=method,
         )
     tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
-                         progress=config.logging.progress, main=is_main())
+                         progress=config.logging.progress, main=is_main(), metric=loaded.metric)
     resumed_step = checkpoint.verify(resume_from)["step"] if resume_from is not None else None
     if resumed_step is not None and resumed_step >= config.train.steps:
         # transformers would train one step past max_steps from a final checkpoint; refuse instead.
@@ -219,7 +219,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     trainable, total = tracker.static["trainable_params"], tracker.static["total_params"]
     _say(f"rl-lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return PreparedRun(config, run_dir, trainer, tracker, loaded.tokenizer, sink, method, lr, loaded.source, started,
-                       algorithm, loaded.info, resume_from, resumed_step)
+                       algorithm, loaded.info, loaded.metric, resume_from, resumed_step)
 
 
 def _static_figures(trainer: Any) -> dict[str, int]:
@@ -281,7 +281,9 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
         "steps": run.config.train.steps,
         "lr": run.lr.lr,
         "lr_reason": run.lr.reason,
-        "held_out_metric": HELD_OUT_METRIC.get(run.config.algorithm),
+        "held_out_metric": run.metric.description,
+        "headline_metric": run.metric.name,
+        "higher_is_better": run.metric.higher_is_better,
         **{f"start_{k}": v for k, v in run.tracker.start_eval.items()},
         **{f"final_{k}": v for k, v in run.tracker.last_eval.items()},
         **_final_means(run.tracker.records, run.algorithm.final_metrics),
@@ -296,10 +298,27 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
         "base_model": run.source,
         **peak_memory(),
     }
+    summary["fell_back"] = fell_back(summary, run.metric)
     write_json_atomic(run.run_dir / "summary.json", summary)
     sync = run.sink.finish(summary) if run.sink is not None else None
     _print_summary(summary, run.run_dir, list(run.tracker.last_eval), list(run.algorithm.final_metrics), sync)
+    if summary["fell_back"]:
+        m = run.metric.name
+        print(f"note: held-out {m.replace('_', ' ')} ended at {summary[f'final_{m}']:.3f}, below its best "
+              f"{summary[f'best_{m}']:.3f} at step {summary[f'best_{m}_step']}: the last steps made it worse "
+              "(docs/quickstart.md#when-a-run-ends-below-its-best)", flush=True)
     return RunResult(run.run_dir, summary)
+
+
+def fell_back(summary: dict[str, Any], metric: Metric) -> bool:
+    """Whether the headline metric's last evaluation is worse than its best by more than FELL_BACK_MARGIN
+    (absolute for a metric in [0, 1], relative to the best value's size otherwise)."""
+    final, best = summary.get(f"final_{metric.name}"), summary.get(f"best_{metric.name}")
+    if final is None or best is None or not math.isfinite(final) or not math.isfinite(best):
+        return False
+    margin = FELL_BACK_MARGIN if 0.0 <= best <= 1.0 else FELL_BACK_MARGIN * abs(best)
+    loss = best - final if metric.higher_is_better else final - best
+    return loss > margin
 
 
 def _final_means(records: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, float | None]:

@@ -21,6 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from rl_lora.flops import linear_inventory, peak_tflops, training_flops_per_token
 from rl_lora.memory import peak_memory, state_bytes
+from rl_lora.tasks.base import Metric
 
 # TRL's key -> ours. Keys not listed are kept under their own names.
 _RENAME = {"learning_rate": "lr"}
@@ -76,7 +77,7 @@ class WandbSink:
 
 
 class RunTracker(TrainerCallback):
-    """Adds step time, tokens/s, memory and held-out accuracy to each logged record and writes it."""
+    """Adds step time, tokens/s, memory and the held-out metrics to each logged record and writes it."""
 
     def __init__(
         self,
@@ -87,8 +88,10 @@ class RunTracker(TrainerCallback):
         sink: WandbSink | None = None,
         progress: bool = True,
         main: bool = True,
+        metric: Metric | None = None,
     ) -> None:
         self.metrics_path = metrics_path
+        self.metric = metric  # the headline held-out metric: its best evaluation goes into the summary
         self.evaluate = evaluate
         self.eval_every = eval_every
         self.static = static
@@ -214,13 +217,22 @@ class RunTracker(TrainerCallback):
             self.last_eval = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")}
         self._last_tokens = float(next((r["num_tokens"] for r in reversed(records) if "num_tokens" in r), 0.0))
 
+    def best_eval(self, metric: Metric) -> tuple[int, float] | None:
+        """(step, value) of the best evaluation of ``metric`` so far (the earliest, on a tie); None before any."""
+        best = None
+        for r in self.records:
+            value = r.get(f"eval/{metric.name}")
+            if value is not None and (best is None or metric.better(value, best[1])):
+                best = (r["step"], value)
+        return best
+
     def summary(self) -> dict[str, Any]:
-        """Run-level figures for summary.json and the W&B summary: the peak of every held-out metric,
-        the mean step time, the optimizer state's size."""
+        """Run-level figures for summary.json and the W&B summary: the best evaluation of the headline metric
+        and its step, the mean step time, the optimizer state's size."""
+        best = self.best_eval(self.metric) if self.metric is not None else None
         peaks = {}
-        for key in self.start_eval:
-            values = [r[f"eval/{key}"] for r in self.records if r.get(f"eval/{key}") is not None]
-            peaks[f"peak_{key}"] = max(values) if values else None
+        if best is not None:
+            peaks = {f"best_{self.metric.name}": best[1], f"best_{self.metric.name}_step": best[0]}
         times = [r["step_time"] for r in self.records if r.get("step_time") is not None]
         return {
             **peaks,

@@ -17,9 +17,10 @@ from rl_lora.errors import DataError
 from rl_lora.models.builtin import builtin_path
 from rl_lora.models.loading import load_policy
 from rl_lora.runner import prepare_run
-from rl_lora.tasks import preferences
+from rl_lora.tasks import arithmetic_pairs
 from rl_lora.tasks.arithmetic import Problem
-from rl_lora.tasks.preferences import pairs_from_samples, read_preference_file, split_rows
+from rl_lora.tasks.arithmetic_pairs import pairs_from_samples
+from rl_lora.tasks.preferences import read_preference_file, split_rows
 from tests_support import tiny_raw
 
 GOOD = {"prompt": "12+35=", "chosen": "47", "rejected": "46"}
@@ -102,9 +103,9 @@ def test_missing_empty_and_unsupported_files(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="has no rows"):
         read_preference_file(tmp_path / "empty.jsonl")
-    (tmp_path / "p.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="unsupported file type '.csv'"):
-        read_preference_file(tmp_path / "p.csv")
+    (tmp_path / "p.tsv").write_text("a\tb\n")
+    with pytest.raises(DataError, match="unsupported file type '.tsv'"):
+        read_preference_file(tmp_path / "p.tsv")
 
 
 def test_bad_file_fails_before_any_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,18 +145,18 @@ def test_builtin_pairs_are_sampled_deterministically_and_cached(monkeypatch: pyt
     data = DataSpec(max_operand=25, eval_size=20)
     model, tokenizer, source = load_policy(validate({"model": {"warmup_steps": 0}}).model, data, progress=False)
     state = torch.random.get_rng_state()
-    train, held = preferences.builtin_pairs(None, model, tokenizer, data)
+    train, held = arithmetic_pairs.builtin_pairs(None, model, tokenizer, data)
     assert torch.equal(torch.random.get_rng_state(), state), "sampling must not move the global RNG"
     assert train and held and all(p["chosen"] != p["rejected"] and p["rejected"] for p in train + held)
-    assert preferences.builtin_pairs(None, model, tokenizer, data) == (train, held)  # same seed, same pairs
+    assert arithmetic_pairs.builtin_pairs(None, model, tokenizer, data) == (train, held)  # same seed, same pairs
     cache = Path(source)
-    assert preferences.builtin_pairs(cache, model, tokenizer, data) == (train, held)
+    assert arithmetic_pairs.builtin_pairs(cache, model, tokenizer, data) == (train, held)
 
     def no_sampling(*_: object, **__: object) -> None:
         raise AssertionError("cached pairs were sampled again")
 
-    monkeypatch.setattr(preferences, "sample_completions", no_sampling)
-    assert preferences.builtin_pairs(cache, model, tokenizer, data) == (train, held)
+    monkeypatch.setattr(arithmetic_pairs, "sample_completions", no_sampling)
+    assert arithmetic_pairs.builtin_pairs(cache, model, tokenizer, data) == (train, held)
     assert cache == builtin_path("arithmetic-tiny", 0, data)
 
 

@@ -34,7 +34,10 @@ def resolve_policy_path(spec: ModelSpec, data: DataSpec, progress: bool = True) 
     model on first use (both cached)."""
     if spec.policy.startswith(BUILTIN_PREFIX):
         name = spec.policy.removeprefix(BUILTIN_PREFIX)
-        return str(builtin_path(name, spec.warmup_steps, data, progress=progress))
+        # The built-in model is warmed up on the arithmetic task; on any other task it is that task's
+        # default build (the recipe's data section describes the other task, not the warm-up).
+        warmup_data = data if data.task == "arithmetic" else DataSpec()
+        return str(builtin_path(name, spec.warmup_steps, warmup_data, progress=progress))
     if is_gguf_reference(spec.policy):
         return str(resolve_gguf(spec.policy, progress=progress))
     return spec.policy

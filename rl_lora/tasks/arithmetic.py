@@ -11,6 +11,10 @@ Two prompt styles (``data.prompt_style``):
   the policy's chat template, for instruct models. Those answer in sentences as often as with the bare
   number ("12 + 35 = 47", "The answer is 47."), and a sentence's result comes at its end, so the answer
   is the completion's **last** integer (the first would read "12" out of "12 + 35 = 47").
+
+``ArithmeticTask`` is this task behind the task protocol (rl_lora/tasks/base.py): headline metric
+``accuracy``, greedy exact-answer accuracy on the held-out problems. It also makes DPO's and the
+reward model's built-in preference pairs (rl_lora/tasks/arithmetic_pairs.py).
 """
 
 from __future__ import annotations
@@ -22,11 +26,15 @@ from typing import Any
 from datasets import Dataset
 
 from reward_models.exact_answer import FIRST_LINE, LAST_INTEGER, extract_answer
-from rl_lora.config import DataSpec
+from rl_lora.config import DataSpec, RecipeConfig
 from rl_lora.errors import DataError, ModelError
+from rl_lora.evaluation import greedy_completions
+from rl_lora.tasks.base import Metric
+from rl_lora.tasks.chat import render_chat
 
-__all__ = ["CHAT_QUESTION", "Problem", "answer_tokens", "chat_prompt", "extract_answer", "render_prompts", "split",
-           "to_dataset"]
+__all__ = ["CHAT_QUESTION", "ArithmeticTask", "Problem", "answer_tokens", "chat_prompt", "exact_answer_accuracy",
+           "extract_answer", "make_task", "render_prompts", "split", "to_dataset"]
+ACCURACY = Metric("accuracy", True, "greedy exact-answer accuracy on the held-out problems")
 
 CHAT_QUESTION = "What is {a}+{b}? Answer with the number only."
 
@@ -40,24 +48,12 @@ class Problem:
 
 
 def chat_prompt(tokenizer: Any, question: str) -> str:
-    """``question`` as one user turn through the tokenizer's chat template, ready for the assistant's reply.
-
-    The rendered text is tokenised later like any plain prompt (by TRL, PPO and the evaluation), with
-    the tokenizer's special tokens; a BOS the template writes itself is dropped when the tokenizer adds
-    one anyway, so the model never sees two.
-    """
+    """``question`` as one user turn through the tokenizer's chat template, ready for the assistant's reply."""
     if getattr(tokenizer, "chat_template", None) is None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise ModelError(f"data.prompt_style chat: the policy's tokenizer ('{name}') has no chat template "
                          "(use data.prompt_style: plain, or a chat/instruct model)")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    bos = tokenizer.bos_token
-    adds_bos = bos is not None and tokenizer.bos_token_id in tokenizer("")["input_ids"]
-    if adds_bos and text.startswith(bos):
-        text = text[len(bos) :]
-    return text
+    return render_chat(tokenizer, [{"role": "user", "content": question}])
 
 
 def _all_problems(spec: DataSpec) -> list[Problem]:
@@ -114,3 +110,54 @@ def to_dataset(problems: list[Problem]) -> Dataset:
     if any(p.rule != FIRST_LINE for p in problems):
         columns["answer_rule"] = [p.rule for p in problems]
     return Dataset.from_dict(columns)
+
+
+def exact_answer_accuracy(model: Any, tokenizer: Any, problems: list[Problem], max_new_tokens: int) -> float:
+    """Fraction of problems whose greedy completion's answer, read by the problem's rule, is exactly right."""
+    completions = greedy_completions(model, tokenizer, [p.prompt for p in problems], max_new_tokens)
+    correct = sum(extract_answer(c, p.rule) == p.answer for c, p in zip(completions, problems, strict=True))
+    return correct / len(problems)
+
+
+class ArithmeticTask:
+    """The built-in task behind the task protocol."""
+
+    metric = ACCURACY
+
+    def __init__(self, config: RecipeConfig) -> None:
+        self.spec = config.data
+        self._split: tuple[list[Problem], list[Problem]] | None = None
+        self._rendered: list[Problem] | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return ["answer"] + (["answer_rule"] if self.spec.prompt_style == "chat" else [])
+
+    def check(self) -> dict[str, Any]:
+        self._split = split(self.spec)
+        return {}
+
+    def problems(self) -> tuple[list[Problem], list[Problem]]:
+        """(train, held-out) problems, unrendered."""
+        if self._split is None:
+            self._split = split(self.spec)
+        return self._split
+
+    def train_dataset(self, tokenizer: Any) -> Dataset:
+        return to_dataset(render_prompts(self.problems()[0], self.spec, tokenizer))
+
+    def evaluate(self, model: Any, tokenizer: Any, max_new_tokens: int | None) -> dict[str, float]:
+        if self._rendered is None:
+            self._rendered = render_prompts(self.problems()[1], self.spec, tokenizer)
+        tokens = self.spec.eval_max_new_tokens or max_new_tokens or answer_tokens(self.spec)
+        return {ACCURACY.name: exact_answer_accuracy(model, tokenizer, self._rendered, tokens)}
+
+    def preference_pairs(self, model: Any, tokenizer: Any, cache_dir: Any) -> tuple[list[dict], list[dict]]:
+        """(training, held-out) pairs from the policy's own wrong samples (rl_lora/tasks/arithmetic_pairs.py)."""
+        from rl_lora.tasks.arithmetic_pairs import builtin_pairs
+
+        return builtin_pairs(cache_dir, model, tokenizer, self.spec)
+
+
+def make_task(config: RecipeConfig) -> ArithmeticTask:
+    return ArithmeticTask(config)

@@ -23,9 +23,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rl_lora.config import RecipeConfig
 from rl_lora.distributed import deepspeed_config, per_device_batch
-from rl_lora.evaluation import exact_answer_accuracy
 from rl_lora.models.loading import load_policy
-from rl_lora.tasks import arithmetic
+from rl_lora.tasks.base import Metric
+from rl_lora.tasks.registry import make_task
 
 
 @dataclass
@@ -37,6 +37,7 @@ class Loaded:
     source: str  # the folder or hub id the weights came from (the built-in model's cache folder)
     train_dataset: Dataset
     evaluate: Callable[[Any], dict[str, float]]  # held-out metrics of a model, e.g. {"accuracy": 0.46}
+    metric: Metric  # the headline one of them: reports, sweeps and the closing lines judge by it
     info: dict[str, Any] = field(default_factory=dict)  # figures for summary.json (e.g. pair counts)
 
 
@@ -105,30 +106,43 @@ def quiet(trainer: Any) -> Any:
     return trainer
 
 
+def checked_task(config: RecipeConfig) -> tuple[Any, dict[str, Any]]:
+    """The recipe's task (rl_lora/tasks/registry.py), its own checks run: (task, figures for summary.json)."""
+    task = make_task(config)
+    check = getattr(task, "check", None)
+    return task, (check() or {}) if check is not None else {}
+
+
 def rollout_algorithm(
     build: Callable[..., Any], completion_tokens: Callable[[RecipeConfig], int]
 ) -> Algorithm:
-    """An RL algorithm that samples completions of the built-in task and scores them with the recipe's
+    """An RL algorithm that samples completions of the task's prompts and scores them with the recipe's
     rewards (GRPO; PPO has the same shape). ``build`` has build_grpo_trainer's signature."""
 
-    def check(config: RecipeConfig) -> None:
+    def check(config: RecipeConfig) -> tuple[Any, dict[str, Any]]:
         from reward_models import check_reward
+        from reward_models.registry import check_columns, resolve_reward
 
         for f in config.reward.functions:  # a bad name, keyword or reward-model folder fails here
             check_reward(f.name, f.kwargs)
+        task, info = checked_task(config)
+        columns = getattr(task, "columns", None)
+        if columns is not None:  # a reward needing a column the task's data lacks fails here too
+            for f in config.reward.functions:
+                if not f.name.startswith("learned:"):
+                    check_columns(f"reward '{f.name}'", resolve_reward(f.name), f.kwargs, list(columns),
+                                  config.data.source or config.data.task)
+        return task, info
 
-    def load(config: RecipeConfig, _: Any, progress: bool) -> Loaded:
-        train_problems, held_out = arithmetic.split(config.data)
+    def load(config: RecipeConfig, checked: tuple[Any, dict[str, Any]], progress: bool) -> Loaded:
+        task, info = checked
         model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
-        # data.prompt_style chat: the questions go through the policy's chat template.
-        train_problems = arithmetic.render_prompts(train_problems, config.data, tokenizer)
-        held_out = arithmetic.render_prompts(held_out, config.data, tokenizer)
         max_new = completion_tokens(config)
 
         def evaluate(m: Any) -> dict[str, float]:
-            return {"accuracy": exact_answer_accuracy(m, tokenizer, held_out, max_new)}
+            return task.evaluate(m, tokenizer, max_new)
 
-        return Loaded(model, tokenizer, source, arithmetic.to_dataset(train_problems), evaluate)
+        return Loaded(model, tokenizer, source, task.train_dataset(tokenizer), evaluate, task.metric, info)
 
     def build_trainer(config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path,
                       callbacks: list[TrainerCallback]) -> Any:

@@ -4,10 +4,10 @@ With a LoRA spec TRL wraps the policy with PEFT and the reference is the same ne
 adapter disabled (no second copy). With ``lora.rank: full`` the reference is an explicit frozen copy
 of the policy: TRL would otherwise try to load one from the model's (empty) hub name.
 
-The pairs are the built-in task's (chosen = the answer, rejected = the policy's own wrong sample;
-rl_lora/tasks/preferences.py) or a preference file. Either way the held-out metric is the built-in
-task's greedy exact-answer accuracy on the same held-out problems as GRPO, since the task is what
-the preferences are meant to improve.
+The pairs are the task's own (the arithmetic task's: chosen = the answer, rejected = the policy's own
+wrong sample; rl_lora/tasks/arithmetic_pairs.py) or a preference source. Either way the held-out metric is
+the task's (``data.task``): for arithmetic, greedy exact-answer accuracy on the same held-out problems as
+GRPO, since the task is what the preferences are meant to improve.
 """
 
 from __future__ import annotations
@@ -21,20 +21,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from trl import DPOConfig, DPOTrainer
 
 from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
-from rl_lora.errors import DataError
-from rl_lora.evaluation import exact_answer_accuracy
+from rl_lora.errors import ConfigError
 from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.models.builtin import BUILTIN_PREFIX
 from rl_lora.models.loading import load_policy, policy_tokenizer_and_context
-from rl_lora.tasks import arithmetic
-from rl_lora.tasks.preferences import (
-    RowCheck,
-    builtin_pairs,
-    is_conversational,
-    prompt_length_check,
-    read_preference_file,
+from rl_lora.tasks.chat import require_chat_template
+from rl_lora.tasks.preferences import RowCheck, is_conversational, prompt_length_check, read_preference_file
+from rl_lora.trainers.common import (
+    Algorithm,
+    Loaded,
+    RestoreTokenCount,
+    checked_task,
+    quiet,
+    shared_training_args,
 )
-from rl_lora.trainers.common import Algorithm, Loaded, RestoreTokenCount, quiet, shared_training_args
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 
@@ -42,10 +42,31 @@ class GuardedDPOTrainer(NonFiniteGuard, DPOTrainer):
     """TRL's DPOTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
 
 
-def check_preferences(config: RecipeConfig) -> list[dict[str, Any]] | None:
-    """The validated rows of the recipe's preference file, or None for the built-in pairs."""
+def read_preferences(config: RecipeConfig, source: str) -> list[dict[str, Any]]:
+    """The validated rows of a preference source, with the prompt-length check and, for conversational rows,
+    the policy's chat template checked (from its tokenizer files, no weights) before any model loads."""
+    rows = read_preference_file(source, prompt_limit(config), config.data.split, config.data.subset)
+    if is_conversational(rows):
+        found = policy_tokenizer_and_context(config.model)
+        if found is not None:
+            require_chat_template(found[0], config.model.policy, source)
+    return rows
+
+
+def check_preferences(config: RecipeConfig) -> tuple[Any, list[dict[str, Any]] | None, dict[str, Any]]:
+    """(task, the validated rows of the recipe's preference source or None for the task's own pairs, figures)."""
+    task, info = checked_task(config)
     source = config.preferences_source
-    return None if source == BUILTIN_PREFERENCES else read_preference_file(source, prompt_limit(config))
+    if source == BUILTIN_PREFERENCES:
+        require_task_pairs(task, config)
+        return task, None, info
+    return task, read_preferences(config, source), info
+
+
+def require_task_pairs(task: Any, config: RecipeConfig) -> None:
+    if not hasattr(task, "preference_pairs"):
+        raise ConfigError(f"data.preferences: the task '{config.data.task}' makes no preference pairs of its own "
+                          "(the arithmetic task does): name a preference file or dataset in data.preferences")
 
 
 def prompt_limit(config: RecipeConfig) -> RowCheck | None:
@@ -64,36 +85,34 @@ def prompt_limit(config: RecipeConfig) -> RowCheck | None:
 
 def check_chat_template(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, source: str,
                         dataset: str) -> None:
-    if is_conversational(rows) and not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            f"dataset '{dataset}' is conversational (lists of messages) but the tokenizer of '{source}' has no "
-            "chat template to render them"
-        )
+    if is_conversational(rows):
+        require_chat_template(tokenizer, source, dataset)
 
 
 def policy_pairs(
-    config: RecipeConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str,
+    task: Any, config: RecipeConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str,
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """The built-in (training, held-out) pairs sampled from ``model``; cached beside the built-in model."""
+    """The task's own (training, held-out) pairs sampled from ``model``; cached beside the built-in model."""
     # Pairs are cached beside the built-in model, keyed by the data; a 4-bit base samples other answers,
     # so its pairs are drawn afresh each time rather than mixed into the fp32 model's cache.
     cached = config.model.policy.startswith(BUILTIN_PREFIX) and config.model.quantization == "none"
     cache_dir = Path(source) if cached else None
-    return builtin_pairs(cache_dir, model, tokenizer, config.data)
+    return task.preference_pairs(model, tokenizer, cache_dir)
 
 
-def load(config: RecipeConfig, rows: list[dict[str, Any]] | None, progress: bool) -> Loaded:
-    _, held_out = arithmetic.split(config.data)
+def load(config: RecipeConfig, checked: tuple[Any, list[dict[str, Any]] | None, dict[str, Any]],
+         progress: bool) -> Loaded:
+    task, rows, info = checked
     model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
     if rows is None:
-        rows, _ = policy_pairs(config, model, tokenizer, source)
+        rows, _ = policy_pairs(task, config, model, tokenizer, source)
     check_chat_template(rows, tokenizer, source, config.preferences_source)
-    max_new = arithmetic.answer_tokens(config.data)
 
     def evaluate(m: Any) -> dict[str, float]:
-        return {"accuracy": exact_answer_accuracy(m, tokenizer, held_out, max_new)}
+        return task.evaluate(m, tokenizer, None)
 
-    return Loaded(model, tokenizer, source, Dataset.from_list(rows), evaluate, info={"train_pairs": len(rows)})
+    return Loaded(model, tokenizer, source, Dataset.from_list(rows), evaluate, task.metric,
+                  info={**info, "train_pairs": len(rows)})
 
 
 def dpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> DPOConfig:

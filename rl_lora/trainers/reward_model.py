@@ -24,12 +24,15 @@ from reward_models.learned import score_texts
 from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
 from rl_lora.lora import peft_config
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
-from rl_lora.tasks.preferences import read_preference_file, split_rows
-from rl_lora.trainers.common import Algorithm, Loaded, RestoreTokenCount, quiet, shared_training_args
-from rl_lora.trainers.dpo import check_chat_template, policy_pairs, prompt_limit
+from rl_lora.tasks.base import Metric
+from rl_lora.tasks.preferences import split_rows
+from rl_lora.trainers.common import Algorithm, Loaded, RestoreTokenCount, checked_task, quiet, shared_training_args
+from rl_lora.trainers.dpo import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
+PAIRWISE_ACCURACY = Metric("pairwise_accuracy", True,
+                           "pairwise accuracy on held-out preference pairs (chosen scored above rejected)")
 
 Pairs = list[dict[str, Any]]
 
@@ -38,16 +41,18 @@ class GuardedRewardTrainer(NonFiniteGuard, RewardTrainer):
     """TRL's RewardTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
 
 
-def check_preferences(config: RecipeConfig) -> tuple[Pairs, Pairs] | None:
-    """(training, held-out) rows of the recipe's preference files, or None for the built-in pairs."""
+def check_preferences(config: RecipeConfig) -> tuple[Any, tuple[Pairs, Pairs] | None]:
+    """(the task, the (training, held-out) rows of the recipe's preference sources, or None for the task's
+    own pairs). The task is needed only for its own pairs."""
     source = config.preferences_source
     if source == BUILTIN_PREFERENCES:
-        return None
-    limit = prompt_limit(config)
-    rows = read_preference_file(source, limit)
+        task, _ = checked_task(config)
+        require_task_pairs(task, config)
+        return task, None
+    rows = read_preferences(config, source)
     if config.data.eval_preferences is not None:
-        return rows, read_preference_file(config.data.eval_preferences, limit)
-    return split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed)
+        return None, (rows, read_preferences(config, config.data.eval_preferences))
+    return None, split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed)
 
 
 def pairwise_accuracy(model: PreTrainedModel, tokenizer: Any, pairs: Pairs, batch_size: int = 256) -> float:
@@ -60,24 +65,25 @@ def pairwise_accuracy(model: PreTrainedModel, tokenizer: Any, pairs: Pairs, batc
     return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
 
 
-def load(config: RecipeConfig, checked: tuple[Pairs, Pairs] | None, progress: bool) -> Loaded:
-    if checked is None:  # the built-in pairs: the causal policy's own wrong samples are the rejected answers
+def load(config: RecipeConfig, checked: tuple[Any, tuple[Pairs, Pairs] | None], progress: bool) -> Loaded:
+    task, pairs = checked
+    if pairs is None:  # the task's own pairs: the causal policy's own wrong samples are the rejected answers
         policy, tokenizer, source = load_policy(config.model, config.data, progress=progress)
-        train_pairs, held_pairs = policy_pairs(config, policy, tokenizer, source)
+        train_pairs, held_pairs = policy_pairs(task, config, policy, tokenizer, source)
         del policy
     else:
         source = resolve_policy_path(config.model, config.data, progress)
         tokenizer = load_tokenizer(config.model, source)
-        train_pairs, held_pairs = checked
+        train_pairs, held_pairs = pairs
     check_chat_template(train_pairs, tokenizer, source, config.preferences_source)
     set_seed(config.train.seed)  # the new head's initialisation
     model = load_reward_backbone(config.model, source, tokenizer.pad_token_id)
 
     def evaluate(m: Any) -> dict[str, float]:
-        return {"pairwise_accuracy": pairwise_accuracy(m, tokenizer, held_pairs)}
+        return {PAIRWISE_ACCURACY.name: pairwise_accuracy(m, tokenizer, held_pairs)}
 
     info = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs)}
-    return Loaded(model, tokenizer, source, Dataset.from_list(train_pairs), evaluate, info)
+    return Loaded(model, tokenizer, source, Dataset.from_list(train_pairs), evaluate, PAIRWISE_ACCURACY, info)
 
 
 def reward_args(config: RecipeConfig, lr: float, output_dir: Path) -> RewardConfig:

@@ -1,0 +1,199 @@
+"""The dataset task: a user's prompts from a file or ``datasets`` source, judged by the recipe's own functions.
+
+Rows follow TRL's prompt formats: ``prompt`` is a string (standard) or a list of chat messages
+(conversational, rendered through the policy's chat template). Every other column reaches the reward
+functions as a keyword argument, as in TRL. Held-out prompts come from ``data.eval_source``, another
+split of the source (``data.eval_split``), or a seeded ``data.eval_fraction`` of the rows, which are
+then never trained on; at most ``data.eval_size`` of them are evaluated.
+
+The held-out evaluation greedily completes each held-out prompt and scores the completions with the
+recipe's reward functions (``held_out_reward/<name>`` per function and ``held_out_reward``, their
+weighted sum) and with ``data.metrics`` (each under its label). The headline metric is the first of
+``data.metrics``, or ``held_out_reward`` when there is none.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from datasets import Dataset
+
+from rl_lora.config import RecipeConfig, RewardFunctionSpec
+from rl_lora.errors import ConfigError, DataError
+from rl_lora.evaluation import greedy_completions
+from rl_lora.tasks.base import Metric
+from rl_lora.tasks.chat import check_messages, render_chat, require_chat_template
+from rl_lora.tasks.scoring import Scorer, metric_scorer, reward_scorer, score_mean
+from rl_lora.tasks.sources import NumberedRows, read_rows
+
+HELD_OUT_REWARD = "held_out_reward"
+DPO_EVAL_TOKENS = 256  # greedy completion length under DPO, which has no completion length of its own
+
+
+@dataclass
+class PromptRows:
+    """Validated rows of one source: plain dicts with a ``prompt`` column, and whether prompts are messages."""
+
+    source: str
+    rows: list[dict[str, Any]]
+    conversational: bool
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.rows[0])
+
+
+def validate_prompt_rows(numbered: NumberedRows, source: str) -> PromptRows:
+    """Every row an object with a non-empty ``prompt`` (a string or messages) and the first row's columns."""
+    rows: list[dict[str, Any]] = []
+    first: tuple[list[str], bool] | None = None
+    for row_no, row in numbered:
+        where = f"dataset '{source}' row {row_no}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
+        if "prompt" not in row:
+            found = ", ".join(map(repr, row)) or "none"
+            raise DataError(f"{where}: no 'prompt' column (columns: {found}); rename the prompt column to 'prompt'")
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise DataError(f"{where}: field 'prompt' is empty")
+        else:
+            check_messages(prompt, f"{where}: field 'prompt'")
+        kind = (list(row), isinstance(prompt, list))
+        if first is None:
+            first = kind
+        elif kind[1] != first[1]:
+            formats = ("a string", "a list of messages")
+            raise DataError(f"{where}: field 'prompt' is {formats[kind[1]]} but earlier rows' are {formats[first[1]]} "
+                            "(one format per dataset)")
+        elif set(kind[0]) != set(first[0]):
+            missing = sorted(set(first[0]) - set(kind[0]))
+            extra = sorted(set(kind[0]) - set(first[0]))
+            detail = f"column '{missing[0]}' is missing" if missing else f"column '{extra[0]}' is not in earlier rows"
+            raise DataError(f"{where}: {detail} (every row must have the columns {first[0]})")
+        rows.append(dict(row))
+    return PromptRows(source, rows, bool(first and first[1]))
+
+
+def hold_out(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): a seeded ``fraction`` of the rows, at least one each side, or DataError."""
+    n_held = round(fraction * len(rows))
+    if n_held < 1 or n_held >= len(rows):
+        raise DataError(f"dataset '{source}': data.eval_fraction {fraction} of {len(rows)} rows leaves "
+                        f"{n_held} held-out and {len(rows) - n_held} training rows (each needs at least 1)")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_held])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+class DatasetTask:
+    """A task read from ``data.source`` (see the module docstring)."""
+
+    def __init__(self, config: RecipeConfig) -> None:
+        self.config = config
+        self.data = config.data
+        # Reward functions score held-out completions only where the recipe has them (GRPO, PPO).
+        self.rewards: list[RewardFunctionSpec] = (
+            list(config.reward.functions) if config.algorithm in ("grpo", "ppo") else []
+        )
+        if not self.data.metrics and not self.rewards:
+            raise ConfigError(f"data.task dataset under algorithm {config.algorithm} has nothing to judge held-out "
+                              "completions by: name at least one function in data.metrics")
+        first = self.data.metrics[0] if self.data.metrics else None
+        self.metric = (
+            Metric(first.key, first.higher_is_better, f"mean of {first.name} over held-out greedy completions")
+            if first else
+            Metric(HELD_OUT_REWARD, True, "weighted sum of the recipe's rewards over held-out greedy completions")
+        )
+        self._train: PromptRows | None = None
+        self._held: PromptRows | None = None
+        self._scorers: list[tuple[str, Scorer]] | None = None
+        self._rendered: list[str] | None = None
+
+    # -- checks before any model loads -------------------------------------------------------------
+    def check(self) -> dict[str, Any]:
+        """Read and validate the rows, split off the held-out prompts, find every scoring function."""
+        d = self.data
+        train = validate_prompt_rows(read_rows(d.source, d.split, d.subset), d.source)
+        if d.eval_source is not None or d.eval_split is not None:
+            name = d.eval_source or d.source
+            held = validate_prompt_rows(read_rows(name, d.eval_split or d.split, d.subset), name)
+            if held.conversational != train.conversational:
+                raise DataError(f"dataset '{name}': held-out prompts and training prompts ('{d.source}') are in "
+                                "different formats (strings vs lists of messages)")
+            if set(held.columns) != set(train.columns):
+                raise DataError(f"dataset '{name}': held-out columns {held.columns} differ from the training "
+                                f"columns {train.columns} of '{d.source}'")
+        else:
+            rows, held_rows = hold_out(train.rows, d.eval_fraction, d.split_seed, d.source)
+            train, held = PromptRows(d.source, rows, train.conversational), PromptRows(d.source, held_rows,
+                                                                                      train.conversational)
+        held.rows = held.rows[: d.eval_size]
+        self._train, self._held = train, held
+        self._scorers = self._find_scorers(train.columns)
+        return {"train_prompts": len(train.rows), "held_out_prompts": len(held.rows)}
+
+    @property
+    def columns(self) -> list[str]:
+        if self._train is None:
+            self.check()
+        return [c for c in self._train.columns if c != "prompt"]
+
+    def _find_scorers(self, columns: list[str]) -> list[tuple[str, Scorer]]:
+        available = [c for c in columns if c != "prompt"]
+        source = self.data.source
+        scorers = [(f"{HELD_OUT_REWARD}/{spec_key(f)}", reward_scorer(f, available, source)) for f in self.rewards]
+        labels = [m.key for m in self.data.metrics]
+        duplicate = next((k for k in labels if labels.count(k) > 1), None)
+        if duplicate:
+            raise ConfigError(f"data.metrics: two metrics are logged as '{duplicate}' (give one a label)")
+        return scorers + [(m.key, metric_scorer(m, available, source)) for m in self.data.metrics]
+
+    # -- the protocol --------------------------------------------------------------------------------
+    def train_dataset(self, tokenizer: Any) -> Dataset:
+        if self._train is None:
+            self.check()
+        return Dataset.from_list([{**r, "prompt": self._render(tokenizer, r["prompt"], self._train)}
+                                  for r in self._train.rows])
+
+    def evaluate(self, model: Any, tokenizer: Any, max_new_tokens: int | None) -> dict[str, float]:
+        if self._held is None:
+            self.check()
+        if self._rendered is None:
+            self._rendered = [self._render(tokenizer, r["prompt"], self._held) for r in self._held.rows]
+        tokens = self.data.eval_max_new_tokens or max_new_tokens or DPO_EVAL_TOKENS
+        completions = greedy_completions(model, tokenizer, self._rendered, tokens)
+        columns = {c: [r[c] for r in self._held.rows] for c in self._held.columns if c != "prompt"}
+        out: dict[str, float] = {}
+        total = [0.0] * len(completions)
+        for (key, scorer), spec in zip(self._scorers, [*self.rewards, *self.data.metrics], strict=True):
+            scores = scorer(self._rendered, completions, columns)
+            out[key] = score_mean(scores)
+            if isinstance(spec, RewardFunctionSpec):  # TRL sums weighted rewards, a missing score as 0
+                total = [t + spec.weight * (s or 0.0) for t, s in zip(total, scores, strict=True)]
+        if self.rewards:
+            out[HELD_OUT_REWARD] = sum(total) / len(total)
+        return out
+
+    def _render(self, tokenizer: Any, prompt: Any, rows: PromptRows) -> str:
+        if not rows.conversational:
+            return prompt
+        require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "") or "the policy", rows.source)
+        return render_chat(tokenizer, prompt)
+
+
+def spec_key(spec: RewardFunctionSpec) -> str:
+    """A reward's name in held-out keys: the function's name (``file.py:score`` -> ``score``), ``learned``
+    for a reward model."""
+    if spec.name.startswith("learned:"):
+        return "learned"
+    return spec.name.rpartition(":")[2] or spec.name
+
+
+def make_task(config: RecipeConfig) -> DatasetTask:
+    return DatasetTask(config)
+
