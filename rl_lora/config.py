@@ -183,6 +183,7 @@ class MetricSpec(_Section):
 
 # Keys of the dataset task (data.task: dataset); other tasks refuse them.
 DATASET_KEYS = ("source", "subset", "eval_source", "eval_split", "metrics")
+DATASET_FLAGS = {"prompt_column": "prompt", "chat_prompts": False}
 ARITHMETIC_KEYS = ("min_operand", "max_operand", "prompt_style")
 
 
@@ -212,6 +213,10 @@ class DataSpec(_Section):
     # column reaches the reward functions as a keyword argument.
     source: str | None = None
     subset: str | None = None  # the dataset's configuration name (hub datasets)
+    # The column holding the prompts (e.g. GSM8K's "question"); it reaches the trainers as "prompt".
+    prompt_column: str = "prompt"
+    # True: string prompts go to the policy as one user message through its chat template (instruct models).
+    chat_prompts: bool = False
     split: str = "train"  # the split read from a folder or hub source (prompts or preferences)
     # Held-out prompts: a second source, or another split of the same source; neither = a seeded
     # eval_fraction of the training rows (never trained on).
@@ -240,9 +245,10 @@ class DataSpec(_Section):
     def _task_keys(self) -> DataSpec:
         defaults = DataSpec.model_construct()
         if self.task != "dataset":
-            for key in DATASET_KEYS:
-                if getattr(self, key) not in (None, []):
-                    raise ValueError(f"data.{key} is read by data.task: dataset, not '{self.task}'")
+            changed = [k for k in DATASET_KEYS if getattr(self, k) not in (None, [])]
+            changed += [k for k, default in DATASET_FLAGS.items() if getattr(self, k) != default]
+            if changed:
+                raise ValueError(f"data.{changed[0]} is read by data.task: dataset, not '{self.task}'")
         elif self.source is None:
             raise ValueError("data.task dataset needs data.source: a .jsonl/.json/.parquet/.csv file, a folder "
                              "written by save_to_disk, or a hub dataset name")

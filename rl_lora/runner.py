@@ -34,7 +34,7 @@ from rl_lora.models.loading import check_policy
 from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
 from rl_lora.tasks.base import Metric
-from rl_lora.tracking import RunTracker, WandbSink
+from rl_lora.tracking import RunTracker, WandbSink, held_out_label
 from rl_lora.trainers import dpo, reward_model
 from rl_lora.trainers.checkpointing import SealCheckpoints
 from rl_lora.trainers.common import Algorithm, rollout_algorithm
@@ -351,8 +351,10 @@ def _print_summary(
     lines = []
     for key in eval_keys:
         start, final = s[f"start_{key}"], s[f"final_{key}"]
-        change = f"{100 * (final - start):+.1f} points"
-        lines.append(f"held-out {key.replace('_', ' ')}: {start:.3f} -> {final:.3f} ({change})")
+        in_unit = 0.0 <= start <= 1.0 and 0.0 <= final <= 1.0  # a rate: its change reads best in points
+        change = f"{100 * (final - start):+.1f} points" if in_unit else f"{final - start:+.4g}"
+        headline = " (headline)" if key == s["headline_metric"] and len(eval_keys) > 1 else ""
+        lines.append(f"{held_out_label(key)}{headline}: {start:.3f} -> {final:.3f} ({change})")
     for key in final_keys:
         value = s.get(key)
         lines.append(f"{key.replace('_', ' ')} (mean of last {FINAL_REWARD_WINDOW} steps): "

@@ -27,6 +27,12 @@ from rl_lora.tasks.base import Metric
 _RENAME = {"learning_rate": "lr"}
 
 
+def held_out_label(key: str) -> str:
+    """How a held-out metric is shown: ``accuracy`` -> "held-out accuracy", ``held_out_reward/x`` ->
+    "held-out reward/x"."""
+    return "held-out " + key.removeprefix("held_out_").replace("_", " ")
+
+
 def wandb_mode() -> str:
     """'online' when a W&B login is present, else 'offline'; WANDB_MODE, when set, wins."""
     if os.environ.get("WANDB_MODE"):
@@ -179,7 +185,7 @@ class RunTracker(TrainerCallback):
             shown = next((k for k in ("reward", "rewards/margins", "loss") if record.get(k) is not None), None)
             postfix = {shown.split("/")[-1]: f"{record[shown]:.3f}"} if shown else {}
             for key, value in self.last_eval.items():
-                postfix[f"held-out {key.replace('_', ' ')}"] = f"{value:.3f}"
+                postfix[held_out_label(key)] = f"{value:.3f}"
             self._bar.set_postfix(postfix, refresh=False)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,

@@ -7,18 +7,24 @@ target). Deterministic for a given seed and thread count.
 from __future__ import annotations
 
 import random
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rl_lora.tasks.arithmetic import Problem
-
 IGNORE = -100
 
 
+class Example(Protocol):
+    """A supervised example: the prompt (context) and the answer (the target), e.g. an arithmetic Problem."""
+
+    prompt: str
+    answer: str
+
+
 def _batch(
-    tokenizer: PreTrainedTokenizerBase, problems: list[Problem]
+    tokenizer: PreTrainedTokenizerBase, problems: list[Example]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100 outside answer + EOS)."""
     rows, labels = [], []
@@ -42,7 +48,7 @@ def _batch(
 def supervised_warmup(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    problems: list[Problem],
+    problems: list[Example],
     steps: int,
     batch_size: int = 64,
     lr: float = 1e-3,

@@ -1,7 +1,8 @@
 """The dataset task: a user's prompts from a file or ``datasets`` source, judged by the recipe's own functions.
 
-Rows follow TRL's prompt formats: ``prompt`` is a string (standard) or a list of chat messages
-(conversational, rendered through the policy's chat template). Every other column reaches the reward
+Rows follow TRL's prompt formats: ``prompt`` (or ``data.prompt_column``) is a string (standard) or a list
+of chat messages (conversational, rendered through the policy's chat template; ``data.chat_prompts`` sends
+string prompts as one user message the same way). Every other column reaches the reward
 functions as a keyword argument, as in TRL. Held-out prompts come from ``data.eval_source``, another
 split of the source (``data.eval_split``), or a seeded ``data.eval_fraction`` of the rows, which are
 then never trained on; at most ``data.eval_size`` of them are evaluated.
@@ -45,23 +46,32 @@ class PromptRows:
         return list(self.rows[0])
 
 
-def validate_prompt_rows(numbered: NumberedRows, source: str) -> PromptRows:
-    """Every row an object with a non-empty ``prompt`` (a string or messages) and the first row's columns."""
+def validate_prompt_rows(numbered: NumberedRows, source: str, prompt_column: str = "prompt") -> PromptRows:
+    """Every row an object with a non-empty prompt (a string or messages) and the first row's columns.
+
+    The prompt column (``data.prompt_column``) is renamed ``prompt``; a row that already has a ``prompt``
+    column besides it is refused rather than silently overwritten.
+    """
     rows: list[dict[str, Any]] = []
     first: tuple[list[str], bool] | None = None
-    for row_no, row in numbered:
+    for row_no, raw in numbered:
         where = f"dataset '{source}' row {row_no}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with a 'prompt' field, got {type(row).__name__}")
-        if "prompt" not in row:
-            found = ", ".join(map(repr, row)) or "none"
-            raise DataError(f"{where}: no 'prompt' column (columns: {found}); rename the prompt column to 'prompt'")
+        if not isinstance(raw, dict):
+            raise DataError(f"{where}: expected an object with a '{prompt_column}' field, got {type(raw).__name__}")
+        if prompt_column not in raw:
+            found = ", ".join(map(repr, raw)) or "none"
+            hint = "set data.prompt_column to the column holding the prompts" if prompt_column == "prompt" else (
+                "check data.prompt_column")
+            raise DataError(f"{where}: no '{prompt_column}' column (columns: {found}); {hint}")
+        if prompt_column != "prompt" and "prompt" in raw:
+            raise DataError(f"{where}: has both a 'prompt' column and data.prompt_column '{prompt_column}'")
+        row = {"prompt": raw[prompt_column], **{k: v for k, v in raw.items() if k != prompt_column}}
         prompt = row["prompt"]
         if isinstance(prompt, str):
             if not prompt.strip():
-                raise DataError(f"{where}: field 'prompt' is empty")
+                raise DataError(f"{where}: field '{prompt_column}' is empty")
         else:
-            check_messages(prompt, f"{where}: field 'prompt'")
+            check_messages(prompt, f"{where}: field '{prompt_column}'")
         kind = (list(row), isinstance(prompt, list))
         if first is None:
             first = kind
@@ -118,10 +128,10 @@ class DatasetTask:
     def check(self) -> dict[str, Any]:
         """Read and validate the rows, split off the held-out prompts, find every scoring function."""
         d = self.data
-        train = validate_prompt_rows(read_rows(d.source, d.split, d.subset), d.source)
+        train = validate_prompt_rows(read_rows(d.source, d.split, d.subset), d.source, d.prompt_column)
         if d.eval_source is not None or d.eval_split is not None:
             name = d.eval_source or d.source
-            held = validate_prompt_rows(read_rows(name, d.eval_split or d.split, d.subset), name)
+            held = validate_prompt_rows(read_rows(name, d.eval_split or d.split, d.subset), name, d.prompt_column)
             if held.conversational != train.conversational:
                 raise DataError(f"dataset '{name}': held-out prompts and training prompts ('{d.source}') are in "
                                 "different formats (strings vs lists of messages)")
@@ -180,10 +190,11 @@ class DatasetTask:
         return out
 
     def _render(self, tokenizer: Any, prompt: Any, rows: PromptRows) -> str:
-        if not rows.conversational:
+        if not rows.conversational and not self.data.chat_prompts:
             return prompt
         require_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "") or "the policy", rows.source)
-        return render_chat(tokenizer, prompt)
+        messages = prompt if rows.conversational else [{"role": "user", "content": prompt}]
+        return render_chat(tokenizer, messages)
 
 
 def spec_key(spec: RewardFunctionSpec) -> str:
