@@ -90,6 +90,33 @@ def file_in_the_way(tmp: Path) -> tuple[dict, list[str]]:
 
 
 LONG_PROMPT = "1+" * 40 + "1="  # 82 characters: past the built-in model's 64-token context
+PROMPTS = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 30)]
+USER = [{"role": "user", "content": "1+1="}]
+
+
+def prompts(tmp: Path, rows: list | bytes, name: str = "prompts.jsonl", reward: str = "exact_answer",
+            **data: object) -> dict:
+    """A GRPO recipe on a dataset task reading ``name`` (written from ``rows``)."""
+    path = tmp / name
+    if isinstance(rows, bytes):
+        path.write_bytes(rows)
+    else:
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    raw = grpo(tmp, reward={"functions": [{"name": reward}]})
+    raw["data"] = {"task": "dataset", "source": str(path), **data}
+    return raw
+
+
+def offline_hub(tmp: Path) -> tuple[dict, list[str]]:
+    """A hub dataset name on a machine without the hub (made offline here so the case does not wait on retries)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    raw = prompts(tmp, PROMPTS)
+    raw["data"]["source"] = "openai/gsm8k"
+    raw["data"]["subset"] = "main"
+    return raw, []
 
 CASES = [
     Case("unknown-key", lambda t: (grpo(t), ["lora.rnak=2"]), ["unknown key 'lora.rnak'", "did you mean 'lora.rank'"]),
@@ -122,6 +149,34 @@ CASES = [
          lambda t: (preference(t, "reward", [*GOOD[:3], {**GOOD[3], "prompt": "12+13+14+15="}],
                                reward_model={"max_length": 10}), []),
          ["dataset '{tmp}/prefs.jsonl' row 4: field 'prompt' is", "not under reward_model.max_length (10)"]),
+    # A dataset task's prompts (data.task: dataset): refused before any model loads.
+    Case("prompts-no-prompt-column", lambda t: (prompts(t, [{"question": "1+1=", "answer": "2"}]), []),
+         ["dataset '{tmp}/prompts.jsonl' row 1: no 'prompt' column (columns: 'question', 'answer')",
+          "data.prompt_column"]),
+    Case("prompts-empty-file", lambda t: (prompts(t, []), []), ["dataset '{tmp}/prompts.jsonl' has no rows"]),
+    Case("prompts-mixed-formats", lambda t: (prompts(t, [*PROMPTS[:3], {"prompt": USER, "answer": "2"}]), []),
+         ["dataset '{tmp}/prompts.jsonl' row 4: field 'prompt' is a list of messages but earlier rows' are a string"]),
+    Case("prompts-bad-role", lambda t: (prompts(t, [{"prompt": [{"role": "robot", "content": "hi"}], "answer": "2"}]),
+                                        []),
+         ["dataset '{tmp}/prompts.jsonl' row 1: field 'prompt': message 1 has role 'robot'"]),
+    Case("prompts-no-content", lambda t: (prompts(t, [{"prompt": [{"role": "user"}], "answer": "2"}]), []),
+         ["dataset '{tmp}/prompts.jsonl' row 1: field 'prompt': message 1 has an empty or missing 'content'"]),
+    Case("prompts-chat-without-template", lambda t: (prompts(t, [{"prompt": USER, "answer": "2"}] * 10), []),
+         ["dataset '{tmp}/prompts.jsonl' is conversational", "'builtin:arithmetic-tiny' has no chat template",
+          "use a chat/instruct model, or give the prompts as plain strings"]),
+    Case("prompts-reward-needs-missing-column",
+         lambda t: (prompts(t, [{"prompt": "1+1=", "solution": "2"}] * 10), []),
+         ["reward 'exact_answer' needs column 'answer', which dataset '{tmp}/prompts.jsonl' does not have "
+          "(its columns: solution)"]),
+    Case("prompts-no-held-out-rows", lambda t: (prompts(t, PROMPTS, eval_fraction=0.01), []),
+         ["dataset '{tmp}/prompts.jsonl': data.eval_fraction 0.01 of 20 rows leaves 0 held-out and 20 training rows"]),
+    Case("prompts-no-training-rows", lambda t: (prompts(t, PROMPTS[:1], eval_fraction=0.9), []),
+         ["data.eval_fraction 0.9 of 1 rows leaves 1 held-out and 0 training rows"]),
+    Case("prompts-not-utf8", lambda t: (prompts(t, b"\x80abc\n"), []),
+         ["dataset '{tmp}/prompts.jsonl' cannot be read: not UTF-8 text (byte 0x80 at offset 0)"]),
+    Case("prompts-hub-name-offline", offline_hub,
+         ["dataset 'openai/gsm8k' is not a local file or folder, and loading it from the hub failed",
+          "needs the hub"]),
     Case("output-dir-read-only", read_only_output, ["logging.output_dir '{tmp}/locked/runs'", "Permission denied"],
          marks=[pytest.mark.skipif(ROOT, reason="root writes into a read-only folder")]),
     Case("output-dir-under-a-file", file_in_the_way,

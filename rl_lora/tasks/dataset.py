@@ -41,6 +41,13 @@ class PromptRows:
     rows: list[dict[str, Any]]
     conversational: bool
 
+    def _check_chat_template(self, source: str) -> None:
+        from rl_lora.models.loading import policy_tokenizer_and_context
+
+        found = policy_tokenizer_and_context(self.config.model)  # tokenizer files only, no weights
+        if found is not None:
+            require_chat_template(found[0], self.config.model.policy, source)
+
     @property
     def columns(self) -> list[str]:
         return list(self.rows[0])
@@ -143,9 +150,18 @@ class DatasetTask:
             train, held = PromptRows(d.source, rows, train.conversational), PromptRows(d.source, held_rows,
                                                                                       train.conversational)
         held.rows = held.rows[: d.eval_size]
+        if train.conversational or d.chat_prompts:  # refused now, not after the model loads
+            self._check_chat_template(train.source)
         self._train, self._held = train, held
         self._scorers = self._find_scorers(train.columns)
         return {"train_prompts": len(train.rows), "held_out_prompts": len(held.rows)}
+
+    def _check_chat_template(self, source: str) -> None:
+        from rl_lora.models.loading import policy_tokenizer_and_context
+
+        found = policy_tokenizer_and_context(self.config.model)  # tokenizer files only, no weights
+        if found is not None:
+            require_chat_template(found[0], self.config.model.policy, source)
 
     @property
     def columns(self) -> list[str]:
