@@ -184,8 +184,10 @@ class RunTracker(TrainerCallback):
         if self._bar is not None:
             shown = next((k for k in ("reward", "rewards/margins", "loss") if record.get(k) is not None), None)
             postfix = {shown.split("/")[-1]: f"{record[shown]:.3f}"} if shown else {}
-            for key, value in self.last_eval.items():
-                postfix[held_out_label(key)] = f"{value:.3f}"
+            shown_evals = [self.metric.name] if self.metric is not None else list(self.last_eval)
+            for key in shown_evals:  # the headline metric only: the bar stays one line
+                if self.last_eval.get(key) is not None:
+                    postfix[held_out_label(key)] = f"{self.last_eval[key]:.3f}"
             self._bar.set_postfix(postfix, refresh=False)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
