@@ -80,6 +80,10 @@ class GrpoSpec(_Section):
     temperature: float = Field(default=1.0, gt=0)
     # KL coefficient to the reference (the policy with its adapter disabled). 0 = no reference pass.
     beta: float = Field(default=0.0, ge=0)
+    # A KL budget (nats per completion): beta is adapted toward it by PPO's controller (ppo_math.adaptive_kl_coef,
+    # over kl_horizon samples); needs beta > 0. None: beta stays fixed.
+    target_kl: float | None = Field(default=None, gt=0)
+    kl_horizon: int = Field(default=10_000, ge=1)
     epsilon: float = Field(default=0.2, gt=0)
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -350,6 +354,23 @@ class AdvisorSpec(_Section):
     strict: bool = False
 
 
+class GuardSpec(_Section):
+    """Reward over-optimization: the training reward rising while the held-out metric falls, or the KL to the
+    reference leaving its budget (rl_lora/guard.py). Checked at every held-out evaluation."""
+
+    # The headline metric's fall below its best that counts (points of a [0, 1] metric; else a fraction of
+    # the best value's size), while the training reward is above what it was at the best evaluation.
+    margin: float = Field(default=0.05, gt=0)
+    # "warn": say so in the log and summary.json and train on; "stop": also end the run there.
+    action: Literal["warn", "stop"] = "warn"
+    # Save the adapter (or model) of the best evaluation to <run>/best/ as well as the last one to adapter/.
+    keep_best: bool = False
+    # KL per completion to the reference above (1 + kl_tolerance) x the budget (ppo.target_kl with
+    # ppo.adaptive_kl, grpo.target_kl) for kl_patience logged steps in a row counts as leaving it.
+    kl_tolerance: float = Field(default=0.5, gt=0)
+    kl_patience: int = Field(default=10, ge=1)
+
+
 class RecipeConfig(_Section):
     """A whole recipe."""
 
@@ -367,6 +388,7 @@ class RecipeConfig(_Section):
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     advisor: AdvisorSpec = Field(default_factory=AdvisorSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    guard: GuardSpec = Field(default_factory=GuardSpec)
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> RecipeConfig:
@@ -381,6 +403,20 @@ class RecipeConfig(_Section):
             )
         self._check_preference_keys()
         self._check_prompt_style()
+        return self
+
+    @model_validator(mode="after")
+    def _keep_best_on_one_process(self) -> RecipeConfig:
+        if self.guard.keep_best and self.distributed.zero_stage is not None:
+            raise ValueError("guard.keep_best saves from one process: it is not wired under DeepSpeed "
+                             "(set distributed.zero_stage: null, or guard.keep_best: false)")
+        return self
+
+    @model_validator(mode="after")
+    def _grpo_kl_budget_needs_beta(self) -> RecipeConfig:
+        if self.grpo.target_kl is not None and self.grpo.beta == 0:
+            raise ValueError("grpo.target_kl adapts grpo.beta, which is 0 (no KL term): set grpo.beta > 0, "
+                             "e.g. 0.04")
         return self
 
     def _check_prompt_style(self) -> None:

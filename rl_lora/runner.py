@@ -27,6 +27,7 @@ from rl_lora import checkpoint
 from rl_lora.config import RecipeConfig
 from rl_lora.distributed import RUN_DIR_ENV, is_main, rank_report, world_size
 from rl_lora.errors import CheckpointError, ConfigError
+from rl_lora.guard import PROXY, OverOptimizationGuard
 from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.memory import module_param_bytes, peak_memory
@@ -112,6 +113,7 @@ class PreparedRun:
     algorithm: Algorithm
     info: dict[str, Any]
     metric: Metric
+    guard: OverOptimizationGuard
     resume_from: Path | None = None  # the sealed checkpoint this run continues from
     resumed_step: int | None = None
 
@@ -210,16 +212,19 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
                               f"checkpoint '{resume_from}': nothing to resume (raise train.steps to train on)")
     if resumed_step is not None:
         tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step, rewrite=is_main()))
-    callbacks: list[Any] = [tracker]
+    guard = OverOptimizationGuard(config.guard, loaded.metric, PROXY[config.algorithm], tracker.records,
+                                  kl_budget=kl_budget(config), best_dir=run_dir / "best", main=is_main())
+    callbacks: list[Any] = [tracker, guard]
     if config.train.save_every:
         meta = {"config_hash": config_hash(config), "versions": _versions()}
         callbacks.append(SealCheckpoints(run_dir / "checkpoints", meta, config.train.keep_last))
     trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer", callbacks)
+    guard.save_best = lambda folder: _save_plain(trainer, loaded.tokenizer, folder)
     tracker.static = _static_figures(trainer)
     trainable, total = tracker.static["trainable_params"], tracker.static["total_params"]
     _say(f"rl-lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return PreparedRun(config, run_dir, trainer, tracker, loaded.tokenizer, sink, method, lr, loaded.source, started,
-                       algorithm, loaded.info, loaded.metric, resume_from, resumed_step)
+                       algorithm, loaded.info, loaded.metric, guard, resume_from, resumed_step)
 
 
 def _static_figures(trainer: Any) -> dict[str, int]:
@@ -253,6 +258,25 @@ def save_policy(run: PreparedRun) -> Path:
     if not run.config.lora.is_full:
         check_saved_adapter(out)
     return out
+
+
+def kl_budget(config: RecipeConfig) -> float | None:
+    """The recipe's KL budget per completion, when a controller holds one (PPO's adaptive_kl, GRPO's target_kl)."""
+    if config.algorithm == "ppo" and config.ppo.adaptive_kl:
+        return config.ppo.target_kl
+    if config.algorithm == "grpo":
+        return config.grpo.target_kl
+    return None
+
+
+def _save_plain(trainer: Any, tokenizer: Any, folder: Path) -> None:
+    """The policy as it is now (one process, no DeepSpeed), replacing what ``folder`` held."""
+    staging = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.save_pretrained(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
 
 
 def _write_rank_report(run: PreparedRun) -> None:
@@ -290,6 +314,8 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
         **run.info,
         **run.tracker.static,
         **run.tracker.summary(),
+        **run.guard.summary(),
+        "trained_steps": run.trainer.state.global_step,
         "resumed_from_step": run.resumed_step,
         "nonfinite_skipped": _total(run.tracker.records, "nonfinite_skipped"),
         "train_seconds": round(train_seconds, 2),

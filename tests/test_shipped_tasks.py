@@ -11,6 +11,7 @@ import pytest
 
 from rl_lora.config import load_recipe, validate
 from rl_lora.runner import run_recipe
+from tests_support import save_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 GSM8K_TRAIN = [
@@ -55,34 +56,13 @@ def test_gsm8k_scoring_reads_the_number_after_the_marks() -> None:
     assert scoring.correct([""], ["#### 7000"], answers[1:]) == [0.0]
 
 
-def _tiny_chat_model(folder: Path) -> Path:
-    """A random-init tiny Llama with the built-in character tokenizer and a chat template."""
-    import torch
-    from transformers import LlamaForCausalLM
-
-    from rl_lora.models.builtin import builtin_config
-    from rl_lora.models.tokenizer import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}a:{% endif %}")
-    config = builtin_config()
-    config.max_position_embeddings = 256
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_the_gsm8k_recipe_runs_on_a_local_copy_in_the_same_format(tmp_path: Path) -> None:
     from datasets import Dataset, DatasetDict
 
     copy = tmp_path / "gsm8k"
     DatasetDict({"train": Dataset.from_list(GSM8K_TRAIN), "test": Dataset.from_list(GSM8K_TEST)}).save_to_disk(copy)
     raw = load_recipe(REPO / "recipes" / "grpo_gsm8k_qwen.yaml").to_dict()
-    raw["model"] = {"policy": str(_tiny_chat_model(tmp_path / "model")), "dtype": "float32"}
+    raw["model"] = {"policy": str(save_tiny_chat_model(tmp_path / "model")), "dtype": "float32"}
     raw["data"].update(source=str(copy), subset=None)
     raw["grpo"]["max_completion_length"] = 8
     raw["train"].update(steps=2, batch_size=16, eval_every=1)

@@ -16,7 +16,7 @@ from rl_lora.runner import run_recipe
 from rl_lora.tasks.dataset import DatasetTask, validate_prompt_rows
 from rl_lora.tasks.registry import make_task
 from rl_lora.tasks.sources import read_rows
-from tests_support import tiny_raw
+from tests_support import save_tiny_chat_model, tiny_raw
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [{"prompt": f"{a}+{a}=", "answer": str(2 * a), "level": a % 3} for a in range(10, 40)]
@@ -98,8 +98,11 @@ def test_every_format_loads_the_same_prompts(tmp_path: Path) -> None:
 
 
 def test_conversational_prompts_render_through_the_chat_template(tmp_path: Path) -> None:
-    config = validate(_dataset_raw(tmp_path, _jsonl(tmp_path / "chat.jsonl", CHAT)))
-    task = make_task(config)
+    raw = _dataset_raw(tmp_path, _jsonl(tmp_path / "chat.jsonl", CHAT))
+    with pytest.raises(DataError, match="has no chat template: use a chat/instruct model"):  # before any weights
+        make_task(validate(raw)).check()
+    raw["model"] = {"policy": str(save_tiny_chat_model(tmp_path / "chat-model"))}
+    task = make_task(validate(raw))
     assert task.check() == {"train_prompts": 24, "held_out_prompts": 6}
     data = task.train_dataset(_chat_tokenizer())
     assert data.column_names == ["prompt", "answer", "level"]
@@ -111,6 +114,7 @@ def test_conversational_prompts_render_through_the_chat_template(tmp_path: Path)
 def test_string_prompts_as_chat_and_a_renamed_prompt_column(tmp_path: Path) -> None:
     rows = [{"question": r["prompt"], "answer": r["answer"]} for r in ROWS]
     raw = _dataset_raw(tmp_path, _jsonl(tmp_path / "q.jsonl", rows), prompt_column="question", chat_prompts=True)
+    raw["model"] = {"policy": str(save_tiny_chat_model(tmp_path / "chat-model"))}
     task = make_task(validate(raw))
     task.check()
     data = task.train_dataset(_chat_tokenizer())

@@ -68,3 +68,25 @@ def kill_after_checkpoint(recipe: Path, cut: Path, step: int) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert (cut / "checkpoints" / "latest").read_text().strip() == f"step_{step:06d}"
     assert not (cut / "summary.json").exists()
+
+
+def save_tiny_chat_model(folder: Path) -> Path:
+    """A random-init tiny Llama with the built-in character tokenizer and a minimal chat template
+    ("u:<content>\n" per message, "a:" for the reply)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from rl_lora.models.builtin import builtin_config
+    from rl_lora.models.tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}a:{% endif %}")
+    config = builtin_config()
+    config.max_position_embeddings = 256
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

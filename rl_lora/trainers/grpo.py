@@ -20,6 +20,27 @@ from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.rollout import merged_adapters
 from rl_lora.trainers.common import shared_training_args
 from rl_lora.trainers.nonfinite import NonFiniteGuard
+from rl_lora.trainers.ppo_math import adaptive_kl_coef
+
+
+class AdaptiveBeta(TrainerCallback):
+    """Hold GRPO's KL to a budget (``grpo.target_kl``, nats per completion) with PPO's proportional controller.
+
+    TRL logs the mean KL per token; times the mean completion length that is the KL per completion, logged as
+    ``kl_per_completion`` next to the ``beta`` it was measured at. Must run before the tracker's ``on_log``.
+    """
+
+    def __init__(self, trainer: GRPOTrainer, target: float, horizon: int, batch_size: int) -> None:
+        self.trainer, self.target, self.horizon, self.batch_size = trainer, target, horizon, batch_size
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or logs.get("kl") is None:
+            return
+        per_completion = float(logs["kl"]) * float(logs.get("completions/mean_length") or 1.0)
+        logs["kl_per_completion"] = per_completion
+        logs["beta"] = self.trainer.beta
+        self.trainer.beta = adaptive_kl_coef(self.trainer.beta, per_completion, self.target, self.batch_size,
+                                             self.horizon)
 
 
 class MergedRolloutGRPOTrainer(NonFiniteGuard, GRPOTrainer):
@@ -75,6 +96,9 @@ def build_grpo_trainer(
     )
     trainer.merge_rollouts = config.grpo.merge_rollouts
     trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
+    if config.grpo.target_kl is not None:  # first, so the tracker records what it adds to the logs
+        trainer.callback_handler.callbacks.insert(0, AdaptiveBeta(trainer, config.grpo.target_kl,
+                                                                  config.grpo.kl_horizon, config.train.batch_size))
     if config.model.quantization != "none":
         keep_adapters_fp32(trainer.model)
     # Our tracker draws the progress bar and writes the records; transformers' printers would

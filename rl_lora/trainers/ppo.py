@@ -445,6 +445,8 @@ class PPOTrainer:
                 pending = []
             if self.config.train.save_every and step % self.config.train.save_every == 0:
                 self._save_checkpoint(pending)
+            if self.control.should_training_stop:  # e.g. the over-optimization guard's stop
+                break
         self.control = h.on_train_end(args, self.state, self.control)
 
     # -- checkpoints ------------------------------------------------------------------------
