@@ -16,6 +16,11 @@ adapter or model was saved to) or ``${<stage>.run_dir}``:
           reward.functions: [{name: "learned:${reward_model.saved}"}]
           grpo.beta: 0.5
 
+A stage may state what it must reach before later stages run, as least values of its summary.json keys
+(``require: {final_pairwise_accuracy: 0.8}``); a stage that ends short stops the pipeline
+(``on_shortfall: refuse``, the default) or says so and goes on (``warn``): optimising a policy against a
+reward model that is wrong on many held-out pairs teaches the policy its errors.
+
 Every stage runs as its own ``rl-lora run`` process into ``<output_dir>/<pipeline>-<time>/<stage>/``.
 A stage whose folder holds ``summary.json`` is finished and never redone: ``--resume`` reruns an
 interrupted pipeline from its first unfinished stage. ``pipeline.json`` in the pipeline folder lists
@@ -44,7 +49,7 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _REFERENCE = re.compile(r"\$\{([^}]*)\}")
 _OUTPUTS = ("saved", "run_dir")  # what a later stage may refer to
 _TOP_KEYS = {"name", "stages", "output_dir"}
-_STAGE_KEYS = {"name", "recipe", "overrides"}
+_STAGE_KEYS = {"name", "recipe", "overrides", "require", "on_shortfall"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class Stage:
     name: str
     recipe: Path
     overrides: dict[str, Any] = field(default_factory=dict)
+    # summary.json key -> the least value the stage must end with before later stages run
+    require: dict[str, float] = field(default_factory=dict)
+    on_shortfall: str = "refuse"  # "refuse": stop the pipeline; "warn": say so and go on
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,27 @@ def _parse_stage(index: int, raw: Any, where: str, base: Path, earlier: list[str
             if output not in _OUTPUTS:
                 raise ConfigError(f"{at}: override '{key}' refers to '${{{ref}}}'; a stage's outputs are "
                                   + ", ".join(f"${{{stage}.{o}}}" for o in _OUTPUTS))
-    return Stage(name, recipe, dict(overrides))
+    require = raw.get("require") or {}
+    if not isinstance(require, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in require.items()):
+        raise ConfigError(f"{at}: 'require' must map summary.json keys to the least value each must reach "
+                          "(e.g. final_pairwise_accuracy: 0.8)")
+    on_shortfall = raw.get("on_shortfall", "refuse")
+    if on_shortfall not in ("refuse", "warn"):
+        raise ConfigError(f"{at}: 'on_shortfall' must be 'refuse' or 'warn' (got {on_shortfall!r})")
+    return Stage(name, recipe, dict(overrides), {k: float(v) for k, v in require.items()}, on_shortfall)
+
+
+def shortfalls(stage: Stage, summary: dict[str, Any]) -> list[str]:
+    """What ``stage`` ended short of (its ``require`` against its summary.json), one phrase each."""
+    out = []
+    for key, least in stage.require.items():
+        value = summary.get(key)
+        if not isinstance(value, (int, float)):
+            out.append(f"{key} is not in its summary.json")
+        elif value < least:
+            out.append(f"{key} {value:.3f} < {least:g}")
+    return out
 
 
 def _override_args(overrides: dict[str, Any]) -> list[str]:
@@ -213,7 +241,21 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
         outputs[stage.name] = _stage_outputs(stage_dir)
         records.append(_stage_record(stage, stage_dir))
         write_json_atomic(folder / "pipeline.json", manifest)
+        _check_requirements(stage, stage_dir, folder, is_last=number == len(pipeline.stages))
     return folder, records
+
+
+def _check_requirements(stage: Stage, stage_dir: Path, folder: Path, is_last: bool) -> None:
+    """Refuse (or warn about) going on from a stage that ended short of its ``require``."""
+    short = shortfalls(stage, json.loads((stage_dir / "summary.json").read_text(encoding="utf-8")))
+    if not short:
+        return
+    message = (f"pipeline stage '{stage.name}' ended short of what later stages need: {'; '.join(short)} "
+               f"(its 'require' in the pipeline file)")
+    if stage.on_shortfall == "refuse" and not is_last:
+        raise ConfigError(f"{message}; the next stages would optimise against it. Improve the stage and rerun "
+                          f"with --resume {folder} after deleting {stage_dir}, or set on_shortfall: warn")
+    print(f"rl-lora: warning: {message}", file=sys.stderr, flush=True)
 
 
 def summary_lines(folder: Path, records: list[dict[str, Any]]) -> list[str]:

@@ -113,3 +113,37 @@ def test_overrides_on_the_command_line_are_refused(tmp_path: Path) -> None:
     proc = _cli(str(_pipeline(tmp_path, "exact_answer")), "lora.rank=4")
     assert proc.returncode == 2
     assert "go into each stage's 'overrides:'" in proc.stderr
+
+
+def test_a_reward_model_short_of_its_requirement_stops_the_pipeline_before_the_policy(tmp_path: Path) -> None:
+    _stage_recipes(tmp_path)
+    raw = yaml.safe_load(_pipeline(tmp_path, "learned:${reward_model.saved}").read_text())
+    raw["stages"][0]["require"] = {"final_pairwise_accuracy": 1.01}  # no reward model reaches it
+    result = _cli(str(_write(tmp_path / "strict.yaml", raw)))
+    assert result.returncode == 2
+    assert "pipeline stage 'reward_model' ended short of what later stages need: final_pairwise_accuracy" in \
+        result.stderr and "< 1.01" in result.stderr
+    folder = next((tmp_path / "runs").glob("rlhf_tiny-*"))
+    assert (folder / "reward_model" / "summary.json").is_file() and not (folder / "policy").exists()
+    summary = json.loads((folder / "reward_model" / "summary.json").read_text())
+    assert 0.0 <= summary["final_calibration_error"] <= 1.0 and "final_mean_margin" in summary
+
+
+def test_pipeline_requirements_are_checked_when_the_file_is_read(tmp_path: Path) -> None:
+    _stage_recipes(tmp_path)
+    raw = yaml.safe_load(_pipeline(tmp_path, "learned:${reward_model.saved}").read_text())
+    raw["stages"][0]["require"] = {"final_pairwise_accuracy": "high"}
+    with pytest.raises(ConfigError, match="'require' must map summary.json keys to the least value"):
+        load_pipeline(_write(tmp_path / "bad.yaml", raw))
+    raw["stages"][0]["require"] = {"final_pairwise_accuracy": 0.8}
+    raw["stages"][0]["on_shortfall"] = "ignore"
+    with pytest.raises(ConfigError, match="'on_shortfall' must be 'refuse' or 'warn'"):
+        load_pipeline(_write(tmp_path / "bad.yaml", raw))
+
+
+def test_calibration_error_of_bradley_terry_probabilities() -> None:
+    from rl_lora.trainers.reward_model import calibration_error
+
+    assert calibration_error([20.0] * 10) == pytest.approx(0.0, abs=1e-6)  # sure and right
+    assert calibration_error([-20.0] * 10) == pytest.approx(1.0, abs=1e-6)  # sure and always wrong
+    assert calibration_error([0.0] * 4) == pytest.approx(0.5)  # 50% sure, right never (ties are wrong)

@@ -13,6 +13,7 @@ strictly higher, scored exactly as a recipe's ``learned:<folder>`` reward will s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from rl_lora.trainers.dpo import check_chat_template, policy_pairs, read_prefere
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
 HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
+CALIBRATION_BINS = 10
 PAIRWISE_ACCURACY = Metric("pairwise_accuracy", True,
                            "pairwise accuracy on held-out preference pairs (chosen scored above rejected)")
 
@@ -55,14 +57,38 @@ def check_preferences(config: RecipeConfig) -> tuple[Any, tuple[Pairs, Pairs] | 
     return None, split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed)
 
 
+def pairwise_margins(model: PreTrainedModel, tokenizer: Any, pairs: Pairs, batch_size: int = 256) -> list[float]:
+    """Score(chosen) - score(rejected) per pair, scored as a ``learned:`` reward scores texts."""
+    prompts = [p.get("prompt", [] if isinstance(p["chosen"], list) else "") for p in pairs]
+    chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size)
+    rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size)
+    return [c - r for c, r in zip(chosen, rejected, strict=True)]
+
+
 def pairwise_accuracy(model: PreTrainedModel, tokenizer: Any, pairs: Pairs, batch_size: int = 256) -> float:
     """Fraction of pairs whose chosen side scores strictly higher than its rejected side (ties count wrong)."""
     if not pairs:
         return float("nan")
-    prompts = [p.get("prompt", [] if isinstance(p["chosen"], list) else "") for p in pairs]
-    chosen = score_texts(model, tokenizer, prompts, [p["chosen"] for p in pairs], batch_size)
-    rejected = score_texts(model, tokenizer, prompts, [p["rejected"] for p in pairs], batch_size)
-    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs)
+    return sum(m > 0 for m in pairwise_margins(model, tokenizer, pairs, batch_size)) / len(pairs)
+
+
+def calibration_error(margins: list[float], bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error of the Bradley-Terry probabilities sigmoid(margin) on held-out pairs.
+
+    Each pair's prediction is the more likely side, with confidence max(p, 1 - p); the error is the
+    pair-weighted mean |accuracy - confidence| over equal-width confidence bins. 0 means the reward model's
+    score differences mean what the Bradley-Terry model says they mean; large values mean its confidence
+    (and so the scale of the rewards a policy sees) is off.
+    """
+    if not margins:
+        return float("nan")
+    binned: list[list[tuple[float, bool]]] = [[] for _ in range(bins)]
+    for m in margins:
+        p = 1.0 / (1.0 + math.exp(-m)) if m > -700 else 0.0
+        confidence = max(p, 1.0 - p)
+        binned[min(int((confidence - 0.5) * 2 * bins), bins - 1)].append((confidence, m > 0))
+    return sum(abs(sum(ok for _, ok in b) / len(b) - sum(c for c, _ in b) / len(b)) * len(b)
+               for b in binned if b) / len(margins)
 
 
 def load(config: RecipeConfig, checked: tuple[Any, tuple[Pairs, Pairs] | None], progress: bool) -> Loaded:
@@ -80,7 +106,10 @@ def load(config: RecipeConfig, checked: tuple[Any, tuple[Pairs, Pairs] | None], 
     model = load_reward_backbone(config.model, source, tokenizer.pad_token_id)
 
     def evaluate(m: Any) -> dict[str, float]:
-        return {PAIRWISE_ACCURACY.name: pairwise_accuracy(m, tokenizer, held_pairs)}
+        margins = pairwise_margins(m, tokenizer, held_pairs) if held_pairs else []
+        accuracy = sum(x > 0 for x in margins) / len(margins) if margins else float("nan")
+        return {PAIRWISE_ACCURACY.name: accuracy, "calibration_error": calibration_error(margins),
+                "mean_margin": sum(margins) / len(margins) if margins else float("nan")}
 
     info = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs)}
     return Loaded(model, tokenizer, source, Dataset.from_list(train_pairs), evaluate, PAIRWISE_ACCURACY, info)
