@@ -206,10 +206,14 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
                          progress=config.logging.progress, main=is_main(), metric=loaded.metric)
     resumed_step = checkpoint.verify(resume_from)["step"] if resume_from is not None else None
-    if resumed_step is not None and resumed_step >= config.train.steps:
-        # transformers would train one step past max_steps from a final checkpoint; refuse instead.
-        raise CheckpointError(f"run '{run_dir}' already reached train.steps ({config.train.steps}) in its "
-                              f"checkpoint '{resume_from}': nothing to resume (raise train.steps to train on)")
+    if resumed_step is not None and resumed_step > config.train.steps:
+        raise CheckpointError(f"run '{run_dir}' is past train.steps ({config.train.steps}): its newest sealed "
+                              f"checkpoint '{resume_from}' is step {resumed_step}; set train.steps to at least "
+                              f"{resumed_step} to finish or extend it")
+    if resumed_step == config.train.steps and world_size() > 1:
+        raise CheckpointError(f"run '{run_dir}' ended its training (checkpoint '{resume_from}' is the final step) "
+                              "but not its save: finishing it from that checkpoint runs in one process; rerun "
+                              "the --resume without --nproc")
     if resumed_step is not None:
         tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step, rewrite=is_main()))
     guard = OverOptimizationGuard(config.guard, loaded.metric, PROXY[config.algorithm], tracker.records,
@@ -363,9 +367,31 @@ def _total(records: list[dict[str, Any]], key: str) -> int | None:
     return sum(values) if values else None
 
 
+def finish_from_checkpoint(run: PreparedRun) -> RunResult | None:
+    """A run killed after its final checkpoint but before (or while) saving: the checkpoint holds the final
+    weights and metrics.jsonl every record, so load the weights and write what the run would have written.
+
+    (transformers would train one step past max_steps from a final checkpoint, so nothing is trained.)
+    """
+    _say(f"rl-lora: {run.resume_from} is the final step ({run.resumed_step}): saving the policy and the summary "
+         "from it, nothing to train")
+    loader = getattr(run.trainer, "_load_checkpoint", None)  # rl-lora's PPO
+    if loader is not None:
+        run.trainer._prepare()
+        loader(run.resume_from)
+    else:
+        run.trainer._load_from_checkpoint(str(run.resume_from))
+        run.trainer.state.global_step = run.resumed_step
+    out = run.run_dir / ("model" if run.config.lora.is_full else "adapter")
+    shutil.rmtree(out, ignore_errors=True)  # whatever a killed save left there
+    return finish_run(run, 0.0)
+
+
 def run_recipe(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> RunResult | None:
     """Setup -> train -> save -> summary (from the newest checkpoint when resuming)."""
     run = prepare_run(config, resume, resuming)
+    if run.resumed_step is not None and run.resumed_step >= config.train.steps:
+        return finish_from_checkpoint(run)
     train_started = time.perf_counter()
     run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     return finish_run(run, time.perf_counter() - train_started)

@@ -107,3 +107,22 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path)
     out = _cli("run", str(recipe), "--resume", str(tmp_path / "empty"))
     assert out.returncode == 2 and "no complete checkpoint" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_final_checkpoint_is_finished_by_resume(tmp_path: Path) -> None:
+    """Killed after sealing the step-8 checkpoint of 8 (before its own save): --resume trains nothing, and writes
+    the adapter and summary.json the uninterrupted run wrote."""
+    recipe = _recipe(tmp_path)
+    whole = _cli("run", str(recipe), "logging.run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = tmp_path / "runs" / "cut"
+    kill_after_checkpoint(recipe, cut, 8)
+    (cut / "adapter").mkdir()  # what a kill inside the final save leaves: an empty adapter folder
+    resumed = _cli("run", str(recipe), "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "is the final step (8): saving the policy and the summary from it, nothing to train" in resumed.stderr
+    _assert_same_run(tmp_path / "runs" / "whole", cut, COMPARED, 8)
+    a, b = (json.loads((tmp_path / "runs" / r / "summary.json").read_text()) for r in ("whole", "cut"))
+    for key in ("start_accuracy", "final_accuracy", "best_accuracy", "final_reward", "trained_steps"):
+        assert a[key] == b[key], key
