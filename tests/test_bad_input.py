@@ -141,6 +141,11 @@ CASES = [
     Case("row-not-an-object", lambda t: (preference(t, "dpo", [GOOD[0], "[1, 2]"]), []),
          ["dataset '{tmp}/prefs.jsonl' row 2: expected an object"]),
     Case("empty-dataset", lambda t: (preference(t, "dpo", []), []), ["dataset '{tmp}/prefs.jsonl' has no rows"]),
+    # Several bad rows: all of them in one message, in file order, a JSON syntax error among them.
+    Case("several-bad-rows", lambda t: (preference(t, "dpo", [GOOD[0], {**GOOD[1], "chosen": ""}, GOOD[2],
+                                                              '{"prompt": "1+1=", "chosen"', {"chosen": "2"}]), []),
+         ["3 bad rows: dataset '{tmp}/prefs.jsonl' row 2: field 'chosen' is empty; dataset '{tmp}/prefs.jsonl' "
+          "row 4: not valid JSON", "; dataset '{tmp}/prefs.jsonl' row 5: field 'rejected' is missing"]),
     Case("prompt-past-model-context",
          lambda t: (preference(t, "dpo", [GOOD[0], {**GOOD[1], "prompt": LONG_PROMPT}]), []),
          ["dataset '{tmp}/prefs.jsonl' row 2: field 'prompt' is",
@@ -154,6 +159,10 @@ CASES = [
          ["dataset '{tmp}/prompts.jsonl' row 1: no 'prompt' column (columns: 'question', 'answer')",
           "data.prompt_column"]),
     Case("prompts-empty-file", lambda t: (prompts(t, []), []), ["dataset '{tmp}/prompts.jsonl' has no rows"]),
+    Case("prompts-several-bad-rows", lambda t: (prompts(t, [PROMPTS[0], {"prompt": " ", "answer": "1"}, "[1]",
+                                                          '{"prompt": ', PROMPTS[1]]), []),
+         ["3 bad rows: dataset '{tmp}/prompts.jsonl' row 2: field 'prompt' is empty; dataset '{tmp}/prompts.jsonl' "
+          "row 3: expected an object", "row 4: not valid JSON"]),
     Case("prompts-mixed-formats", lambda t: (prompts(t, [*PROMPTS[:3], {"prompt": USER, "answer": "2"}]), []),
          ["dataset '{tmp}/prompts.jsonl' row 4: field 'prompt' is a list of messages but earlier rows' are a string"]),
     Case("prompts-bad-role", lambda t: (prompts(t, [{"prompt": [{"role": "robot", "content": "hi"}], "answer": "2"}]),

@@ -27,7 +27,7 @@ from rl_lora.evaluation import greedy_completions
 from rl_lora.tasks.base import Metric
 from rl_lora.tasks.chat import check_messages, render_chat, require_chat_template
 from rl_lora.tasks.scoring import Scorer, metric_scorer, reward_scorer, score_mean
-from rl_lora.tasks.sources import NumberedRows, read_rows
+from rl_lora.tasks.sources import BadRow, NumberedRows, read_rows, report_bad_rows
 
 HELD_OUT_REWARD = "held_out_reward"
 DPO_EVAL_TOKENS = 256  # greedy completion length under DPO, which has no completion length of its own
@@ -54,45 +54,63 @@ class PromptRows:
 
 
 def validate_prompt_rows(numbered: NumberedRows, source: str, prompt_column: str = "prompt") -> PromptRows:
-    """Every row an object with a non-empty prompt (a string or messages) and the first row's columns.
+    """Every row an object with a non-empty prompt (a string or messages) and the first good row's columns.
 
     The prompt column (``data.prompt_column``) is renamed ``prompt``; a row that already has a ``prompt``
-    column besides it is refused rather than silently overwritten.
+    column besides it is refused rather than silently overwritten. Every bad row is reported in one DataError.
     """
     rows: list[dict[str, Any]] = []
+    problems: list[str] = []
     first: tuple[list[str], bool] | None = None
     for row_no, raw in numbered:
         where = f"dataset '{source}' row {row_no}"
-        if not isinstance(raw, dict):
-            raise DataError(f"{where}: expected an object with a '{prompt_column}' field, got {type(raw).__name__}")
-        if prompt_column not in raw:
-            found = ", ".join(map(repr, raw)) or "none"
-            hint = "set data.prompt_column to the column holding the prompts" if prompt_column == "prompt" else (
-                "check data.prompt_column")
-            raise DataError(f"{where}: no '{prompt_column}' column (columns: {found}); {hint}")
-        if prompt_column != "prompt" and "prompt" in raw:
-            raise DataError(f"{where}: has both a 'prompt' column and data.prompt_column '{prompt_column}'")
-        row = {"prompt": raw[prompt_column], **{k: v for k, v in raw.items() if k != prompt_column}}
-        prompt = row["prompt"]
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise DataError(f"{where}: field '{prompt_column}' is empty")
-        else:
-            check_messages(prompt, f"{where}: field '{prompt_column}'")
-        kind = (list(row), isinstance(prompt, list))
-        if first is None:
-            first = kind
-        elif kind[1] != first[1]:
-            formats = ("a string", "a list of messages")
-            raise DataError(f"{where}: field 'prompt' is {formats[kind[1]]} but earlier rows' are {formats[first[1]]} "
-                            "(one format per dataset)")
-        elif set(kind[0]) != set(first[0]):
-            missing = sorted(set(first[0]) - set(kind[0]))
-            extra = sorted(set(kind[0]) - set(first[0]))
-            detail = f"column '{missing[0]}' is missing" if missing else f"column '{extra[0]}' is not in earlier rows"
-            raise DataError(f"{where}: {detail} (every row must have the columns {first[0]})")
-        rows.append(dict(row))
+        try:
+            row = _prompt_row(raw, where, prompt_column)
+            kind = (list(row), isinstance(row["prompt"], list))
+            _same_layout(kind, first, where, prompt_column)
+        except DataError as exc:
+            problems.append(str(exc))
+            continue
+        first = first or kind
+        rows.append(row)
+    report_bad_rows(problems)
     return PromptRows(source, rows, bool(first and first[1]))
+
+
+def _prompt_row(raw: Any, where: str, prompt_column: str) -> dict[str, Any]:
+    if isinstance(raw, BadRow):
+        raise DataError(f"{where}: {raw.problem}")
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected an object with a '{prompt_column}' field, got {type(raw).__name__}")
+    if prompt_column not in raw:
+        found = ", ".join(map(repr, raw)) or "none"
+        hint = "set data.prompt_column to the column holding the prompts" if prompt_column == "prompt" else (
+            "check data.prompt_column")
+        raise DataError(f"{where}: no '{prompt_column}' column (columns: {found}); {hint}")
+    if prompt_column != "prompt" and "prompt" in raw:
+        raise DataError(f"{where}: has both a 'prompt' column and data.prompt_column '{prompt_column}'")
+    row = {"prompt": raw[prompt_column], **{k: v for k, v in raw.items() if k != prompt_column}}
+    if isinstance(row["prompt"], str):
+        if not row["prompt"].strip():
+            raise DataError(f"{where}: field '{prompt_column}' is empty")
+    else:
+        check_messages(row["prompt"], f"{where}: field '{prompt_column}'")
+    return row
+
+
+def _same_layout(kind: tuple[list[str], bool], first: tuple[list[str], bool] | None, where: str,
+                 prompt_column: str) -> None:
+    if first is None:
+        return
+    if kind[1] != first[1]:
+        formats = ("a string", "a list of messages")
+        raise DataError(f"{where}: field '{prompt_column}' is {formats[kind[1]]} but earlier rows' are "
+                        f"{formats[first[1]]} (one format per dataset)")
+    if set(kind[0]) != set(first[0]):
+        missing = sorted(set(first[0]) - set(kind[0]))
+        extra = sorted(set(kind[0]) - set(first[0]))
+        detail = f"column '{missing[0]}' is missing" if missing else f"column '{extra[0]}' is not in earlier rows"
+        raise DataError(f"{where}: {detail} (every row must have the columns {first[0]})")
 
 
 def hold_out(rows: list[dict[str, Any]], fraction: float, seed: int, source: str) -> tuple[list[dict], list[dict]]:

@@ -4,7 +4,7 @@ Sources are read by rl_lora/tasks/sources.py: JSONL, JSON, parquet or CSV files,
 hub datasets. Rows follow TRL's preference formats: ``{prompt, chosen, rejected}`` (explicit prompt) or
 ``{chosen, rejected}`` (implicit prompt), each field a string or, for conversational data, a list of
 ``{"role", "content"}`` messages. Every row is checked before any model loads, and every bad row is
-reported at once (up to ``MAX_REPORTED``), by source, row (counted from 1; for JSONL, the line number)
+reported at once (up to ten, with the total), by source, row (counted from 1; for JSONL, the line number)
 and field. The arithmetic task's own pairs are in rl_lora/tasks/arithmetic_pairs.py.
 """
 
@@ -19,10 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from rl_lora.errors import DataError
 from rl_lora.tasks.chat import check_messages
-from rl_lora.tasks.sources import read_rows
+from rl_lora.tasks.sources import BadRow, read_rows, report_bad_rows
 
 FIELDS = ("prompt", "chosen", "rejected")
-MAX_REPORTED = 10  # bad rows listed in one error
 
 # A further check of one validated row: (row, "dataset 'x' row N") -> None, or raises DataError.
 RowCheck = Callable[[dict[str, Any], str], None]
@@ -59,14 +58,13 @@ def validate_rows(
             continue
         layout = layout or (tuple(clean), isinstance(clean["chosen"], list))
         rows.append(clean)
-    if problems:
-        more = f" (and {len(problems) - MAX_REPORTED} more bad rows)" if len(problems) > MAX_REPORTED else ""
-        head = f"{len(problems)} bad rows: " if len(problems) > 1 else ""
-        raise DataError(head + "; ".join(problems[:MAX_REPORTED]) + more)
+    report_bad_rows(problems)
     return rows
 
 
 def _check_layout(row: Any, where: str, layout: tuple[tuple[str, ...], bool] | None) -> dict[str, Any]:
+    if isinstance(row, BadRow):
+        raise DataError(f"{where}: {row.problem}")
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object with 'chosen' and 'rejected', got {type(row).__name__}")
     clean = _check_row(row, where)

@@ -10,12 +10,30 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rl_lora.errors import DataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+MAX_REPORTED = 10  # bad rows listed in one error
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A row that could not be parsed (a JSONL line that is not JSON): reported with the other bad rows."""
+
+    problem: str
+
+
+def report_bad_rows(problems: list[str]) -> None:
+    """Raise one DataError listing ``problems`` (one per bad row, in file order, up to MAX_REPORTED)."""
+    if not problems:
+        return
+    more = f" (and {len(problems) - MAX_REPORTED} more)" if len(problems) > MAX_REPORTED else ""
+    head = f"{len(problems)} bad rows: " if len(problems) > 1 else ""
+    raise DataError(head + "; ".join(problems[:MAX_REPORTED]) + more)
 
 NumberedRows = list[tuple[int, Any]]
 
@@ -59,9 +77,8 @@ def _jsonl_rows(path: Path, name: str) -> NumberedRows:
                 continue
             try:
                 rows.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                problem = f"{exc.msg} at column {exc.colno}"
-                raise DataError(f"dataset '{name}' row {line_no}: not valid JSON ({problem})") from None
+            except json.JSONDecodeError as exc:  # one bad row among others, not the end of the check
+                rows.append((line_no, BadRow(f"not valid JSON ({exc.msg} at column {exc.colno})")))
     return rows
 
 
