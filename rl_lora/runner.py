@@ -8,6 +8,7 @@ of an ``Algorithm`` (rl_lora/trainers/common.py), one module each under rl_lora/
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -390,11 +391,28 @@ def finish_from_checkpoint(run: PreparedRun) -> RunResult | None:
 def run_recipe(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> RunResult | None:
     """Setup -> train -> save -> summary (from the newest checkpoint when resuming)."""
     run = prepare_run(config, resume, resuming)
-    if run.resumed_step is not None and run.resumed_step >= config.train.steps:
-        return finish_from_checkpoint(run)
-    train_started = time.perf_counter()
-    run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    return finish_run(run, time.perf_counter() - train_started)
+    try:
+        if run.resumed_step is not None and run.resumed_step >= config.train.steps:
+            return finish_from_checkpoint(run)
+        train_started = time.perf_counter()
+        run.trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+        return finish_run(run, time.perf_counter() - train_started)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise CheckpointError(_disk_full_message(run.run_dir, exc)) from exc
+
+
+def _disk_full_message(run_dir: Path, exc: OSError) -> str:
+    """What a full disk cost: nothing sealed is lost, and how to go on."""
+    where = f" while writing '{exc.filename}'" if exc.filename else ""
+    try:
+        newest = latest_checkpoint(run_dir)
+    except CheckpointError:
+        newest = None
+    kept = (f"the newest sealed checkpoint '{newest}' is intact; free some space and rerun with --resume {run_dir}"
+            if newest is not None else "no checkpoint had been sealed (train.save_every); free some space and rerun")
+    return f"no space left on the device{where}: {kept}"
 
 
 def _print_summary(

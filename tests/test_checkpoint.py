@@ -112,3 +112,42 @@ def test_kill_9_at_random_moments_never_leaves_a_loadable_partial(tmp_path: Path
         for p in root.glob(".staging-*"):
             assert ".tmp-" in p.name  # leftovers are only ever staging folders
     assert last_step > 0, "no trial got as far as one checkpoint; the test proved nothing"
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """ENOSPC injected into the step-4 seal (after a partial manifest write): the run ends in one line naming the
+    intact step-2 checkpoint, which verifies and resumes."""
+    import errno
+    import json
+
+    from rl_lora import checkpoint as ckpt
+    from rl_lora.cli import main
+    from rl_lora.trainers import checkpointing
+    from tests_support import tiny_raw
+
+    real_seal = checkpointing.seal
+
+    def seal_until_full(staging: Path, root: Path, step: int, *args: object, **kwargs: object) -> Path:
+        if step == 4:
+            (staging / "manifest.json").write_text('{"partial')
+            raise OSError(errno.ENOSPC, "No space left on device", str(staging / "manifest.json"))
+        return real_seal(staging, root, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "seal", seal_until_full)
+    raw = tiny_raw(tmp_path / "runs", train={"steps": 6, "save_every": 2, "threads": 1},
+                   logging={"run_name": "full"})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    run = tmp_path / "runs" / "full"
+    assert f"rl-lora: error: no space left on the device while writing '{run}/trainer/checkpoint-4/manifest.json'" \
+        in err
+    assert f"the newest sealed checkpoint '{run}/checkpoints/step_000002' is intact" in err and "--resume" in err
+    assert ckpt.latest(run / "checkpoints") == run / "checkpoints" / "step_000002"
+    assert ckpt.verify(run / "checkpoints" / "step_000002")["step"] == 2
+    monkeypatch.setattr(checkpointing, "seal", real_seal)
+    assert main(["run", str(recipe), "--resume", str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 2
