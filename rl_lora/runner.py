@@ -29,6 +29,7 @@ from rl_lora.config import RecipeConfig
 from rl_lora.distributed import RUN_DIR_ENV, is_main, rank_report, world_size
 from rl_lora.errors import CheckpointError, ConfigError
 from rl_lora.guard import PROXY, OverOptimizationGuard
+from rl_lora.library_warnings import route_library_warnings
 from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.memory import module_param_bytes, peak_memory
@@ -173,6 +174,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     run_dir, resume_from = _open_run_dir(config, resume, resuming)
+    route_library_warnings(run_dir)  # deprecations and notices of the libraries: <run>/warnings.log
     method = "full" if config.lora.is_full else f"lora-r{config.lora.rank}"
     lr = resolve_lr(config.train.lr, config.lora, config.train.steps)
     _say(f"rl-lora: {config.name} | {config.algorithm} | {method} | lr {lr.lr:g} ({lr.reason})")

@@ -102,3 +102,22 @@ def test_run_end_to_end_through_the_console_command(tmp_path: Path) -> None:
     assert "held-out accuracy:" in proc.stdout
     summary = json.loads((tmp_path / "runs" / "cli" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["method"] == "lora-r1"
+
+
+def test_library_warnings_go_to_the_run_folder_and_ours_to_the_console(tmp_path) -> None:
+    import warnings
+
+    from rl_lora.library_warnings import LOG_NAME, route_library_warnings
+
+    original = warnings.showwarning
+    try:
+        with warnings.catch_warnings(record=True) as shown:  # what reaches the console is recorded here
+            warnings.simplefilter("always")
+            route_library_warnings(tmp_path)
+            warnings.warn_explicit("old API", FutureWarning, "/x/lib/python3.11/site-packages/trl/a.py", 3)
+            warnings.warn_explicit("pad = eos", UserWarning, "/work/rl_lora/models/loading.py", 9)
+            warnings.warn_explicit("my plug-in", UserWarning, "/home/me/rewards.py", 1)
+    finally:
+        warnings.showwarning = original
+    assert [str(w.message) for w in shown] == ["pad = eos", "my plug-in"]
+    assert "site-packages/trl/a.py:3: FutureWarning: old API" in (tmp_path / LOG_NAME).read_text()
