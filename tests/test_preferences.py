@@ -17,7 +17,7 @@ from rl_lora.errors import DataError
 from rl_lora.models.builtin import builtin_path
 from rl_lora.models.loading import load_policy
 from rl_lora.runner import prepare_run
-from rl_lora.tasks import arithmetic_pairs
+from rl_lora.tasks import arithmetic_pairs, preferences
 from rl_lora.tasks.arithmetic import Problem
 from rl_lora.tasks.arithmetic_pairs import pairs_from_samples
 from rl_lora.tasks.preferences import read_preference_file, split_rows
@@ -184,3 +184,21 @@ def test_conversational_pairs_need_a_chat_template() -> None:
     with pytest.raises(DataError, match="dataset 'chat.jsonl' is conversational .* has no chat template"):
         check_chat_template(rows, build_char_tokenizer(), "builtin", "chat.jsonl")
     check_chat_template([GOOD], build_char_tokenizer(), "builtin", "prefs.jsonl")  # plain text needs none
+
+
+def test_preference_pairs_load_from_csv_and_save_to_disk_folders_in_every_trl_format(tmp_path: Path) -> None:
+    import pandas as pd
+    from datasets import Dataset, DatasetDict
+
+    def turn(a: int, answer: str) -> list[dict]:
+        return [{"role": "user", "content": f"{a}+{a}="}, {"role": "assistant", "content": answer}]
+
+    implicit_chat = [{"chosen": turn(a, str(2 * a)), "rejected": turn(a, "0")} for a in range(10, 14)]
+    folder = tmp_path / "prefs"
+    DatasetDict({"train": Dataset.from_list(implicit_chat)}).save_to_disk(folder)
+    rows = read_preference_file(folder, split="train")
+    assert rows == implicit_chat and preferences.is_conversational(rows)
+    pd.DataFrame([GOOD, {**GOOD, "chosen": "48"}]).to_csv(tmp_path / "p.csv", index=False)
+    assert read_preference_file(tmp_path / "p.csv")[1] == {**GOOD, "chosen": "48"}
+    with pytest.raises(DataError, match="has no split 'test'"):
+        read_preference_file(folder, split="test")
