@@ -43,6 +43,7 @@ import yaml
 
 from rl_lora.config import apply_overrides, read_recipe_file, validate
 from rl_lora.errors import ConfigError
+from rl_lora.report import proxy_plot
 from rl_lora.run_dir import write_json_atomic
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -194,7 +195,8 @@ def _stage_outputs(run_dir: Path) -> dict[str, str]:
 def _stage_record(stage: Stage, run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     figures = {k: v for k, v in summary.items()
-               if k.startswith(("start_", "final_")) or k in ("held_out_metric", "train_seconds", "method")}
+               if k.startswith(("start_", "final_", "best_")) or k in (
+                   "held_out_metric", "train_seconds", "method", "overoptimization", "trained_steps")}
     return {"stage": stage.name, "recipe": str(stage.recipe), "algorithm": summary["algorithm"],
             "run_dir": str(run_dir), "saved": summary["saved"], **figures}
 
@@ -240,6 +242,9 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
                                   f"in {folder}; rerun with --resume {folder} once fixed")
         outputs[stage.name] = _stage_outputs(stage_dir)
         records.append(_stage_record(stage, stage_dir))
+        plot = proxy_plot(stage_dir, folder / f"{stage.name}_proxy_vs_held_out.png")
+        if plot is not None:
+            records[-1]["proxy_plot"] = str(plot)
         write_json_atomic(folder / "pipeline.json", manifest)
         _check_requirements(stage, stage_dir, folder, is_last=number == len(pipeline.stages))
     return folder, records
@@ -268,4 +273,8 @@ def summary_lines(folder: Path, records: list[dict[str, Any]]) -> list[str]:
         rest = [f"{k.replace('_', ' ')} {r[k]:.3f}" for k in r
                 if k.startswith("final_") and isinstance(r[k], float) and k.replace("final_", "start_") not in r]
         lines.append(f"  {r['stage']} ({r['algorithm']}, {r['method']}): " + "; ".join(figures + rest))
+        for event in r.get("overoptimization") or []:
+            lines.append(f"    over-optimization reported at step {event['step']} ({event['kind']})")
+        if r.get("proxy_plot"):
+            lines.append(f"    proxy vs held-out: {r['proxy_plot']}")
     return lines

@@ -248,6 +248,35 @@ def _band_plot(groups: list[Group], key: str, ylabel: str, path: Path, smooth: i
     plt.close(fig)
 
 
+def proxy_plot(run_dir: Path, path: Path) -> Path | None:
+    """One run's training proxy (smoothed) and held-out headline metric over steps, on twin axes: the picture
+    of reward over-optimization (the proxy climbing while the metric falls). None when either is missing."""
+    from rl_lora.guard import PROXY
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    proxy, metric = PROXY.get(summary.get("algorithm", ""), "reward"), summary.get("headline_metric", "accuracy")
+    run = Run(run_dir.name, summary, records)
+    p_steps, p_values = _curve(run, proxy)
+    m_steps, m_values = _curve(run, f"eval/{metric}")
+    if not p_steps or not m_steps:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(p_steps, _smooth(p_values, REWARD_SMOOTHING), color="#c60", label=f"training {proxy} (proxy)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training {proxy}", color="#c60")
+    other = ax.twinx()
+    other.plot(m_steps, m_values, color="#06c", marker="o", label=f"held-out {metric}")
+    other.set_ylabel(f"held-out {metric.replace('_', ' ')}", color="#06c")
+    for event in summary.get("overoptimization") or []:
+        ax.axvline(event["step"], color="k", ls=":", lw=1)
+    ax.set_title(f"{run_dir.name}: proxy vs held-out (dotted: over-optimization reported)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _cost_plot(rows: list[Row], path: Path) -> None:
     full = next((r for r in rows if r.group.rank == "full"), None)
     labels = [r.group.label for r in rows]

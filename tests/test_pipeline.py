@@ -80,6 +80,9 @@ def test_reward_model_then_grpo_on_it(tmp_path: Path) -> None:
     assert [s["stage"] for s in manifest["stages"]] == ["reward_model", "policy"]
     assert manifest["stages"][0]["algorithm"] == "reward" and "final_pairwise_accuracy" in manifest["stages"][0]
     assert "policy (grpo, lora-r1): accuracy" in done.stdout
+    plot = folder / "policy_proxy_vs_held_out.png"  # the learned reward and held-out accuracy on one figure
+    assert manifest["stages"][1]["proxy_plot"] == str(plot) and plot.stat().st_size > 10_000
+    assert f"proxy vs held-out: {plot}" in done.stdout
 
 
 @pytest.mark.parametrize(("stages", "message"), [
