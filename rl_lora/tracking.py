@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -33,14 +34,20 @@ def held_out_label(key: str) -> str:
     return "held-out " + key.removeprefix("held_out_").replace("_", " ")
 
 
+def wandb_host() -> str:
+    """The W&B server's host name: a self-hosted server's (WANDB_BASE_URL) or the public one."""
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    return urlparse(base if "//" in base else f"https://{base}").hostname or "api.wandb.ai"
+
+
 def wandb_mode() -> str:
-    """'online' when a W&B login is present, else 'offline'; WANDB_MODE, when set, wins."""
+    """'online' when a W&B login for the configured server is present, else 'offline'; WANDB_MODE wins."""
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
+        if netrc.netrc().authenticators(wandb_host()):  # `wandb login --host` writes the server's own entry
             return "online"
     except (OSError, netrc.NetrcParseError):
         pass

@@ -121,3 +121,17 @@ def test_library_warnings_go_to_the_run_folder_and_ours_to_the_console(tmp_path)
         warnings.showwarning = original
     assert [str(w.message) for w in shown] == ["pad = eos", "my plug-in"]
     assert "site-packages/trl/a.py:3: FutureWarning: old API" in (tmp_path / LOG_NAME).read_text()
+
+
+def test_a_self_hosted_wandb_login_counts_as_online(tmp_path, monkeypatch) -> None:
+    from rl_lora.tracking import wandb_host, wandb_mode
+
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / ".netrc").write_text("machine wandb.example.org\n  login user\n  password secret\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
+    assert wandb_host() == "api.wandb.ai" and wandb_mode() == "offline"  # logged in elsewhere only
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org:8443")
+    assert wandb_host() == "wandb.example.org" and wandb_mode() == "online"
