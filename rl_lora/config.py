@@ -389,6 +389,10 @@ class RecipeConfig(_Section):
     advisor: AdvisorSpec = Field(default_factory=AdvisorSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
+    # Further options of TRL's trainer config (GRPOConfig, DPOConfig, RewardConfig) that the recipe has no key
+    # for, passed as they are: e.g. {gradient_checkpointing: true, optim: adamw_torch_fused}. Checked against
+    # the config class before any model loads; options rl-lora sets from the recipe are refused.
+    trl: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> RecipeConfig:
@@ -403,6 +407,12 @@ class RecipeConfig(_Section):
             )
         self._check_preference_keys()
         self._check_prompt_style()
+        return self
+
+    @model_validator(mode="after")
+    def _trl_options_need_a_trl_trainer(self) -> RecipeConfig:
+        if self.trl and self.algorithm == "ppo":
+            raise ValueError("'trl' options go to TRL's trainer configs; PPO is rl-lora's own trainer (set ppo.* keys)")
         return self
 
     @model_validator(mode="after")

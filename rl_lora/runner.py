@@ -40,7 +40,7 @@ from rl_lora.tasks.base import Metric
 from rl_lora.tracking import RunTracker, WandbSink, held_out_label
 from rl_lora.trainers import dpo, reward_model
 from rl_lora.trainers.checkpointing import SealCheckpoints
-from rl_lora.trainers.common import Algorithm, rollout_algorithm
+from rl_lora.trainers.common import Algorithm, check_trl_options, rollout_algorithm
 from rl_lora.trainers.grpo import build_grpo_trainer
 from rl_lora.trainers.ppo import build_ppo_trainer
 
@@ -169,6 +169,10 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     _quiet_libraries()
     algorithm = algorithm_for(config)
     checked = algorithm.check(config)  # rewards, preference files: fail before any model loads
+    if config.trl:  # options for TRL's trainer config: names checked now, not after the model loads
+        from trl import DPOConfig, GRPOConfig, RewardConfig
+
+        check_trl_options({"grpo": GRPOConfig, "dpo": DPOConfig, "reward": RewardConfig}[config.algorithm], config)
     check_policy(config.model)  # a GGUF policy's missing package or reader, likewise
     advice = _advise(config)
     if config.train.threads:

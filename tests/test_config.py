@@ -155,3 +155,13 @@ def test_defaults_match_the_default_recipe_but_for_the_toy_tasks_values() -> Non
     differ = {k for k in shipped if shipped[k] != defaults[k]}
     assert differ <= TOY_TASK_KEYS, differ - TOY_TASK_KEYS
     assert validate({}).grpo.max_completion_length == 256  # TRL's default, for real data
+
+
+def test_trl_options_reach_the_trainer_config(tmp_path: Path) -> None:
+    from rl_lora.trainers.grpo import grpo_args
+
+    config = validate({"trl": {"gradient_checkpointing": True, "logging_first_step": True}})
+    args = grpo_args(config, 1e-3, tmp_path)
+    assert args.gradient_checkpointing is True and args.logging_first_step is True
+    with pytest.raises(ConfigError, match="PPO is rl-lora's own trainer"):
+        validate({"algorithm": "ppo", "trl": {"optim": "sgd"}})

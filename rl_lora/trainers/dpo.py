@@ -34,6 +34,7 @@ from rl_lora.trainers.common import (
     checked_task,
     quiet,
     shared_training_args,
+    trl_config,
 )
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
@@ -117,13 +118,13 @@ def load(config: RecipeConfig, checked: tuple[Any, list[dict[str, Any]] | None, 
 
 def dpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> DPOConfig:
     d = config.dpo
-    return DPOConfig(
+    return trl_config(DPOConfig, config, dict(
         **shared_training_args(config, lr, output_dir),
         beta=d.beta,
         loss_type=list(d.loss_type),
         loss_weights=d.loss_weights,
         max_length=d.max_length,
-    )
+    ))
 
 
 def build_dpo_trainer(

@@ -18,7 +18,7 @@ from reward_models.adapters import trainer_rewards
 from rl_lora.config import RecipeConfig
 from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.rollout import merged_adapters
-from rl_lora.trainers.common import shared_training_args
+from rl_lora.trainers.common import shared_training_args, trl_config
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 from rl_lora.trainers.ppo_math import adaptive_kl_coef
 
@@ -62,7 +62,7 @@ class MergedRolloutGRPOTrainer(NonFiniteGuard, GRPOTrainer):
 
 def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
     g = config.grpo
-    return GRPOConfig(
+    return trl_config(GRPOConfig, config, dict(
         **shared_training_args(config, lr, output_dir),
         num_generations=g.num_generations,
         max_completion_length=g.max_completion_length,
@@ -72,7 +72,7 @@ def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
         loss_type=g.loss_type,
         scale_rewards=g.scale_rewards,
         reward_weights=[f.weight for f in config.reward.functions],
-    )
+    ))
 
 
 def build_grpo_trainer(

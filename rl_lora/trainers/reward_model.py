@@ -27,7 +27,15 @@ from rl_lora.lora import peft_config
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
 from rl_lora.tasks.base import Metric
 from rl_lora.tasks.preferences import split_rows
-from rl_lora.trainers.common import Algorithm, Loaded, RestoreTokenCount, checked_task, quiet, shared_training_args
+from rl_lora.trainers.common import (
+    Algorithm,
+    Loaded,
+    RestoreTokenCount,
+    checked_task,
+    quiet,
+    shared_training_args,
+    trl_config,
+)
 from rl_lora.trainers.dpo import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 
@@ -117,11 +125,11 @@ def load(config: RecipeConfig, checked: tuple[Any, tuple[Pairs, Pairs] | None], 
 
 def reward_args(config: RecipeConfig, lr: float, output_dir: Path) -> RewardConfig:
     r = config.reward_model
-    return RewardConfig(
+    return trl_config(RewardConfig, config, dict(
         **shared_training_args(config, lr, output_dir),
         max_length=r.max_length,
         center_rewards_coefficient=r.center_rewards_coefficient,
-    )
+    ))
 
 
 def build_reward_trainer(
