@@ -100,7 +100,15 @@ def _report(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from rl_lora.lr_rule import resolve_lr
+    from rl_lora.pipeline import is_pipeline, load_pipeline
 
+    if is_pipeline(read_recipe_file(args.recipe)):  # every stage validated with its overrides; nothing loads
+        pipeline = load_pipeline(args.recipe)
+        for stage in pipeline.stages:
+            need = f", requires {stage.require} ({stage.on_shortfall})" if stage.require else ""
+            print(f"stage '{stage.name}': {stage.recipe} with {len(stage.overrides)} overrides{need}")
+        print(f"# pipeline '{pipeline.name}': {len(pipeline.stages)} stages valid")
+        return 0
     config = load_recipe(args.recipe, args.overrides)
     lr = resolve_lr(config.train.lr, config.lora, config.train.steps)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")

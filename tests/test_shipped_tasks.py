@@ -44,9 +44,13 @@ def test_the_sums_data_is_what_its_script_makes() -> None:
     assert scoring.exact_match([""], ["3 + 4 + 5 = 12."], ["12"], rule="last_integer") == [1.0]
 
 
-def test_every_shipped_recipe_validates_offline() -> None:
+def test_every_shipped_recipe_and_pipeline_validates_offline() -> None:
+    from rl_lora.pipeline import load_pipeline
+
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         load_recipe(recipe)  # loads nothing: no model, no data, no hub
+    for pipeline in sorted((REPO / "recipes" / "pipelines").glob("*.yaml")):
+        load_pipeline(pipeline)  # every stage with its overrides
 
 
 def test_gsm8k_scoring_reads_the_number_after_the_marks() -> None:
