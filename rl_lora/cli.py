@@ -178,6 +178,10 @@ def _run(args: argparse.Namespace) -> int:
     if not os.path.exists("/dev/nvidiactl"):
         # DeepSpeed (imported by TRL/accelerate) otherwise warns on every CPU run that it fell back to CPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.resume is None:  # plug-ins and data files, in a second or two; nothing loaded, nothing written
+        from rl_lora.precheck import precheck
+
+        precheck(config)
     from rl_lora.runner import run_recipe  # heavy imports only once the recipe is known to be good
 
     run_recipe(config, resume=args.resume or None, resuming=args.resume is not None)

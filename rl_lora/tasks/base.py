@@ -25,9 +25,10 @@ Optional:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from datasets import Dataset
+if TYPE_CHECKING:  # the protocol is read before any heavy library loads (rl_lora/precheck.py)
+    from datasets import Dataset
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
-
-from datasets import Dataset
+from typing import TYPE_CHECKING, Any
 
 from rl_lora.config import RecipeConfig, RewardFunctionSpec
 from rl_lora.errors import ConfigError, DataError
-from rl_lora.evaluation import greedy_completions
 from rl_lora.tasks.base import Metric
 from rl_lora.tasks.chat import check_messages, render_chat, require_chat_template
 from rl_lora.tasks.scoring import Scorer, metric_scorer, reward_scorer, score_mean
 from rl_lora.tasks.sources import BadRow, NumberedRows, read_rows, report_bad_rows
+
+if TYPE_CHECKING:  # datasets and torch load only when the task is used, not when its data is checked
+    from datasets import Dataset
 
 HELD_OUT_REWARD = "held_out_reward"
 DPO_EVAL_TOKENS = 256  # greedy completion length under DPO, which has no completion length of its own
@@ -199,6 +199,8 @@ class DatasetTask:
 
     # -- the protocol --------------------------------------------------------------------------------
     def train_dataset(self, tokenizer: Any) -> Dataset:
+        from datasets import Dataset
+
         if self._train is None:
             self.check()
         return Dataset.from_list([{**r, "prompt": self._render(tokenizer, r["prompt"], self._train)}
@@ -209,6 +211,8 @@ class DatasetTask:
             self.check()
         if self._rendered is None:
             self._rendered = [self._render(tokenizer, r["prompt"], self._held) for r in self._held.rows]
+        from rl_lora.evaluation import greedy_completions
+
         tokens = self.data.eval_max_new_tokens or max_new_tokens or DPO_EVAL_TOKENS
         completions = greedy_completions(model, tokenizer, self._rendered, tokens)
         columns = {c: [r[c] for r in self._held.rows] for c in self._held.columns if c != "prompt"}

@@ -13,9 +13,10 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # the rows are checked before any heavy library loads (rl_lora/precheck.py)
+    from transformers import PreTrainedTokenizerBase
 
 from rl_lora.errors import DataError
 from rl_lora.tasks.chat import check_messages
