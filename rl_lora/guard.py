@@ -3,7 +3,8 @@
 A policy trained against a proxy (a learned reward model, a shaped reward, a preference margin) can keep
 raising the proxy while what the proxy stands for gets worse. ``OverOptimizationGuard`` watches both at
 every held-out evaluation: when the task's headline metric has fallen more than ``guard.margin`` below its
-best evaluation while the training proxy is above what it was then, or when the KL to the reference has
+best evaluation while the training proxy is above what it was then (at ``guard.patience`` evaluations in a
+row), or when the KL to the reference has
 stayed above its budget, it records an event (step, proxy, metric, KL) in summary.json
 (``overoptimization``), prints it, and with ``guard.action: stop`` ends the run there. With
 ``guard.keep_best`` it saves the policy of the best evaluation to ``<run>/best/``.
@@ -52,6 +53,7 @@ class OverOptimizationGuard(TrainerCallback):
         self.main = main
         self.events: list[dict[str, Any]] = []
         self._best: tuple[int, float] | None = None
+        self._streak: list[int] = []  # evaluations in a row showing the proxy up and the metric down
         self._checked = 0  # records already looked at
 
     # -- figures -----------------------------------------------------------------------------------
@@ -84,6 +86,7 @@ class OverOptimizationGuard(TrainerCallback):
             step, value = record["step"], record[key]
             if self._best is None or self.metric.better(value, self._best[1]):
                 self._best = (step, value)
+                self._streak = []
                 if self.spec.keep_best and self.save_best is not None and self.best_dir is not None:
                     self.save_best(self.best_dir)
                 continue
@@ -99,15 +102,18 @@ class OverOptimizationGuard(TrainerCallback):
 
     def _check_overoptimization(self, step: int, value: float) -> None:
         best_step, best = self._best
-        if metric_drop(self.metric, best, value) <= drop_margin(self.spec, best):
-            return
         proxy_then, proxy_now = self._proxy_level(best_step), self._proxy_level(step)
-        if proxy_then is None or proxy_now is None or proxy_now <= proxy_then:
-            return  # the metric fell without the proxy rising: not over-optimization (the end note covers it)
+        fell = metric_drop(self.metric, best, value) > drop_margin(self.spec, best)
+        # The metric fell without the proxy rising: not over-optimization (the end-of-run note covers it).
+        rose = proxy_then is not None and proxy_now is not None and proxy_now > proxy_then
+        self._streak = [*self._streak, step] if fell and rose else []
+        if len(self._streak) < self.spec.patience:
+            return
         if any(e["kind"] == "proxy_up_metric_down" for e in self.events):
-            return  # reported once, at its first step
+            return  # reported once
         last = next((r for r in reversed(self.records) if r["step"] <= step and "kl" in r), {})
-        self._event({"kind": "proxy_up_metric_down", "step": step, "metric": self.metric.name, "value": value,
+        self._event({"kind": "proxy_up_metric_down", "step": step, "first_seen": self._streak[0],
+                     "metric": self.metric.name, "value": value,
                      "best": best, "best_step": best_step, "proxy": self.proxy, "proxy_then": proxy_then,
                      "proxy_now": proxy_now, "kl": last.get("kl_per_completion", last.get("kl"))})
 

@@ -35,9 +35,9 @@ def test_the_proxy_rising_while_the_metric_falls_is_reported_once_at_its_step() 
     rows += [{"step": 30, "reward": 0.8, "eval/accuracy": 0.30}, {"step": 40, "reward": 0.9, "eval/accuracy": 0.1}]
     control = _feed(guard, records, rows)
     assert not control.should_training_stop  # action: warn
-    [event] = guard.events
-    assert event["kind"] == "proxy_up_metric_down" and event["step"] == 30
-    assert (event["best"], event["best_step"], event["value"]) == (0.50, 10, 0.30)
+    [event] = guard.events  # two evaluations in a row (guard.patience): seen at 30, reported at 40
+    assert event["kind"] == "proxy_up_metric_down" and (event["first_seen"], event["step"]) == (30, 40)
+    assert (event["best"], event["best_step"], event["value"]) == (0.50, 10, 0.10)
     assert event["proxy_then"] == pytest.approx(0.2) and event["proxy_now"] > 0.6 and event["kl"] == 2.0
 
 
@@ -49,10 +49,19 @@ def test_a_metric_falling_with_its_proxy_is_not_over_optimization_and_lower_is_b
     assert guard.events == []  # the training reward fell too: a bad run, not a hacked reward
     loss = Metric("loss", higher_is_better=False)
     records = []
-    guard = OverOptimizationGuard(GuardSpec(action="stop"), loss, "reward", records)
+    guard = OverOptimizationGuard(GuardSpec(action="stop", patience=1), loss, "reward", records)
     control = _feed(guard, records, [{"step": 0, "reward": 0.1, "eval/loss": 2.0},
                                      {"step": 10, "reward": 0.9, "eval/loss": 3.0}])
     assert guard.events[0]["step"] == 10 and control.should_training_stop  # 50% worse than the best 2.0
+
+
+def test_one_noisy_dip_is_not_reported() -> None:
+    records: list[dict] = []
+    guard = OverOptimizationGuard(GuardSpec(), ACCURACY, "reward", records)
+    _feed(guard, records, [{"step": 0, "reward": 0.0, "eval/accuracy": 0.083},
+                           {"step": 25, "reward": 0.07, "eval/accuracy": 0.017},  # a dip of 4 in 60 problems
+                           {"step": 50, "reward": 0.2, "eval/accuracy": 0.083}])
+    assert guard.events == []
 
 
 def test_kl_above_its_budget_for_the_patience_is_an_event() -> None:
