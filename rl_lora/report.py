@@ -340,14 +340,15 @@ def _findings(rows: list[Row], metric: Headline) -> list[str]:
             continue
         out.append(
             f"- **{r.group.label}**: final {metric.label} {_fmt(r.final[0])} vs full {_fmt(full.final[0])} "
-            f"({_gap_text(r.gap, metric)}): {r.verdict}."
+            f"({_gap_text(r.gap, [r.final[0], full.final[0]])}): {r.verdict}."
         )
     return out
 
 
-def _gap_text(gap: float, metric: Headline) -> str:
-    """A gap in points for a metric in [0, 1] (accuracies), else in the metric's own units."""
-    return f"{100 * gap:+.1f} points" if metric.name.endswith("accuracy") else f"{gap:+.4g}"
+def _gap_text(gap: float, values: list[float]) -> str:
+    """A gap in points when the compared values are rates in [0, 1] (accuracies, exact match), else in the
+    metric's own units."""
+    return f"{100 * gap:+.1f} points" if all(0.0 <= v <= 1.0 for v in values) else f"{gap:+.4g}"
 
 
 def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
