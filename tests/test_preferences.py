@@ -178,7 +178,7 @@ def test_sections_of_other_algorithms_are_refused() -> None:
 
 def test_conversational_pairs_need_a_chat_template() -> None:
     from rl_lora.models.tokenizer import build_char_tokenizer
-    from rl_lora.trainers.dpo import check_chat_template
+    from rl_lora.trainers.preference_data import check_chat_template
 
     rows = [{"chosen": [{"role": "assistant", "content": "2"}], "rejected": [{"role": "assistant", "content": "3"}]}]
     with pytest.raises(DataError, match="dataset 'chat.jsonl' is conversational .* has no chat template"):

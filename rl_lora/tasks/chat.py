@@ -36,6 +36,16 @@ def require_chat_template(tokenizer: Any, source: str, dataset: str) -> None:
     )
 
 
+def require_policy_chat_template(model: Any, dataset: str) -> None:
+    """``require_chat_template`` for a recipe's policy (``model``: its ModelSpec), from the tokenizer files alone,
+    before any weights load; skipped where the tokenizer cannot be had without them (GGUF)."""
+    from rl_lora.models.loading import policy_tokenizer_and_context
+
+    found = policy_tokenizer_and_context(model)
+    if found is not None:
+        require_chat_template(found[0], model.policy, dataset)
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """``messages`` through the tokenizer's chat template, ready for the assistant's reply.
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from rl_lora.config import RecipeConfig, RewardFunctionSpec
 from rl_lora.errors import ConfigError, DataError
 from rl_lora.tasks.base import Metric
-from rl_lora.tasks.chat import check_messages, render_chat, require_chat_template
+from rl_lora.tasks.chat import check_messages, render_chat, require_chat_template, require_policy_chat_template
 from rl_lora.tasks.scoring import Scorer, metric_scorer, reward_scorer, score_mean
 from rl_lora.tasks.sources import BadRow, NumberedRows, read_rows, report_bad_rows
 
@@ -40,13 +40,6 @@ class PromptRows:
     source: str
     rows: list[dict[str, Any]]
     conversational: bool
-
-    def _check_chat_template(self, source: str) -> None:
-        from rl_lora.models.loading import policy_tokenizer_and_context
-
-        found = policy_tokenizer_and_context(self.config.model)  # tokenizer files only, no weights
-        if found is not None:
-            require_chat_template(found[0], self.config.model.policy, source)
 
     @property
     def columns(self) -> list[str]:
@@ -169,17 +162,10 @@ class DatasetTask:
                                                                                       train.conversational)
         held.rows = held.rows[: d.eval_size]
         if train.conversational or d.chat_prompts:  # refused now, not after the model loads
-            self._check_chat_template(train.source)
+            require_policy_chat_template(self.config.model, train.source)
         self._train, self._held = train, held
         self._scorers = self._find_scorers(train.columns)
         return {"train_prompts": len(train.rows), "held_out_prompts": len(held.rows)}
-
-    def _check_chat_template(self, source: str) -> None:
-        from rl_lora.models.loading import policy_tokenizer_and_context
-
-        found = policy_tokenizer_and_context(self.config.model)  # tokenizer files only, no weights
-        if found is not None:
-            require_chat_template(found[0], self.config.model.policy, source)
 
     @property
     def columns(self) -> list[str]:

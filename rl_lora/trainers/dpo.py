@@ -17,16 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
-from rl_lora.errors import ConfigError
 from rl_lora.lora import keep_adapters_fp32, peft_config
-from rl_lora.models.builtin import BUILTIN_PREFIX
-from rl_lora.models.loading import load_policy, policy_tokenizer_and_context
-from rl_lora.tasks.chat import require_chat_template
-from rl_lora.tasks.preferences import RowCheck, is_conversational, prompt_length_check, read_preference_file
+from rl_lora.models.loading import load_policy
 from rl_lora.trainers.common import (
     Algorithm,
     Loaded,
@@ -37,21 +33,11 @@ from rl_lora.trainers.common import (
     trl_config,
 )
 from rl_lora.trainers.nonfinite import NonFiniteGuard
+from rl_lora.trainers.preference_data import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 
 
 class GuardedDPOTrainer(NonFiniteGuard, DPOTrainer):
     """TRL's DPOTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
-
-
-def read_preferences(config: RecipeConfig, source: str) -> list[dict[str, Any]]:
-    """The validated rows of a preference source, with the prompt-length check and, for conversational rows,
-    the policy's chat template checked (from its tokenizer files, no weights) before any model loads."""
-    rows = read_preference_file(source, prompt_limit(config), config.data.split, config.data.subset)
-    if is_conversational(rows):
-        found = policy_tokenizer_and_context(config.model)
-        if found is not None:
-            require_chat_template(found[0], config.model.policy, source)
-    return rows
 
 
 def check_preferences(config: RecipeConfig) -> tuple[Any, list[dict[str, Any]] | None, dict[str, Any]]:
@@ -62,43 +48,6 @@ def check_preferences(config: RecipeConfig) -> tuple[Any, list[dict[str, Any]] |
         require_task_pairs(task, config)
         return task, None, info
     return task, read_preferences(config, source), info
-
-
-def require_task_pairs(task: Any, config: RecipeConfig) -> None:
-    if not hasattr(task, "preference_pairs"):
-        raise ConfigError(f"data.preferences: the task '{config.data.task}' makes no preference pairs of its own "
-                          "(the arithmetic task does): name a preference file or dataset in data.preferences")
-
-
-def prompt_limit(config: RecipeConfig) -> RowCheck | None:
-    """The check refusing preference prompts too long for the trainer's max_length or the model's context
-    (the tokenizer and config are read, no weights); None when the tokenizer cannot be had without them."""
-    found = policy_tokenizer_and_context(config.model)
-    if found is None:
-        return None
-    tokenizer, context = found
-    key = "dpo.max_length" if config.algorithm == "dpo" else "reward_model.max_length"
-    limit = config.dpo.max_length if config.algorithm == "dpo" else config.reward_model.max_length
-    if context is not None and context < limit:
-        key, limit = f"the context of model '{config.model.policy}'", context
-    return prompt_length_check(tokenizer, limit, key)
-
-
-def check_chat_template(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, source: str,
-                        dataset: str) -> None:
-    if is_conversational(rows):
-        require_chat_template(tokenizer, source, dataset)
-
-
-def policy_pairs(
-    task: Any, config: RecipeConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: str,
-) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """The task's own (training, held-out) pairs sampled from ``model``; cached beside the built-in model."""
-    # Pairs are cached beside the built-in model, keyed by the data; a 4-bit base samples other answers,
-    # so its pairs are drawn afresh each time rather than mixed into the fp32 model's cache.
-    cached = config.model.policy.startswith(BUILTIN_PREFIX) and config.model.quantization == "none"
-    cache_dir = Path(source) if cached else None
-    return task.preference_pairs(model, tokenizer, cache_dir)
 
 
 def load(config: RecipeConfig, checked: tuple[Any, list[dict[str, Any]] | None, dict[str, Any]],

@@ -36,8 +36,8 @@ from rl_lora.trainers.common import (
     shared_training_args,
     trl_config,
 )
-from rl_lora.trainers.dpo import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 from rl_lora.trainers.nonfinite import NonFiniteGuard
+from rl_lora.trainers.preference_data import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 
 HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
 CALIBRATION_BINS = 10
