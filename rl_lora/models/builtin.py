@@ -19,7 +19,6 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl_lora.config import DataSpec
-from rl_lora.evaluation import exact_answer_accuracy
 from rl_lora.files import build_folder_atomically
 from rl_lora.models.tokenizer import CHARS, SPECIALS, build_char_tokenizer
 from rl_lora.tasks import arithmetic
@@ -92,7 +91,7 @@ def _build(folder: Path, warmup_steps: int, data: DataSpec, progress: bool) -> N
     started = time.perf_counter()
     losses = supervised_warmup(model, tokenizer, train, warmup_steps, progress=progress) if warmup_steps else []
     answer_tokens = len(str(2 * data.max_operand)) + 1
-    accuracy = exact_answer_accuracy(model, tokenizer, held_out, answer_tokens)
+    accuracy = arithmetic.exact_answer_accuracy(model, tokenizer, held_out, answer_tokens)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
