@@ -222,7 +222,13 @@ def test_shipped_recipes_get_no_advice(path: Path) -> None:
             require_gguf_reader(config.model.policy)
         except ModelError as exc:
             pytest.skip(str(exc))
-    assert check_recipe(config) == []
+    try:
+        advice = check_recipe(config)
+    except ModelError as exc:  # a hub model (grpo_gsm8k_qwen.yaml) on a machine without the hub
+        if Path(config.model.policy).exists() or "cannot read its config" not in str(exc):
+            raise
+        pytest.skip(f"hub model not reachable here: {exc}")
+    assert advice == []
 
 
 def test_recipes_found() -> None:
