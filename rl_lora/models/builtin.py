@@ -1,25 +1,36 @@
-"""The embedded default model: a tiny Llama with a character tokenizer, warmed up and cached.
+"""The embedded default model: a tiny Llama with a character tokenizer, warmed up on the built-in task.
 
-Built deterministically the first time a recipe asks for it (about half a minute on 2 CPU cores),
-saved as an ordinary transformers folder (safetensors + tokenizer) and reused afterwards, so it
-loads through the same ``from_pretrained`` path as any local model. The cache key covers the
-architecture, the tokenizer, the warm-up length and the data split, so changing any of them builds
-a new copy instead of reusing a stale one.
+The default build (the warm-up length and data the shipped recipes use) ships with the package as an
+ordinary transformers folder (safetensors + tokenizer + build.json), so every machine starts from the
+same weights: a warm-up run locally depends on the CPU's floating-point kernels (docs/reproducibility.md).
+It is copied into the rl-lora cache on first use, its sha256 checked, because the DPO and reward recipes
+cache their sampled pairs beside the model. Any other warm-up length or data range is built locally,
+deterministically for a given CPU, and cached under a key that covers the architecture, the tokenizer,
+the warm-up length and the data split.
+
+    python -m rl_lora.models.builtin --rebuild        # rebuild the shipped model here and compare
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import platform
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rl_lora.config import DataSpec
-from rl_lora.files import build_folder_atomically
+from rl_lora.errors import ModelError
+from rl_lora.files import build_folder_atomically, sha256_file
 from rl_lora.models.tokenizer import CHARS, SPECIALS, build_char_tokenizer
 from rl_lora.tasks import arithmetic
 from rl_lora.warmup import supervised_warmup
@@ -28,6 +39,8 @@ BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("arithmetic-tiny",)
 BUILD_VERSION = 1  # bump when the build procedure changes
 BUILD_DATA_FIELDS = ("task", "min_operand", "max_operand", "eval_size", "split_seed")
+SHIPPED_ROOT = Path(__file__).resolve().parent / "builtin_weights"
+WEIGHTS = "model.safetensors"
 
 
 def tiny_llama_config(vocab_size: int, pad: int, bos: int, eos: int) -> LlamaConfig:
@@ -57,7 +70,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("RL_LORA_CACHE", Path.home() / ".cache" / "rl-lora"))
 
 
-def _build_key(name: str, warmup_steps: int, data: DataSpec) -> str:
+def build_key(name: str, warmup_steps: int, data: DataSpec) -> str:
+    """12 hex digits naming one build: architecture version, vocabulary, warm-up length, data split."""
     payload = {
         "name": name,
         "version": BUILD_VERSION,
@@ -70,23 +84,49 @@ def _build_key(name: str, warmup_steps: int, data: DataSpec) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def builtin_path(name: str, warmup_steps: int, data: DataSpec, progress: bool = True) -> Path:
-    """The folder of the built-in model, building and caching it first if needed."""
-    if name not in BUILTIN_NAMES:
-        from rl_lora.errors import ModelError
+def shipped_build(name: str) -> dict | None:
+    """The shipped build's build.json (with its key and weights' sha256), or None if none ships."""
+    info = SHIPPED_ROOT / name / "build.json"
+    return json.loads(info.read_text()) if info.is_file() else None
 
+
+def builtin_path(name: str, warmup_steps: int, data: DataSpec, progress: bool = True) -> Path:
+    """The folder of the built-in model: the shipped build when the recipe asks for it, else a local build."""
+    if name not in BUILTIN_NAMES:
         raise ModelError(f"unknown built-in model '{BUILTIN_PREFIX}{name}' (known: {', '.join(BUILTIN_NAMES)})")
-    target = cache_root() / "builtin" / f"{name}-w{warmup_steps}-{_build_key(name, warmup_steps, data)}"
+    key = build_key(name, warmup_steps, data)
+    shipped = shipped_build(name)
+    if shipped is not None and shipped["key"] == key:
+        return _shipped_copy(name, shipped)
+    target = cache_root() / "builtin" / f"{name}-w{warmup_steps}-{key}"
     if (target / "build.json").is_file():
         return target
-    return build_folder_atomically(target, lambda staging: _build(staging, warmup_steps, data, progress))
+    build_folder_atomically(target, lambda staging: build(staging, warmup_steps, data, progress))
+    default = f"warmup_steps {shipped['warmup_steps']} and the default data range" if shipped else "none ships"
+    print(f"rl-lora: built {BUILTIN_PREFIX}{name} locally (warmup_steps {warmup_steps}): locally built weights "
+          f"depend on this CPU's floating-point kernels (torch {torch.backends.cpu.get_cpu_capability()}); "
+          f"the shipped build ({default}) is the same everywhere", file=sys.stderr, flush=True)
+    return target
 
 
-def _build(folder: Path, warmup_steps: int, data: DataSpec, progress: bool) -> None:
+def _shipped_copy(name: str, shipped: dict) -> Path:
+    """The shipped build, copied once into the cache and its weights' sha256 checked on every use."""
+    source = SHIPPED_ROOT / name
+    if sha256_file(source / WEIGHTS) != shipped["sha256"]:
+        raise ModelError(f"the shipped weights of {BUILTIN_PREFIX}{name} ({source / WEIGHTS}) do not match the "
+                         f"sha256 in its build.json; reinstall rl-lora")
+    target = cache_root() / "builtin" / f"{name}-shipped-{shipped['sha256'][:12]}"
+    if not (target / "build.json").is_file() or sha256_file(target / WEIGHTS) != shipped["sha256"]:
+        shutil.rmtree(target, ignore_errors=True)  # a damaged copy is replaced, never used
+        build_folder_atomically(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
+    return target
+
+
+def build(folder: Path, warmup_steps: int, data: DataSpec, progress: bool) -> dict:
+    """Warm the built-in model up from seed 0 and save it into ``folder``; returns its build.json."""
     tokenizer = build_char_tokenizer()
-    config = builtin_config()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(builtin_config())
     train, held_out = arithmetic.split(data)
     started = time.perf_counter()
     losses = supervised_warmup(model, tokenizer, train, warmup_steps, progress=progress) if warmup_steps else []
@@ -96,10 +136,54 @@ def _build(folder: Path, warmup_steps: int, data: DataSpec, progress: bool) -> N
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     info = {
+        "key": build_key(BUILTIN_NAMES[0], warmup_steps, data),
         "warmup_steps": warmup_steps,
+        "data": data.model_dump(include=set(BUILD_DATA_FIELDS)),
         "final_loss": losses[-1] if losses else None,
         "held_out_accuracy": accuracy,
         "seconds": round(time.perf_counter() - started, 2),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "sha256": sha256_file(folder / WEIGHTS),
+        # What the weights depend on besides the code: a rebuild matches bit for bit only on the same kernels.
+        "built_with": {"torch": torch.__version__, "transformers": transformers.__version__,
+                       "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+                       "machine": platform.machine()},
     }
-    (folder / "build.json").write_text(json.dumps(info, indent=2))
+    (folder / "build.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _rebuild(warmup_steps: int | None, write: bool) -> int:
+    """Rebuild the shipped model here and compare it with the shipped one; ``write`` replaces the shipped folder."""
+    name = BUILTIN_NAMES[0]
+    shipped = shipped_build(name)
+    if warmup_steps is None and shipped is None:
+        raise SystemExit("no shipped build to rebuild: give --warmup-steps")
+    steps = warmup_steps if warmup_steps is not None else shipped["warmup_steps"]
+    data = DataSpec(**shipped["data"]) if shipped else DataSpec()
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-rebuild-"))
+    info = build(folder, steps, data, progress=True)
+    print(f"rebuilt in {folder}: warmup_steps {steps}, loss {info['final_loss']:.4f}, held-out accuracy "
+          f"{info['held_out_accuracy']:.3f}, sha256 {info['sha256'][:12]} ({info['built_with']})")
+    if shipped:
+        same = "identical to" if info["sha256"] == shipped["sha256"] else "different from"
+        print(f"shipped: warmup_steps {shipped['warmup_steps']}, loss {shipped['final_loss']:.4f}, held-out accuracy "
+              f"{shipped['held_out_accuracy']:.3f}, sha256 {shipped['sha256'][:12]} ({shipped['built_with']}): "
+              f"the rebuild is {same} the shipped weights")
+    if write:
+        shutil.rmtree(SHIPPED_ROOT / name, ignore_errors=True)
+        shutil.copytree(folder, SHIPPED_ROOT / name)
+        (SHIPPED_ROOT / name).chmod(0o755)  # mkdtemp's 0700 and safetensors' 0600 are not for package data
+        for file in (SHIPPED_ROOT / name).iterdir():
+            file.chmod(0o644)
+        print(f"wrote {SHIPPED_ROOT / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Rebuild the shipped built-in model and compare it.")
+    parser.add_argument("--rebuild", action="store_true", required=True)
+    parser.add_argument("--warmup-steps", type=int, default=None, help="default: the shipped build's")
+    parser.add_argument("--write", action="store_true", help="replace the shipped weights with the rebuild")
+    args = parser.parse_args()
+    sys.exit(_rebuild(args.warmup_steps, args.write))

@@ -1,0 +1,68 @@
+"""The built-in model's shipped weights: what the default recipes start from on every machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from transformers import LlamaForCausalLM
+
+from rl_lora.config import DataSpec, load_recipe
+from rl_lora.errors import ModelError
+from rl_lora.files import sha256_file
+from rl_lora.models import builtin
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = builtin.SHIPPED_ROOT / "arithmetic-tiny"
+STEPS = builtin.shipped_build("arithmetic-tiny")["warmup_steps"]
+
+
+def test_shipped_build_is_complete_and_matches_its_sha256() -> None:
+    info = json.loads((SHIPPED / "build.json").read_text())
+    assert sha256_file(SHIPPED / builtin.WEIGHTS) == info["sha256"]
+    assert info["key"] == builtin.build_key("arithmetic-tiny", info["warmup_steps"], DataSpec(**info["data"]))
+    model = LlamaForCausalLM.from_pretrained(SHIPPED)
+    assert sum(p.numel() for p in model.parameters()) == info["parameters"]
+    assert model.config.to_dict()["hidden_size"] == builtin.builtin_config().hidden_size
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*_arithmetic.yaml")))
+def test_every_builtin_recipe_starts_from_the_shipped_build(recipe: str) -> None:
+    """A recipe whose warm-up or data range drifted from the shipped build would silently build locally."""
+    config = load_recipe(REPO / "recipes" / recipe)
+    if not config.model.policy.startswith(builtin.BUILTIN_PREFIX):
+        pytest.skip(f"{recipe} does not start from the built-in model")
+    key = builtin.build_key("arithmetic-tiny", config.model.warmup_steps, config.data)
+    assert key == builtin.shipped_build("arithmetic-tiny")["key"], recipe
+
+
+def test_default_build_is_the_shipped_copy(capsys: pytest.CaptureFixture[str]) -> None:
+    folder = builtin.builtin_path("arithmetic-tiny", STEPS, DataSpec())
+    assert folder.parent == builtin.cache_root() / "builtin" and folder.name.startswith("arithmetic-tiny-shipped-")
+    assert sha256_file(folder / builtin.WEIGHTS) == sha256_file(SHIPPED / builtin.WEIGHTS)
+    assert "locally" not in capsys.readouterr().err
+    (folder / builtin.WEIGHTS).write_bytes(b"damaged")  # a damaged cached copy is replaced, never loaded
+    assert sha256_file(builtin.builtin_path("arithmetic-tiny", STEPS, DataSpec()) / builtin.WEIGHTS) == sha256_file(
+        SHIPPED / builtin.WEIGHTS
+    )
+
+
+def test_tampered_shipped_weights_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shutil.copytree(SHIPPED, tmp_path / "arithmetic-tiny")
+    weights = tmp_path / "arithmetic-tiny" / builtin.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    monkeypatch.setattr(builtin, "SHIPPED_ROOT", tmp_path)
+    with pytest.raises(ModelError, match="do not match the sha256"):
+        builtin.builtin_path("arithmetic-tiny", STEPS, DataSpec())
+
+
+def test_other_builds_are_local_and_say_so(capsys: pytest.CaptureFixture[str]) -> None:
+    folder = builtin.builtin_path("arithmetic-tiny", 2, DataSpec(max_operand=20, eval_size=50), progress=False)
+    assert folder.name.startswith("arithmetic-tiny-w2-")
+    assert json.loads((folder / "build.json").read_text())["built_with"]["cpu_capability"]
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("rl-lora: built")]
+    assert "locally built weights depend on this CPU's floating-point kernels" in note
+    builtin.builtin_path("arithmetic-tiny", 2, DataSpec(max_operand=20, eval_size=50), progress=False)
+    assert "rl-lora: built" not in capsys.readouterr().err  # reused from the cache, built once
