@@ -34,8 +34,9 @@ class ModelSpec(_Section):
     policy: str = "builtin:arithmetic-tiny"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    # Supervised warm-up steps for the built-in model (0 = random init). Ignored for other models.
-    warmup_steps: int = Field(default=600, ge=0)
+    # Supervised warm-up steps for the built-in model (0 = random init). Ignored for other models. 650 is the
+    # shipped build (the same weights on every CPU); any other length is built locally, CPU-dependent.
+    warmup_steps: int = Field(default=650, ge=0)
     # "nf4": QLoRA, the policy's base weights in 4 bits through bitsandbytes (pip install rl-lora[qlora]);
     # the LoRA adapters stay in full precision. LoRA only (lora.rank: full is refused).
     quantization: Literal["none", "nf4"] = "none"

@@ -136,9 +136,8 @@ def test_recipe_docs_cover_every_key() -> None:
 
 
 # The default recipe's values that are the toy task's, not defaults for real data (TRL's own defaults are).
-# lr_scheduler: cosine is what keeps the default's end near its best (docs/reproducibility.md); warmup_steps: 650
-# is the shipped build of the built-in model (until the schema's default follows it).
-TOY_TASK_KEYS = {"grpo.max_completion_length", "train.lr_scheduler", "model.warmup_steps"}
+# lr_scheduler: cosine is what keeps the default's end near its best (docs/reproducibility.md).
+TOY_TASK_KEYS = {"grpo.max_completion_length", "train.lr_scheduler"}
 
 
 def _flat(node: dict, prefix: str = "") -> dict[str, object]:
