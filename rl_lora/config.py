@@ -362,8 +362,8 @@ class GuardSpec(_Section):
     # The headline metric's fall below its best that counts (points of a [0, 1] metric; else a fraction of
     # the best value's size), while the training reward is above what it was at the best evaluation.
     margin: float = Field(default=0.05, gt=0)
-    # Held-out evaluations in a row that must show it: one evaluation of a few dozen prompts is noisy (a dip
-    # of 4 in 60 problems at step 25 recovered to +7 above the start by step 100 in recipes/grpo_sums.yaml).
+    # Held-out evaluations in a row that must show it: one evaluation of a few dozen prompts is noisy
+    # (docs/tasks.md shows a reported dip that recovered).
     patience: int = Field(default=2, ge=1)
     # "warn": say so in the log and summary.json and train on; "stop": also end the run there.
     action: Literal["warn", "stop"] = "warn"
