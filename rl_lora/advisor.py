@@ -23,11 +23,14 @@ from transformers import AutoConfig
 from rl_lora.capacity import (
     ALL_LINEAR,
     BITS_PER_PARAM,
+    CLEAR_MARGIN,
+    SMALLEST_LABEL,
     CapacityEstimate,
     MoePlan,
     estimate,
     full_estimate,
     linear_shapes,
+    margin_text,
     meta_model,
     moe_layout,
     pair_data_bits,
@@ -187,16 +190,20 @@ def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
     """(bits the recipe's training data carries, how that number was made)."""
     batch, steps = config.train.batch_size, config.train.steps
     if config.algorithm in ("grpo", "ppo"):
-        # Claim 1: a policy-gradient episode (one completion) carries ~1 bit, its one scalar advantage.
+        # Claim 1: a policy-gradient episode (one completion) carries at most ~1 bit, its one scalar advantage.
         bits = rl_data_bits(batch, steps)
-        return bits, f"{batch} completions/step x {steps} steps, 1 bit per episode"
+        return bits, f"{batch} completions/step x {steps} steps, <= 1 bit per episode"
     if config.algorithm in ("dpo", "reward"):
-        # One bit per distinct pair (rl_lora/capacity.py says why); a second pass over the same pairs adds none.
+        # One bit per distinct pair: rl-lora's own estimate, not the study's (rl_lora/capacity.py says why and
+        # what it does not know); a second pass over the same pairs adds none.
         seen = batch * steps
         available = distinct_pairs_available(config)
         distinct = seen if available is None else min(seen, available)
         cap = "" if available is None else f", at most {available:,} in the data"
-        how = f"{distinct:,} distinct pairs ({batch} pairs/step x {steps} steps{cap}), 1 bit per pair"
+        how = (
+            f"{distinct:,} distinct pairs ({batch} pairs/step x {steps} steps{cap}), "
+            "1 bit per pair (rl-lora's estimate)"
+        )
         return pair_data_bits(distinct), how
     raise ConfigError(f"algorithm '{config.algorithm}': the advisor has no data-bits estimate for it yet")
 
@@ -306,7 +313,9 @@ def _large_batch(config: RecipeConfig) -> Advice | None:
 
 def _below_capacity(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = None) -> Advice | None:
     est = recipe_capacity(config, shapes, moe)
-    if est.capacity_bits >= est.data_bits:
+    # Fires where the verdict says "likely too small"; between 1/CLEAR_MARGIN and 1 the estimate is too
+    # rough to call, and a warning there would claim more than it knows (rl_lora/capacity.py).
+    if est.margin > 1 / CLEAR_MARGIN:
         return None
     _, how = recipe_data_bits(config)
     # Below the data's size, bits grow linearly with steps: the longest run this adapter holds.
@@ -318,8 +327,9 @@ def _below_capacity(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = 
         fix = f"set lora.rank to >= {est.smallest_sufficient_rank}, or lower {fewer}"
     return Advice(
         BELOW_CAPACITY,
-        f"rank-{config.lora.rank} LoRA holds ~{est.capacity_bits:,.0f} bits < ~{est.data_bits:,.0f} bits of data "
-        f"({how}); past capacity LoRA learns more slowly (docs/findings.md claims 1-2): {fix}",
+        f"rank-{config.lora.rank} LoRA holds ~{est.capacity_bits:,.0f} bits, {margin_text(est.margin)} the "
+        f"~{est.data_bits:,.0f} bits of data ({how}): likely too small, rough as both figures are; past capacity "
+        f"LoRA learns more slowly (docs/findings.md claims 1-2): {fix}",
     )
 
 
@@ -412,10 +422,10 @@ def capacity_lines(config: RecipeConfig) -> list[str]:
         by_kind = " + ".join(part for part in (by_kind, _experts_text(config, moe)) if part)
     if config.lora.is_full:
         method, counted = "full-parameter", "full weights (targeted)"
-        smallest_label = "smallest sufficient LoRA rank (to compare)"
+        smallest_label = "smallest LoRA rank with capacity >= data (estimate; to compare)"
     else:
         method, counted = f"LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}", "LoRA parameters"
-        smallest_label = "smallest sufficient rank"
+        smallest_label = SMALLEST_LABEL
     smallest = est.smallest_sufficient_rank
     lines = [
         f"recipe:   {config.name} ({config.algorithm}, {method}, targets {targets})",

@@ -19,16 +19,21 @@ from transformers import AutoModelForCausalLM
 
 from rl_lora.errors import ConfigError, ModelError
 
-# docs/findings.md, claims 1-2: a network stores ~2 bits per parameter; policy-gradient RL carries
-# ~1 bit per episode, and SFT data <~1 bit per trained completion token. A preference pair is scored
-# here like an episode: DPO's and Bradley-Terry's gradient for a pair is one scalar weight on
-# (chosen - rejected), so ~1 bit per distinct pair; the per-token figure is kept as an upper bound
-# (docs/advisor.md has the measurement that chose this: rank 1 matched full-parameter DPO at 2.5x
-# its per-token capacity).
+# Rough figures, not measurements of ours (docs/findings.md, docs/advisor.md). From the study: a
+# network stores ~2 bits per parameter (a long-training storage limit, not a rate of learning); a
+# policy-gradient episode carries at most ~1 bit (an upper bound that needs on-policy samples); SFT
+# data <~1 bit per trained completion token. The study says nothing about preference data: 1 bit per
+# distinct pair is rl-lora's own estimate. DPO's and Bradley-Terry's gradient for a pair is one scalar
+# weight on (chosen - rejected), the shape of an episode's advantage, but the chosen answer comes from
+# the data, not from the policy, so the on-policy reasoning behind the 1 bit does not carry over as is.
 BITS_PER_PARAM = 2.0
 BITS_PER_EPISODE = 1.0
 BITS_PER_TOKEN = 1.0
 BITS_PER_PAIR = 1.0
+# Capacity / data within this factor either way is too close to call: the figures above are rough, and
+# the study's own RL example had ~8x more rank-1 parameters than episode bits, a wide margin rather
+# than a threshold (docs/findings.md). 2 is a judgement, not a fitted value; a sweep on the task decides.
+CLEAR_MARGIN = 2.0
 
 ALL_LINEAR = "all-linear"
 # Ranks above this are never worth estimating: the adapter would be as big as a full fine-tune.
@@ -238,12 +243,13 @@ def rl_data_bits(completions_per_step: int, steps: int) -> float:
 
 
 def token_data_bits(completion_tokens: int) -> float:
-    """Bits an SFT/DPO/reward-model run carries: one per trained completion token."""
+    """Bits an SFT run carries at most: one per trained completion token (the study's SFT bound)."""
     return BITS_PER_TOKEN * completion_tokens
 
 
 def pair_data_bits(distinct_pairs: int) -> float:
-    """Bits a DPO/reward-model run carries: one per distinct preference pair (repeats add none)."""
+    """Bits a DPO/reward-model run carries, by rl-lora's own estimate (not the study's): one per distinct
+    preference pair, repeats adding none (BITS_PER_PAIR says why, and what it does not know)."""
     return BITS_PER_PAIR * distinct_pairs
 
 
@@ -256,15 +262,21 @@ def _smallest_sufficient_rank(per_rank_params: int, max_rank: int, data_bits: fl
 
 @dataclass(frozen=True)
 class CapacityEstimate:
-    """How many bits the adapter can store against how many the training data carries."""
+    """How many bits the adapter can store against how many the training data carries (both rough)."""
 
     lora_params: int
     capacity_bits: float
     data_bits: float
     verdict: str
+    # The smallest rank whose capacity estimate reaches the data (margin >= 1), not a rank known to be enough.
     smallest_sufficient_rank: int | None
     # A full-parameter run: lora_params then counts the targeted linears' weights, and capacity is no limit.
     full: bool = False
+
+    @property
+    def margin(self) -> float:
+        """Capacity / data bits (inf when the data carries none)."""
+        return capacity_margin(self.capacity_bits, self.data_bits)
 
     def lines(self) -> list[str]:
         """A short human-readable report, one line per figure."""
@@ -274,18 +286,47 @@ class CapacityEstimate:
             f"{label}{self.lora_params:,}",
             f"capacity:                 {self.capacity_bits:,.0f} bits",
             f"data (estimate):          ~{self.data_bits:,.0f} bits",
-            f"smallest sufficient rank: {'none up to full rank' if smallest is None else smallest}",
+            f"margin:                   {margin_text(self.margin)} (capacity / data)",
+            f"{SMALLEST_LABEL}: {'none up to full rank' if smallest is None else smallest}",
             f"verdict: {self.verdict}",
         ]
 
 
+SMALLEST_LABEL = "smallest rank with capacity >= data (estimate)"
+
+
+def capacity_margin(capacity_bits: float, data_bits: float) -> float:
+    """Capacity / data bits; inf when the data carries none."""
+    return capacity_bits / data_bits if data_bits > 0 else math.inf
+
+
+def margin_text(margin: float) -> str:
+    """'1.07x', '0.02x', '273x': two decimals below 10x, whole numbers above."""
+    if math.isinf(margin):
+        return "no data bits"
+    return f"{margin:.2f}x" if margin < 10 else f"{margin:,.0f}x"
+
+
 def _verdict(rank: int, capacity_bits: float, data_bits: float, smallest: int | None) -> str:
-    if capacity_bits >= data_bits:
-        return f"capacity {capacity_bits:,.0f} bits >= data ~{data_bits:,.0f} bits: rank {rank} is enough"
-    short = f"rank {rank} holds {capacity_bits:,.0f} bits < data ~{data_bits:,.0f} bits"
+    """What the estimate can and cannot say: a margin of CLEAR_MARGIN or more either way, else too close to call."""
+    margin = capacity_margin(capacity_bits, data_bits)
+    figures = f"capacity {capacity_bits:,.0f} bits vs data ~{data_bits:,.0f} bits ({margin_text(margin)})"
+    if margin >= CLEAR_MARGIN:
+        return f"{figures}: capacity is unlikely to limit rank {rank}"
+    if margin > 1 / CLEAR_MARGIN:
+        return (
+            f"{figures}: too close to call (bits per parameter and per episode or pair are rough estimates); "
+            f"a sweep (rl-lora sweep RECIPE --ranks {rank},full) decides"
+        )
     if smallest is None:
-        return f"{short}: no LoRA rank holds it (LoRA will learn more slowly past capacity; consider full fine-tuning)"
-    return f"{short}: use rank >= {smallest} (LoRA will learn more slowly past capacity)"
+        return (
+            f"{figures}: rank {rank} is likely too small and no LoRA rank reaches the data "
+            "(LoRA learns more slowly past capacity; consider full fine-tuning)"
+        )
+    return (
+        f"{figures}: rank {rank} is likely too small; the estimate reaches the data at rank >= {smallest} "
+        "(LoRA learns more slowly past capacity)"
+    )
 
 
 def estimate(
@@ -343,7 +384,8 @@ def full_estimate(
     """The estimate for a full-parameter run: the targeted weights, and the LoRA rank that would do.
 
     Capacity is not the limit of a full fine-tune (claim 2 is about LoRA falling behind it), so the
-    verdict says so; the smallest sufficient rank is still reported, for choosing a LoRA to compare.
+    verdict says so; the smallest rank whose capacity reaches the data is still reported, for choosing a
+    LoRA to compare.
     On an MoE model the targeted experts' fused weights count too.
     """
     weights = full_parameter_count(shapes, targets) if _selected_linears(shapes, targets) or moe is None else 0

@@ -15,6 +15,7 @@ from rl_lora.capacity import (
     full_parameter_count,
     linear_shapes,
     lora_parameter_count,
+    margin_text,
     parameter_count,
     rl_data_bits,
     token_data_bits,
@@ -162,23 +163,55 @@ def test_data_bits() -> None:
 def test_estimate_verdicts() -> None:
     """Tiny Llama, rank 1: 10,240 parameters x 2 bits = 20,480 bits, against 64 x 400 = 25,600 episodes.
 
-    ceil(25,600 / 20,480) = 2, so rank 2 (40,960 bits) is the smallest that holds the data.
+    20,480 / 25,600 = 0.80x: within a factor of 2 either way, so too close to call, and the verdict says
+    the figures are rough and names the sweep that decides. ceil(25,600 / 20,480) = 2: rank 2 (40,960
+    bits) is the smallest whose estimate reaches the data.
     """
     shapes = linear_shapes(_tiny_llama())
-    short = estimate(shapes, 1, "all-linear", rl_data_bits(64, 400))
-    assert short == CapacityEstimate(
+    close = estimate(shapes, 1, "all-linear", rl_data_bits(64, 400))
+    assert close == CapacityEstimate(
         lora_params=10_240,
         capacity_bits=20_480.0,
         data_bits=25_600.0,
-        verdict="rank 1 holds 20,480 bits < data ~25,600 bits: use rank >= 2"
-        " (LoRA will learn more slowly past capacity)",
+        verdict="capacity 20,480 bits vs data ~25,600 bits (0.80x): too close to call (bits per parameter and"
+        " per episode or pair are rough estimates); a sweep (rl-lora sweep RECIPE --ranks 1,full) decides",
         smallest_sufficient_rank=2,
     )
-    assert any("10,240" in line for line in short.lines())
+    assert close.margin == 0.8
+    assert any("10,240" in line for line in close.lines())
+    assert "margin:                   0.80x (capacity / data)" in close.lines()
 
-    enough = estimate(shapes, 2, "all-linear", 25_600)
-    assert enough.verdict == "capacity 40,960 bits >= data ~25,600 bits: rank 2 is enough"
-    assert enough.smallest_sufficient_rank == 2
+    # Rank 2: 40,960 / 25,600 = 1.60x, still too close; rank 4: 81,920 / 25,600 = 3.20x.
+    assert "(1.60x): too close to call" in estimate(shapes, 2, "all-linear", 25_600).verdict
+    assert estimate(shapes, 4, "all-linear", 25_600).verdict == (
+        "capacity 81,920 bits vs data ~25,600 bits (3.20x): capacity is unlikely to limit rank 4"
+    )
+
+
+def test_verdict_bands_at_a_factor_of_two() -> None:
+    """The bands' edges: 2x is clear above, 0.5x clear below; just inside either edge is too close to call.
+
+    Rank 1 holds 20,480 bits: data 10,240 is 2.00x, 10,241 is 1.9998x; data 40,960 is 0.50x (64 x 640
+    episodes), 40,959 is 0.500012x. At 40,960 bits rank 2 (40,960 bits) is the smallest that reaches the data.
+    """
+    shapes = linear_shapes(_tiny_llama())
+    assert "unlikely to limit rank 1" in estimate(shapes, 1, "all-linear", 10_240).verdict
+    assert "too close to call" in estimate(shapes, 1, "all-linear", 10_241).verdict
+    assert "too close to call" in estimate(shapes, 1, "all-linear", 40_959).verdict
+    below = estimate(shapes, 1, "all-linear", rl_data_bits(64, 640))
+    assert below.verdict == (
+        "capacity 20,480 bits vs data ~40,960 bits (0.50x): rank 1 is likely too small; the estimate reaches the"
+        " data at rank >= 2 (LoRA learns more slowly past capacity)"
+    )
+    for est in (below, estimate(shapes, 1, "all-linear", 19_200), estimate(shapes, 1, "all-linear", 10_240)):
+        assert "is enough" not in est.verdict
+
+
+def test_margin_text() -> None:
+    assert margin_text(20_480 / 19_200) == "1.07x"  # the default recipe
+    assert margin_text(8_192 / 512_000) == "0.02x"
+    assert margin_text(5_242_880 / 19_200) == "273x"
+    assert margin_text(float("inf")) == "no data bits"
 
 
 def test_estimate_beyond_full_rank() -> None:
@@ -187,7 +220,7 @@ def test_estimate_beyond_full_rank() -> None:
     assert estimate(shapes, 1, "all-linear", 2_621_440).smallest_sufficient_rank == 128
     over = estimate(shapes, 1, "all-linear", 2_621_441)
     assert over.smallest_sufficient_rank is None
-    assert "no LoRA rank holds it" in over.verdict
+    assert "rank 1 is likely too small and no LoRA rank reaches the data" in over.verdict
 
 
 def test_llama_8b_full_weights(llama_8b_shapes: dict[str, tuple[int, int]]) -> None:
