@@ -46,6 +46,7 @@ from rl_lora.lr_rule import resolve_lr
 from rl_lora.models.builtin import BUILTIN_NAMES, BUILTIN_PREFIX, builtin_config
 from rl_lora.models.gguf import is_gguf_reference
 from rl_lora.models.gguf import read_config as read_gguf_config
+from rl_lora.targets import ATTENTION_PARTS, MLP_NAMES, MLP_PARTS
 
 Shapes = dict[str, tuple[int, int]]
 ModuleKind = Literal["attention", "mlp", "other"]
@@ -73,13 +74,6 @@ LARGE_BATCH_COMPLETIONS = 256
 
 # Module-name parts that mark a linear as attention or MLP. Layers that hold their MLP linears
 # directly (OPT's fc1/fc2) are recognised by the linear's own name instead.
-_ATTENTION_PARTS = frozenset({"attn", "self_attn", "attention", "self_attention", "cross_attn", "linear_attn"})
-_MLP_PARTS = frozenset(
-    {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "experts", "shared_expert", "shared_experts"}
-)
-_MLP_NAMES = frozenset(
-    {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "w1", "w2", "w3", "c_fc", "dense_h_to_4h", "dense_4h_to_h"}
-)
 
 
 @dataclass(frozen=True)
@@ -228,9 +222,9 @@ def recipe_capacity(
 def module_kind(name: str) -> ModuleKind:
     """'attention', 'mlp' or 'other' for a linear module's full name (MoE experts count as MLP)."""
     parts = name.split(".")
-    if parts[-1] in _MLP_NAMES or any(p in _MLP_PARTS for p in parts[:-1]):
+    if parts[-1] in MLP_NAMES or any(p in MLP_PARTS for p in parts[:-1]):
         return "mlp"
-    if any(p in _ATTENTION_PARTS for p in parts[:-1]):
+    if any(p in ATTENTION_PARTS for p in parts[:-1]):
         return "attention"
     return "other"
 

@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from rl_lora.errors import ConfigError, ModelError
+from rl_lora.targets import ALL_LINEAR, resolve_targets
 
 # Rough figures, not measurements of ours (docs/findings.md, docs/advisor.md). From the study: a
 # network stores ~2 bits per parameter (a long-training storage limit, not a rate of learning); a
@@ -35,7 +36,6 @@ BITS_PER_PAIR = 1.0
 # than a threshold (docs/findings.md). 2 is a judgement, not a fitted value; a sweep on the task decides.
 CLEAR_MARGIN = 2.0
 
-ALL_LINEAR = "all-linear"
 # Ranks above this are never worth estimating: the adapter would be as big as a full fine-tune.
 MAX_SEARCH_RANK = 4096
 
@@ -77,6 +77,7 @@ def parameter_count(config: transformers.PretrainedConfig, trust_remote_code: bo
 
 
 def _selected_linears(shapes: dict[str, tuple[int, int]], targets: str | list[str]) -> dict[str, tuple[int, int]]:
+    targets = resolve_targets(targets)
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
             return dict(shapes)
@@ -180,7 +181,8 @@ def resolve_expert_rank(rank: int, layout: MoeLayout, expert_rank: int | None = 
 
 def targeted_experts(layout: MoeLayout, targets: str | list[str]) -> dict[str, tuple[int, int, int]]:
     """The fused expert parameters ``targets`` selects: all for "all-linear", by name or alias for a list,
-    by full-name regex for any other string."""
+    by full-name regex for any other string (``attention`` and ``mlp`` name such a regex: rl_lora/targets.py)."""
+    targets = resolve_targets(targets)
     if isinstance(targets, str):
         if targets.lower() == ALL_LINEAR:
             return dict(layout.experts)

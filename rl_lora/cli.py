@@ -3,8 +3,8 @@
     rl-lora run RECIPE [key.path=value ...] [--debug]
     rl-lora run PIPELINE [--resume PIPELINE_DIR]          (a file with stages:, rl_lora/pipeline.py)
     rl-lora validate RECIPE [key.path=value ...]
-    rl-lora sweep RECIPE --ranks 1,4,16,full --seeds 1,2 [--lr-multipliers 5,10 | --lrs ...] [key.path=value ...]
-    rl-lora report SWEEP_DIR
+    rl-lora sweep RECIPE --ranks 1,16,full [--lrs auto --selection-seeds 1,2] --seeds 3,4,5,6 [--jobs 2] [key=value ...]
+    rl-lora report SWEEP_DIR [--wandb [--entity ENTITY] [--project PROJECT]]
     rl-lora capacity RECIPE [key.path=value ...]
 
 Errors the user can fix print as one line and exit with status 2; ``--debug`` shows the traceback.
@@ -53,9 +53,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     p.add_argument("--ranks", default="1,4,16,full", help="comma-separated ranks; 'full' = full-parameter baseline")
-    p.add_argument("--seeds", default="1,2", help="comma-separated seeds")
-    p.add_argument("--lr-multipliers", default=None, help="LoRA LR multipliers to sweep (x train.lr)")
-    p.add_argument("--lrs", default=None, help="explicit LRs to sweep for every method")
+    p.add_argument("--seeds", default=None,
+                   help="seeds of the runs the verdict reads (default 1,2; with an LR grid 3,4,5,6)")
+    grid = p.add_argument_group("each method at its own best LR (docs/sweeps.md)")
+    grid.add_argument("--lrs", default=None,
+                      help="LR grids: 'auto' (log-spaced around each method's rule LR), one list for every "
+                           "method, or per method: 'full=1e-4,3e-4;r1=1e-3,3e-3;lora=...'")
+    grid.add_argument("--lr-multipliers", default=None,
+                      help="LoRA grid as multiples of train.lr (full-parameter runs get the auto grid)")
+    grid.add_argument("--lr-points", type=int, default=5, help="LRs in an auto grid")
+    grid.add_argument("--lr-step", type=float, default=2.0, help="ratio between neighbouring LRs of an auto grid")
+    grid.add_argument("--selection-seeds", default="1,2", help="seeds that choose each method's best LR")
+    grid.add_argument("--select-last", type=int, default=2,
+                      help="a selection run's score: the mean of its last N evaluations")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin in the headline metric's units (default 0.05 for rates in [0, 1])")
+    axes = p.add_argument_group("more axes")
+    axes.add_argument("--targets", default=None, help="layer sets to compare: all-linear, attention, mlp, ...")
+    axes.add_argument("--match-params", action="store_true",
+                      help="give every layer set after the first the rank closest to its trainable-parameter count")
+    axes.add_argument("--batch-sizes", default=None,
+                      help="batch sizes at the recipe's number of episodes (steps scale inversely)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once (one per GPU; on CPU the cores are split between them)")
     p.add_argument("--name", default=None, help="sweep name (default: the recipe's name)")
     p.add_argument("--output-dir", default="sweeps", help="where sweep folders go")
     p.add_argument("--threshold", type=float, default=None,
@@ -65,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_dir", help="a folder made by rl-lora sweep")
     p.add_argument("--threshold", type=float, default=None,
                    help="a value of the task's headline metric: the report adds 'steps to' it")
+    wb = p.add_argument_group("W&B (rl_lora/dashboards.py)")
+    wb.add_argument("--wandb", action="store_true",
+                    help="also build the sweep's W&B workspace and report: published when logged in, else written "
+                         "to wandb_dashboards.json with the commands that publish them")
+    wb.add_argument("--entity", default=None, help="W&B entity (default: your login's default entity)")
+    wb.add_argument("--project", default=None, help="W&B project (default: the runs' logging.wandb_project)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     return parser
 
@@ -73,20 +99,29 @@ def _sweep(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rl_lora.report import write_report
-    from rl_lora.sweep import parse_numbers, parse_ranks, plan, run_sweep
+    from rl_lora.sweep import SweepSpec, run_sweep
+    from rl_lora.sweep_plan import LrGrids, parse_lr_grids, parse_numbers, parse_ranks, plan_arms
 
     config = load_recipe(args.recipe, args.overrides)
-    points = plan(
-        parse_ranks(args.ranks), parse_numbers("--seeds", args.seeds, int),
-        parse_numbers("--lr-multipliers", args.lr_multipliers), parse_numbers("--lrs", args.lrs),
-    )
+    grids = parse_lr_grids(args.lrs, args.lr_points, args.lr_step)
+    if args.lr_multipliers:
+        if grids is not None:
+            raise ConfigError("--lrs and --lr-multipliers both set LoRA grids: give one of them")
+        multipliers = parse_numbers("--lr-multipliers", args.lr_multipliers)
+        grids = LrGrids({"lora": [m * config.train.lr for m in multipliers]}, args.lr_points, args.lr_step)
+    seeds = parse_numbers("--seeds", args.seeds or ("3,4,5,6" if grids else "1,2"), int)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    arms = plan_arms(config, parse_ranks(args.ranks), targets, parse_numbers("--batch-sizes", args.batch_sizes, int),
+                     args.match_params)
+    spec = SweepSpec(seeds, grids, parse_numbers("--selection-seeds", args.selection_seeds, int) if grids else [],
+                     args.select_last, args.margin)
     sweep_dir = Path(args.output_dir) / (args.name or config.name)
-    outcome = run_sweep(Path(args.recipe), points, sweep_dir, args.overrides)
-    print(f"sweep {sweep_dir}: {len(outcome['finished'])} finished, {len(outcome['skipped'])} already done, "
-          f"{len(outcome['failed'])} failed" + (f" ({', '.join(outcome['failed'])})" if outcome["failed"] else ""))
-    if outcome["finished"] or outcome["skipped"]:
+    outcome = run_sweep(Path(args.recipe), arms, spec, sweep_dir, args.overrides, jobs=args.jobs)
+    print(f"sweep {sweep_dir}: {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
+          f"{len(outcome.failed)} failed" + (f" ({', '.join(outcome.failed)})" if outcome.failed else ""))
+    if outcome.finished or outcome.skipped:
         print(f"report: {write_report(sweep_dir, args.threshold)} (and report.html)")
-    return 1 if outcome["failed"] else 0
+    return 1 if outcome.failed else 0
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -94,7 +129,11 @@ def _report(args: argparse.Namespace) -> int:
 
     from rl_lora.report import write_report
 
-    print(f"report: {write_report(Path(args.sweep_dir), args.threshold)} (and report.html)")
+    print(f"report: {write_report(Path(args.sweep_dir), args.threshold)} (and report.html)", flush=True)
+    if args.wandb:  # after the local report, so a W&B failure never costs it
+        from rl_lora.dashboards import dashboards
+
+        print("\n".join(dashboards(Path(args.sweep_dir), args.entity, args.project)))
     return 0
 
 

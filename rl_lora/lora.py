@@ -27,6 +27,7 @@ from rl_lora.capacity import (
 )
 from rl_lora.config import LoraSpec
 from rl_lora.errors import ConfigError
+from rl_lora.targets import resolve_targets
 
 # Linear names that PEFT 0.21.2 re-targets on models it converts from transformers v4 to v5
 # (peft/utils/transformers_weight_conversion.py, _MOE_TARGET_MODULE_MAPPING): a dense linear so named
@@ -62,7 +63,7 @@ def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", model: nn.Module |
         return LoraConfig(
             r=int(spec.rank),
             lora_alpha=spec.alpha,
-            target_modules=spec.targets,
+            target_modules=resolve_targets(spec.targets),
             lora_dropout=spec.dropout,
             bias="none",
             task_type=task_type,

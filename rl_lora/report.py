@@ -8,9 +8,10 @@ The headline metric is the task's (summary.json ``headline_metric``: ``accuracy`
 task, ``pairwise_accuracy`` for a reward model, a user's metric for a dataset task); every column and
 plot that judges a method reads it, and "better" follows its direction.
 
-Noise: "spread" is sqrt(sd_method² + sd_full²) over seeds (sample standard deviations); a method is
-"within noise of full" when |gap| <= 2 x spread. With one seed there is no noise estimate, and the
-report says so instead of a verdict.
+The verdict (rl_lora/report_verdict.py, statistics in rl_lora/comparison.py) compares each method at its
+best LR, chosen on selection seeds, over confirmation seeds only: the gap to full with a Welch t interval
+and an equivalence verdict against a stated margin. The cost table and the curves over steps read the
+same confirmation runs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rl_lora.errors import RlLoraError  # noqa: E402
+from rl_lora.report_verdict import arm_key, arm_label, collect, lr_lines, lr_plot, read_protocol, verdict_lines  # noqa: E402
 
 REWARD_SMOOTHING = 20  # steps in the reward curve's rolling mean (one step's reward is noisy)
 
@@ -92,19 +94,20 @@ def headline_metric(runs: list[Run]) -> Headline:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    """One group per (method, LR); labels carry the LR only where a method was run at several."""
-    by_key: dict[tuple[str, float], Group] = {}
+    """One group per (arm, LR). Labels name the layer set and batch size where the sweep varied them, and the
+    LR where an arm was run at several."""
+    by_key: dict[tuple[tuple[str, str, int], float], Group] = {}
     for run in runs:
-        key = (run.summary["method"], float(run.summary["lr"]))
+        key = (arm_key(run.summary), float(run.summary["lr"]))
         if key not in by_key:
-            by_key[key] = Group(run.summary["method"], run.summary["rank"])
+            by_key[key] = Group(arm_label(key[0], runs), run.summary["rank"])
         by_key[key].runs.append(run)
-    lrs_per_method: dict[str, int] = {}
-    for method, _ in by_key:
-        lrs_per_method[method] = lrs_per_method.get(method, 0) + 1
-    for (method, lr), group in by_key.items():
-        if lrs_per_method[method] > 1:
-            group.label = f"{method} lr={lr:g}"
+    lrs_per_arm: dict[tuple[str, str, int], int] = {}
+    for arm, _ in by_key:
+        lrs_per_arm[arm] = lrs_per_arm.get(arm, 0) + 1
+    for (arm, lr), group in by_key.items():
+        if lrs_per_arm[arm] > 1:
+            group.label = f"{group.label} lr={lr:g}"
 
     def order(g: Group) -> tuple[int, float, str]:
         return (1, 0.0, g.label) if g.rank == "full" else (0, float(g.rank), g.label)
@@ -163,9 +166,6 @@ def _state_bytes(run: Run) -> float | None:
 class Row:
     group: Group
     final: tuple[float, float | None]
-    gap: float | None
-    spread: float | None
-    verdict: str
     auc: float | None
     to_threshold: float | None
     memory: float | None
@@ -174,31 +174,12 @@ class Row:
     optim_ratio: float | None
 
 
-def _verdict(gap: float | None, spread: float | None, is_full: bool, higher_is_better: bool = True) -> str:
-    if is_full:
-        return "baseline"
-    if gap is None:
-        return "no full-parameter run to compare with"
-    if spread is None:
-        return "one seed: no noise estimate"
-    if abs(gap) <= 2 * spread:
-        return "within noise of full"
-    better = gap > 0 if higher_is_better else gap < 0
-    return "better than full (beyond noise)" if better else "worse than full (beyond noise)"
-
-
 def build_rows(groups: list[Group], threshold: float | None, metric: Headline | None = None) -> list[Row]:
     metric = metric or Headline("accuracy")
     final_key = f"final_{metric.name}"
-    full = next((g for g in groups if g.rank == "full"), None)
-    full_mean, full_sd = _mean_sd(full.values(final_key)) if full else (None, None)
     rows = []
     for g in groups:
         mean, sd = _mean_sd(g.values(final_key))
-        gap = None if full is None else mean - full_mean
-        spread = None
-        if full is not None and sd is not None and full_sd is not None:
-            spread = math.sqrt(sd**2 + full_sd**2)
         curves = [_curve(r, f"eval/{metric.name}") for r in g.runs]
         aucs = [a for a in (area_under_curve(s, v) for s, v in curves) if a is not None]
         reach = [steps_to(s, v, threshold, metric.higher_is_better) for s, v in curves] if threshold is not None else []
@@ -210,8 +191,7 @@ def build_rows(groups: list[Group], threshold: float | None, metric: Headline | 
         step_times = [statistics.fmean(t) for t in ([x["step_time"] for x in r.records if x.get("step_time")]
                                                     for r in g.runs) if t]
         rows.append(Row(
-            group=g, final=(mean, sd), gap=gap, spread=spread,
-            verdict=_verdict(gap, spread, g.rank == "full", metric.higher_is_better),
+            group=g, final=(mean, sd),
             auc=statistics.fmean(aucs) if aucs else None,
             to_threshold=statistics.fmean(reach) if reach and all(x is not None for x in reach) else None,
             memory=statistics.fmean(memories) if memories else None,
@@ -309,40 +289,22 @@ def _table(rows: list[Row], threshold: float | None, metric: Headline) -> list[s
         return f"{value / base:.2f}x" if base and value else "n/a"
 
     reach = f" steps to {threshold:g} |" if threshold is not None else ""
-    head = (f"| method | seeds | trainable params | final {metric.label} | gap to full (± spread) | verdict | "
+    head = (f"| method | seeds | trainable params | final {metric.label} | "
             f"mean over training |{reach} param+grad+optim | vs full | peak memory | vs full | "
             f"step time | vs full | optimizer bytes / trainable param bytes |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         mean, sd = r.final
         params = r.group.values("trainable_params")
-        gap = "—" if r.group.rank == "full" else (
-            f"{100 * r.gap:+.1f} pts" + (f" (± {100 * r.spread:.1f})" if r.spread is not None else "")
-            if r.gap is not None else "n/a")
         lines.append(
             f"| {r.group.label} | {len(r.group.runs)} | {int(params[0]):,} | {_fmt(mean)}"
-            f"{' ± ' + _fmt(sd) if sd is not None else ''} | {gap} | {r.verdict} | {_fmt(r.auc)} | "
+            f"{' ± ' + _fmt(sd) if sd is not None else ''} | {_fmt(r.auc)} | "
             + (f"{_fmt(r.to_threshold, '.0f')} | " if threshold is not None else "")
             + f"{_fmt(r.state / 2**20 if r.state else None, '.2f')} MiB | "
             f"{rel(r, 'state')} | {_fmt(r.memory / 2**30 if r.memory else None, '.2f')} GiB | {rel(r, 'memory')} | "
             f"{_fmt(r.step_time)} s | {rel(r, 'step_time')} | {_fmt(r.optim_ratio, '.2f')} |"
         )
     return lines
-
-
-def _findings(rows: list[Row], metric: Headline) -> list[str]:
-    full = next((r for r in rows if r.group.rank == "full"), None)
-    if full is None:
-        return ["No full-parameter run in this sweep: add `full` to --ranks to compare against a baseline."]
-    out = []
-    for r in rows:
-        if r is full or r.gap is None:
-            continue
-        out.append(
-            f"- **{r.group.label}**: final {metric.label} {_fmt(r.final[0])} vs full {_fmt(full.final[0])} "
-            f"({_gap_text(r.gap, [r.final[0], full.final[0]])}): {r.verdict}."
-        )
-    return out
 
 
 def _gap_text(gap: float, values: list[float]) -> str:
@@ -359,13 +321,20 @@ def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
     """
     runs = load_runs(sweep_dir)
     metric = headline_metric(runs)
-    groups = group_runs(runs)
+    protocol = read_protocol(sweep_dir)
+    arms = collect(runs, protocol, metric.name, metric.higher_is_better, arm_label)
+    confirmed = [r for a in arms for r in a.confirmed()[1]]
+    groups = group_runs(confirmed or runs)
     rows = build_rows(groups, threshold, metric)
     plots = {
-        metric.plot_file: metric.label.capitalize(),
+        "lr.png": f"{metric.label.capitalize()} against learning rate (selection runs)",
+        metric.plot_file: f"{metric.label.capitalize()} over training at each method's "
+                          f"{'best' if protocol.has_grid else 'one'} LR",
         "reward.png": f"Reward (rolling mean over {REWARD_SMOOTHING} steps)",
         "cost.png": "Memory and speed relative to the full-parameter run",
     }
+    if not lr_plot(arms, protocol, metric, sweep_dir / "lr.png"):
+        del plots["lr.png"]
     _band_plot(groups, f"eval/{metric.name}", metric.label, sweep_dir / metric.plot_file)
     reward_key = _training_curve_key(groups)
     if reward_key is None:
@@ -376,22 +345,26 @@ def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
     _cost_plot(rows, sweep_dir / "cost.png")
     failures = sweep_dir / "failures.jsonl"
     failed = [json.loads(x)["run"] for x in failures.read_text().splitlines() if x.strip()] if failures.exists() else []
-    any_run = groups[0].runs[0].summary
+    any_run = runs[0].summary
     failed_note = f", failed attempts: {', '.join(failed)}" if failed else ""
+    walls = [r.summary.get("wall_seconds") or 0 for r in runs]
     md = [
         f"# Sweep report: {sweep_dir.name}",
         "",
-        f"Recipe `{any_run.get('recipe')}`, algorithm {any_run.get('algorithm')}, {any_run.get('steps')} steps "
-        f"per run; {sum(len(g.runs) for g in groups)} finished runs{failed_note}. Judged by {metric.label} "
+        f"Recipe `{any_run.get('recipe')}`, algorithm {any_run.get('algorithm')}; {len(runs)} finished runs"
+        f"{failed_note}, {sum(walls) / 60:.0f} min of run time in all. Judged by {metric.label} "
         f"({'higher' if metric.higher_is_better else 'lower'} is better).",
         "",
-        "## What it found",
+        f"## Verdict: each method at its {'best' if protocol.has_grid else 'recipe'} LR",
         "",
-        *_findings(rows, metric),
+        *verdict_lines(arms, protocol, metric),
         "",
-        "Within noise: |gap| <= 2 x spread, spread = sqrt(sd_method² + sd_full²) over seeds.",
-        "",
-        "## Table",
+    ]
+    selection = lr_lines(arms, protocol, metric)
+    if selection:
+        md += ["## Learning-rate selection", "", *selection]
+    md += [
+        "## Cost",
         "",
         *_table(rows, threshold, metric),
         "",

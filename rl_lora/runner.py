@@ -36,6 +36,7 @@ from rl_lora.memory import module_param_bytes, peak_memory
 from rl_lora.models.loading import check_policy
 from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
 from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
+from rl_lora.targets import target_label
 from rl_lora.tasks.base import Metric
 from rl_lora.tracking import RunTracker, WandbSink, held_out_label
 from rl_lora.trainers import dpo, reward_model
@@ -207,7 +208,8 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
         tags = [method, config.algorithm, "full" if config.lora.is_full else "lora"]
         sink = WandbSink(
             run_dir, config.logging.wandb_project, run_dir.name, config.logging.wandb_group,
-            {**resolved, "rank": str(config.lora.rank), "method": method, "lr": lr.lr, "seed": config.train.seed},
+            {**resolved, "rank": str(config.lora.rank), "method": method, "lr": lr.lr, "seed": config.train.seed,
+             "lora_targets": target_label(config.lora.targets), "batch_size": config.train.batch_size},
             tags, job_type=method,
         )
     tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
@@ -313,6 +315,8 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
         "method": run.method,
         "rank": run.config.lora.rank,
         "seed": run.config.train.seed,
+        "lora_targets": "all" if run.config.lora.is_full else target_label(run.config.lora.targets),
+        "batch_size": run.config.train.batch_size,
         "steps": run.config.train.steps,
         "lr": run.lr.lr,
         "lr_reason": run.lr.reason,
