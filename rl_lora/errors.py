@@ -27,3 +27,7 @@ class ModelError(RlLoraError):
 
 class CheckpointError(RlLoraError):
     """A run folder or checkpoint that cannot be written or read."""
+
+
+class DashboardError(RlLoraError):
+    """A W&B dashboard that cannot be published: no login, no such entity or project, the extra missing."""
