@@ -15,19 +15,22 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from rl_lora.config import ConfigError
+from rl_lora.config import ConfigError, load_recipe
 from rl_lora.report import area_under_curve, steps_to, write_report
-from rl_lora.sweep import SweepPoint, parse_ranks, plan
+from rl_lora.sweep_plan import Arm, SweepPoint, parse_ranks, plan_arms, points_for
 from tests_support import tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_plan_and_names() -> None:
-    points = plan([1, "full"], [1, 2], [5.0, 10.0], [])
-    assert [p.name for p in points] == ["r1-s1-m5", "r1-s1-m10", "r1-s2-m5", "r1-s2-m10", "full-s1", "full-s2"]
-    assert SweepPoint(4, 3, 5.0).overrides() == ["lora.rank=4", "train.seed=3", "lora.lr_multiplier=5.0"]
-    assert SweepPoint("full", 1, None, 2e-4).overrides() == ["lora.rank=full", "train.seed=1", "train.lr=0.0002"]
+    config = load_recipe(REPO / "recipes" / "grpo_arithmetic.yaml")
+    points = points_for(config, plan_arms(config, [1, "full"]), [1, 2])
+    assert [p.name for p in points] == ["r1-all-b64-lr0.001-s1", "r1-all-b64-lr0.001-s2", "full-b64-lr0.0001-s1",
+                                        "full-b64-lr0.0001-s2"]
+    assert points[0].overrides() == ["lora.rank=1", "train.seed=1"]  # the rule's LR: no LR override
+    assert SweepPoint(Arm(4), 3, 5e-3).overrides() == ["lora.rank=4", "train.seed=3", "lora.lr=0.005"]
+    assert SweepPoint(Arm("full"), 1, 2e-4).overrides() == ["lora.rank=full", "train.seed=1", "train.lr=0.0002"]
 
 
 @pytest.mark.parametrize("bad", ["0", "one", ""])
@@ -58,19 +61,20 @@ def test_killed_sweep_resumes_only_missing_runs_and_reports(tmp_path: Path) -> N
     proc = subprocess.Popen(_sweep_cmd(recipe, tmp_path / "out"), cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not (runs / "r1-s1" / "summary.json").exists():
+    first = "r1-all-b16-lr0.015-s1"  # tiny recipe: train.lr 1e-3, 2 steps, so the rule's short-run 15x
+    while time.time() < deadline and not (runs / first / "summary.json").exists():
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the sweep and the run it is in the middle of
     proc.wait()
     done_before = {p.parent.name for p in runs.glob("*/summary.json")}
-    assert "r1-s1" in done_before and len(done_before) < 4
-    first_mtime = (runs / "r1-s1" / "summary.json").stat().st_mtime
+    assert first in done_before and len(done_before) < 4
+    first_mtime = (runs / first / "summary.json").stat().st_mtime
 
     result = subprocess.run(_sweep_cmd(recipe, tmp_path / "out"), cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"{4 - len(done_before)} finished, {len(done_before)} already done, 0 failed" in result.stdout
-    assert (runs / "r1-s1" / "summary.json").stat().st_mtime == first_mtime  # not redone
+    assert (runs / first / "summary.json").stat().st_mtime == first_mtime  # not redone
 
     sweep = tmp_path / "out" / "s"
     for name in ("report.md", "report.html", "accuracy.png", "reward.png", "cost.png"):
