@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rl_lora.errors import ModelError, RewardError
-from rl_lora.models.loading import ensure_pad_token
+from reward_models.protocol import RewardError
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -94,8 +94,14 @@ def load_reward_model(folder: str | Path, base: str | None = None) -> tuple[PreT
         tokenizer = AutoTokenizer.from_pretrained(str(folder) if has_tokenizer else base or str(folder))
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"reward model '{folder}' cannot be loaded: {first_line}") from exc
-    ensure_pad_token(tokenizer, f"reward model '{folder}'")
+        raise RewardError(f"reward model '{folder}' cannot be loaded: {first_line}") from exc
+    # A missing pad token becomes the eos token, as for the policy (ensure_pad_token in rl_lora/models/loading.py,
+    # not imported: rewards do not depend on the library).
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RewardError(f"reward model '{folder}': its tokenizer has neither a pad nor an eos token")
+        warnings.warn(f"tokenizer of reward model '{folder}' has no pad token; using its eos token", stacklevel=2)
+        tokenizer.pad_token = tokenizer.eos_token
     # The classifier reads the last non-pad token, so the model must know which id is padding.
     model.config.pad_token_id = tokenizer.pad_token_id
     if torch.cuda.is_available():

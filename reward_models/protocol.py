@@ -1,12 +1,14 @@
-"""The reward protocol every plug-in follows, and the checks applied to what a plug-in returns."""
+"""The contract between a reward and the library: the call signature, and the one error a reward raises.
+
+This module imports nothing of rl_lora, so a reward plug-in (and this package) can be written, imported
+and tested without the library: rl_lora imports rewards, never the other way round. The library's side
+of the contract (finding a reward by name, checking what it returns) is rl_lora/rewards.py.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Protocol
-
-from rl_lora.errors import RewardError
 
 
 class RewardFn(Protocol):
@@ -15,33 +17,9 @@ class RewardFn(Protocol):
         ...
 
 
-def check_scores(name: str, scores: Any, expected: int, step: int | None = None) -> list[float | None]:
-    """Return ``scores`` as a list, or raise RewardError naming the reward, the step and the sample."""
-    at = f" at step {step}" if step is not None else ""
-    if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence):
-        try:
-            scores = list(scores)
-        except TypeError:
-            raise RewardError(
-                f"reward '{name}'{at} returned {type(scores).__name__}, expected a list of {expected} scores"
-            ) from None
-    if len(scores) != expected:
-        raise RewardError(
-            f"reward '{name}'{at} returned {len(scores)} scores for {expected} completions "
-            "(one score per completion is required; nothing is broadcast)"
-        )
-    out: list[float | None] = []
-    for i, s in enumerate(scores):
-        if s is None:
-            out.append(None)
-            continue
-        try:
-            value = float(s)
-        except (TypeError, ValueError):
-            raise RewardError(f"reward '{name}'{at} sample {i}: score {s!r} is not a number") from None
-        if not math.isfinite(value):
-            raise RewardError(f"reward '{name}'{at} sample {i}: score is {value} (not finite)")
-        out.append(value)
-    if expected and all(v is None for v in out):
-        raise RewardError(f"reward '{name}'{at} returned None for every one of {expected} completions")
-    return out
+class RewardError(Exception):
+    """A reward that cannot be found, loaded or called, or returned unusable scores.
+
+    Defined here rather than in rl_lora/errors.py so that rewards need not import the library; rl_lora.errors
+    re-exports it, and the command line reports it in one line like the library's own errors.
+    """

@@ -21,7 +21,7 @@ import sys
 import yaml
 
 from rl_lora.config import RecipeConfig, load_recipe, read_recipe_file
-from rl_lora.errors import ConfigError, RlLoraError
+from rl_lora.errors import USER_ERRORS, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         commands = {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report,
                     "capacity": _capacity}
         return commands[args.command](args)
-    except RlLoraError as exc:
+    except USER_ERRORS as exc:
         if args.debug:
             raise
         print(f"rl-lora: error: {exc}", file=sys.stderr)

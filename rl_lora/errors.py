@@ -1,8 +1,11 @@
 """The project's exception hierarchy.
 
 Every error a user can cause by what they wrote (a recipe, a data file, a reward plug-in) is one of
-these, so the command line can print it as one clear line and exit non-zero.
+these (``USER_ERRORS``), so the command line can print it as one clear line and exit non-zero.
 """
+
+# A reward's error is defined beside the reward protocol, so that rewards need not import the library.
+from reward_models.protocol import RewardError
 
 
 class RlLoraError(Exception):
@@ -17,10 +20,6 @@ class DataError(RlLoraError):
     """A dataset file, row or field that cannot be used."""
 
 
-class RewardError(RlLoraError):
-    """A reward plug-in that cannot be found, raised, or returned unusable scores."""
-
-
 class ModelError(RlLoraError):
     """A model or tokenizer that cannot be loaded or does not fit the recipe."""
 
@@ -31,3 +30,7 @@ class CheckpointError(RlLoraError):
 
 class DashboardError(RlLoraError):
     """A W&B dashboard that cannot be published: no login, no such entity or project, the extra missing."""
+
+
+# What the command line reports in one line, without a traceback.
+USER_ERRORS = (RlLoraError, RewardError)

@@ -24,8 +24,6 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from rl_lora.errors import RlLoraError
-
 
 @dataclass(frozen=True)
 class PluginKind:
@@ -34,7 +32,7 @@ class PluginKind:
     word: str  # "reward", "task", ...
     group: str  # entry-point group
     builtins: Mapping[str, Any]
-    error: type[RlLoraError]
+    error: type[Exception]  # what a failed lookup raises: RewardError, ConfigError, ...
 
 
 def resolve(kind: PluginKind, name: str) -> Callable:

@@ -13,8 +13,8 @@ from rl_lora.config import BUILTIN_PREFERENCES, LEARNED_PREFIX, RecipeConfig
 
 
 def precheck(config: RecipeConfig) -> None:
-    """Raise the first RlLoraError a run of ``config`` would raise on its inputs, without loading a model."""
-    from reward_models.registry import check_keywords, resolve_reward
+    """Raise the first user error (USER_ERRORS) a run of ``config`` would raise on its inputs, loading no model."""
+    from rl_lora.rewards import check_keywords, resolve_reward
 
     if config.algorithm in ("grpo", "ppo"):
         for f in config.reward.functions:

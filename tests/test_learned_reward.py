@@ -15,12 +15,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForSequenceClassification
 
-from reward_models import resolve_reward
 from reward_models.learned import LearnedReward, load_reward_model, score_texts
 from rl_lora.config import validate
-from rl_lora.errors import ModelError
+from rl_lora.errors import RewardError
 from rl_lora.models.builtin import tiny_llama_config
 from rl_lora.models.tokenizer import build_char_tokenizer
+from rl_lora.rewards import resolve_reward
 from rl_lora.runner import run_recipe
 from tests_support import tiny_raw
 
@@ -93,7 +93,7 @@ def test_adapter_folder_reproduces_the_unmerged_model(adapter_folder: tuple[Path
 
 def test_adapter_with_a_missing_base_fails_clearly(adapter_folder: tuple[Path, list[float]], tmp_path: Path) -> None:
     folder, _ = adapter_folder
-    with pytest.raises(ModelError, match="cannot be loaded"):
+    with pytest.raises(RewardError, match="cannot be loaded"):
         LearnedReward(folder)(["1+1="], ["2"], base=str(tmp_path / "no-base"))
 
 

@@ -6,10 +6,9 @@ import math
 
 import pytest
 
-from reward_models import resolve_reward
 from reward_models.exact_answer import exact_answer, extract_answer
-from reward_models.protocol import check_scores
 from rl_lora.errors import RewardError
+from rl_lora.rewards import check_scores, resolve_reward
 
 
 @pytest.mark.parametrize(

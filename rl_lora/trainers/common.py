@@ -159,8 +159,7 @@ def rollout_algorithm(
     rewards (GRPO; PPO has the same shape). ``build`` has build_grpo_trainer's signature."""
 
     def check(config: RecipeConfig) -> tuple[Any, dict[str, Any]]:
-        from reward_models import check_reward
-        from reward_models.registry import check_columns, resolve_reward
+        from rl_lora.rewards import check_columns, check_reward, resolve_reward
 
         for f in config.reward.functions:  # a bad name, keyword or reward-model folder fails here
             check_reward(f.name, f.kwargs)

@@ -14,9 +14,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallba
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from reward_models.adapters import trainer_rewards
 from rl_lora.config import RecipeConfig
 from rl_lora.lora import keep_adapters_fp32, peft_config
+from rl_lora.rewards import trainer_rewards
 from rl_lora.rollout import merged_adapters
 from rl_lora.trainers.common import shared_training_args, trl_config
 from rl_lora.trainers.nonfinite import NonFiniteGuard

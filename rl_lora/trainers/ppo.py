@@ -53,10 +53,10 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, get_scheduler
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
-from reward_models.adapters import trainer_rewards
 from rl_lora.config import RecipeConfig
 from rl_lora.distributed import deepspeed_config
 from rl_lora.errors import CheckpointError, ConfigError, RlLoraError
+from rl_lora.rewards import trainer_rewards
 from rl_lora.rollout import merged_adapters
 from rl_lora.trainers import ppo_checkpoint
 from rl_lora.trainers import ppo_math as pm

@@ -1,8 +1,10 @@
-"""Finding a reward by the name a recipe gives it.
+"""The library's side of the reward contract: finding a reward by the name a recipe gives it, refusing
+keywords and columns it would not get, checking every score it returns, and adapting it to the trainers.
 
-Five forms, tried in this order:
+The rewards themselves and their protocol live in ``reward_models/``, which imports nothing of rl_lora.
+A name takes one of five forms, tried in this order:
 
-- a built-in name: ``exact_answer``, ``format``, ``length_penalty`` (``BUILTIN_REWARDS``);
+- a built-in name: ``exact_answer``, ``format``, ``length_penalty`` (``reward_models.BUILTIN_REWARDS``);
 - ``learned:<folder>``: a reward model (reward_models/learned.py);
 - ``path/to/file.py:function``: a Python file, loaded by path (relative paths from the working folder);
 - ``module.path:function``: an importable module;
@@ -15,24 +17,18 @@ reward and what is missing, raised before any model loads.
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from reward_models.exact_answer import exact_answer
-from reward_models.shaping import answer_format, length_penalty
+from reward_models import BUILTIN_REWARDS
+from rl_lora.config import LEARNED_PREFIX
 from rl_lora.errors import RewardError
 from rl_lora.plugins import PluginKind, resolve
 
 ENTRY_POINT_GROUP = "rl_lora.reward_models"
-LEARNED_PREFIX = "learned:"
-
-BUILTIN_REWARDS: dict[str, Callable] = {
-    "exact_answer": exact_answer,
-    "format": answer_format,
-    "length_penalty": length_penalty,
-}
-
 
 REWARD_PLUGINS = PluginKind("reward", ENTRY_POINT_GROUP, BUILTIN_REWARDS, RewardError)
 
@@ -103,3 +99,63 @@ def check_columns(what: str, fn: Callable, kwargs: dict[str, Any], columns: list
         have = ", ".join(columns) or "none besides 'prompt'"
         raise RewardError(f"{what} needs column '{missing[0]}', which dataset '{dataset}' does not have "
                           f"(its columns: {have})")
+
+
+def check_scores(name: str, scores: Any, expected: int, step: int | None = None) -> list[float | None]:
+    """Return ``scores`` as a list, or raise RewardError naming the reward, the step and the sample."""
+    at = f" at step {step}" if step is not None else ""
+    if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence):
+        try:
+            scores = list(scores)
+        except TypeError:
+            raise RewardError(
+                f"reward '{name}'{at} returned {type(scores).__name__}, expected a list of {expected} scores"
+            ) from None
+    if len(scores) != expected:
+        raise RewardError(
+            f"reward '{name}'{at} returned {len(scores)} scores for {expected} completions "
+            "(one score per completion is required; nothing is broadcast)"
+        )
+    out: list[float | None] = []
+    for i, s in enumerate(scores):
+        if s is None:
+            out.append(None)
+            continue
+        try:
+            value = float(s)
+        except (TypeError, ValueError):
+            raise RewardError(f"reward '{name}'{at} sample {i}: score {s!r} is not a number") from None
+        if not math.isfinite(value):
+            raise RewardError(f"reward '{name}'{at} sample {i}: score is {value} (not finite)")
+        out.append(value)
+    if expected and all(v is None for v in out):
+        raise RewardError(f"reward '{name}'{at} returned None for every one of {expected} completions")
+    return out
+
+
+def trl_reward(name: str, fn: Callable, kwargs: dict[str, Any]) -> Callable:
+    """Adapt a plug-in to TRL's reward signature (GRPO; the project's PPO calls it the same way),
+    checking every score it returns and reporting its failure as the plug-in's, with the step."""
+
+    @functools.wraps(fn)
+    def reward(prompts: list[str], completions: list[str], completion_ids: Any = None, **columns: Any) -> list:
+        state = columns.pop("trainer_state", None)
+        columns.pop("log_extra", None)
+        columns.pop("log_metric", None)
+        step = getattr(state, "global_step", None)
+        try:
+            scores = fn(prompts, completions, **columns, **kwargs)
+        except Exception as exc:  # a plug-in's failure, reported as the plug-in's, with the step
+            raise RewardError(
+                f"reward '{name}' raised at step {step} on a batch of {len(completions)} completions "
+                f"(first prompt {prompts[0]!r}): {type(exc).__name__}: {exc}"
+            ) from exc
+        return check_scores(name, scores, len(completions), step=step)
+
+    reward.__name__ = name.replace(":", ".").replace("/", ".")
+    return reward
+
+
+def trainer_rewards(functions: list[Any]) -> list[Callable]:
+    """The recipe's ``reward.functions`` specs as checked trainer reward functions, in order."""
+    return [trl_reward(f.name, resolve_reward(f.name), f.kwargs) for f in functions]
