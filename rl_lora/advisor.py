@@ -4,9 +4,9 @@
 
 No weights are loaded: the model config comes from the built-in model's code or a folder's
 ``config.json`` (a folder holding nothing else works), and the layer shapes from a model built on the
-meta device (rl_lora/capacity.py). A run calls ``advise(config)`` before its model loads: the
-guardrails that fire are warned about (``LoraAdvice``) or, with ``advisor.strict``, refuse the run
-with a ConfigError. Each rule, its threshold and its source in docs/findings.md: docs/advisor.md.
+meta device (rl_lora/capacity.py). A run calls ``check_recipe`` and ``enforce`` before its model loads
+(rl_lora/runner.py): the guardrails that fire are warned about (``LoraAdvice``) or, with ``advisor.strict``,
+refuse the run with a ConfigError. Each rule, its threshold and its source in docs/findings.md: docs/advisor.md.
 """
 
 from __future__ import annotations
@@ -358,18 +358,6 @@ def enforce(advice: list[Advice], strict: bool, stacklevel: int = 2) -> None:
         )
     for a in advice:
         warnings.warn(str(a), LoraAdvice, stacklevel=stacklevel)
-
-
-def advise(config: RecipeConfig, shapes: Shapes | None = None, strict: bool | None = None) -> list[Advice]:
-    """check_recipe + enforce, for the start of a run; returns the advice given.
-
-    ``strict`` defaults to the recipe's ``advisor.strict`` once that key exists, and to False before.
-    """
-    if strict is None:
-        strict = bool(getattr(getattr(config, "advisor", None), "strict", False))
-    advice = check_recipe(config, shapes)
-    enforce(advice, strict, stacklevel=3)
-    return advice
 
 
 # --- the report -----------------------------------------------------------------------------------

@@ -280,19 +280,6 @@ class CapacityEstimate:
         """Capacity / data bits (inf when the data carries none)."""
         return capacity_margin(self.capacity_bits, self.data_bits)
 
-    def lines(self) -> list[str]:
-        """A short human-readable report, one line per figure."""
-        smallest = self.smallest_sufficient_rank
-        label = "full weights (targeted): " if self.full else "LoRA parameters:          "
-        return [
-            f"{label}{self.lora_params:,}",
-            f"capacity:                 {self.capacity_bits:,.0f} bits",
-            f"data (estimate):          ~{self.data_bits:,.0f} bits",
-            f"margin:                   {margin_text(self.margin)} (capacity / data)",
-            f"{SMALLEST_LABEL}: {'none up to full rank' if smallest is None else smallest}",
-            f"verdict: {self.verdict}",
-        ]
-
 
 SMALLEST_LABEL = "smallest rank with capacity >= data (estimate)"
 

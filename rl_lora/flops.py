@@ -36,11 +36,6 @@ def training_flops_per_token(shapes: dict[str, tuple[int, int]], adapted: dict[s
     return total
 
 
-def lora_cost_share(n: int, rank: int) -> float:
-    """(2N² + 6NR) / 3N²: LoRA's training cost on an N x N matrix relative to full fine-tuning."""
-    return (2 * n * n + 6 * n * rank) / (3 * n * n)
-
-
 def peak_tflops() -> float | None:
     """The device's dense bf16 peak, when a known GPU is present; None on CPU or unknown devices."""
     if os.environ.get("RL_LORA_PEAK_TFLOPS"):

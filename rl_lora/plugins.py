@@ -47,11 +47,6 @@ def resolve(kind: PluginKind, name: str) -> Callable:
     return _from_entry_point(kind, name)
 
 
-def short_name(name: str) -> str:
-    """A plug-in's name for logs: the attribute after the last ':' (``file.py:exact_match`` -> ``exact_match``)."""
-    return name.rpartition(":")[2] or name
-
-
 def _callable_attr(kind: PluginKind, name: str, owner: Any, attr: str, where: str) -> Callable:
     fn = getattr(owner, attr, None)
     if fn is None or not callable(fn):

@@ -20,7 +20,6 @@ from rl_lora.advisor import (
     RULES,
     Advice,
     LoraAdvice,
-    advise,
     capacity_lines,
     check_recipe,
     enforce,
@@ -264,11 +263,11 @@ def test_enforce_warns_each() -> None:
         enforce([], strict=False)
 
 
-def test_advise() -> None:
-    with pytest.warns(LoraAdvice, match=LARGE_BATCH):
-        assert [a.code for a in advise(validate(TRIGGERS[LARGE_BATCH][0]))] == [LARGE_BATCH]
-    with pytest.raises(ConfigError, match=LARGE_BATCH):
-        advise(validate(TRIGGERS[LARGE_BATCH][0]), strict=True)
+def test_strict_refuses_what_would_be_warned() -> None:
+    advice = check_recipe(validate(TRIGGERS[LARGE_BATCH][0]))
+    assert [a.code for a in advice] == [LARGE_BATCH]
+    with pytest.raises(ConfigError, match=f"advisor.strict is on.*{LARGE_BATCH}"):
+        enforce(advice, strict=True)
 
 
 # --- the report -----------------------------------------------------------------------------------
