@@ -26,15 +26,16 @@ from rl_lora.capacity import (
     CLEAR_MARGIN,
     SMALLEST_LABEL,
     CapacityEstimate,
+    MoeLayout,
     MoePlan,
     estimate,
     full_estimate,
-    linear_shapes,
     margin_text,
     meta_model,
+    model_linear_shapes,
+    model_parameter_count,
     moe_layout,
     pair_data_bits,
-    parameter_count,
     resolve_expert_rank,
     rl_data_bits,
     targeted_experts,
@@ -123,9 +124,27 @@ def recipe_model_config(config: RecipeConfig) -> transformers.PretrainedConfig:
         raise ModelError(f"model.policy '{policy}': cannot read its config ({_first_line(exc)})") from exc
 
 
-def _shapes_of(model_config: transformers.PretrainedConfig, config: RecipeConfig) -> Shapes:
+@dataclass(frozen=True)
+class PolicyShapes:
+    """The recipe's policy measured once, on the meta device: all that the capacity estimate, the guardrails
+    and ``rl-lora capacity`` read of it.
+
+    Measuring reads the policy's config (for a GGUF policy not yet dequantised, a parse of the file's whole
+    header) and builds the model on the meta device, so a caller measures once and passes this down.
+    """
+
+    model_config: transformers.PretrainedConfig
+    linears: Shapes  # {linear module name: (in_features, out_features)}, output head and MoE routers excluded
+    moe: MoeLayout | None  # fused MoE experts and routers; None for a dense model
+    parameters: int  # every parameter, tied weights once
+
+
+def policy_shapes(config: RecipeConfig) -> PolicyShapes:
+    """Measure the recipe's policy: one config read, one meta-device build. Raises ModelError."""
+    model_config = recipe_model_config(config)
     try:
-        return linear_shapes(model_config, trust_remote_code=config.model.trust_remote_code)
+        model = meta_model(model_config, config.model.trust_remote_code)
+        return PolicyShapes(model_config, model_linear_shapes(model), moe_layout(model), model_parameter_count(model))
     except (ValueError, KeyError, ImportError) as exc:
         raise ModelError(
             f"model.policy '{config.model.policy}': transformers cannot build a causal LM from its config "
@@ -135,23 +154,16 @@ def _shapes_of(model_config: transformers.PretrainedConfig, config: RecipeConfig
 
 def recipe_shapes(config: RecipeConfig) -> Shapes:
     """{linear module name: (in_features, out_features)} of the recipe's policy (output head excluded)."""
-    return _shapes_of(recipe_model_config(config), config)
+    return policy_shapes(config).linears
 
 
-def recipe_moe(config: RecipeConfig, model_config: transformers.PretrainedConfig | None = None) -> MoePlan | None:
+def recipe_moe(config: RecipeConfig, policy: PolicyShapes | None = None) -> MoePlan | None:
     """How the recipe's LoRA adapts its policy's fused MoE experts, or None for a dense policy.
 
     The same rules rl_lora.lora.peft_config applies: experts at ``lora.expert_rank`` (default rank //
-    experts per token), routers only with ``lora.train_router``.
+    experts per token), routers only with ``lora.train_router``. ``policy`` saves measuring it again.
     """
-    model_config = recipe_model_config(config) if model_config is None else model_config
-    try:
-        layout = moe_layout(meta_model(model_config, config.model.trust_remote_code))
-    except (ValueError, KeyError, ImportError) as exc:
-        raise ModelError(
-            f"model.policy '{config.model.policy}': transformers cannot build a causal LM from its config "
-            f"({_first_line(exc)})"
-        ) from exc
+    layout = (policy_shapes(config) if policy is None else policy).moe
     if layout is None:
         return None
     return MoePlan(layout, config.lora.expert_rank, config.lora.train_router)
@@ -202,21 +214,19 @@ def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
     raise ConfigError(f"algorithm '{config.algorithm}': the advisor has no data-bits estimate for it yet")
 
 
-def recipe_capacity(
-    config: RecipeConfig, shapes: Shapes | None = None, moe: MoePlan | None | Literal["auto"] = "auto"
-) -> CapacityEstimate:
-    """The capacity estimate of the recipe's adapter against its data; ``shapes`` saves rebuilding them.
+def recipe_capacity(config: RecipeConfig, policy: PolicyShapes | None = None) -> CapacityEstimate:
+    """The capacity estimate of the recipe's adapter against its data; ``policy`` saves measuring it again.
 
-    On an MoE policy the count includes the experts (and trained routers); ``moe`` (from
-    ``recipe_moe``) saves finding them again. For ``lora.rank: full`` the count is the targeted
-    weights and the verdict says capacity is not a limit (rl_lora.capacity.full_estimate).
+    On an MoE policy the count includes the experts (and trained routers). For ``lora.rank: full`` the
+    count is the targeted weights and the verdict says capacity is not a limit
+    (rl_lora.capacity.full_estimate).
     """
-    shapes = recipe_shapes(config) if shapes is None else shapes
-    moe = recipe_moe(config) if moe == "auto" else moe
+    policy = policy_shapes(config) if policy is None else policy
+    moe = recipe_moe(config, policy)
     bits, _ = recipe_data_bits(config)
     if config.lora.is_full:
-        return full_estimate(shapes, config.lora.targets, bits, moe)
-    return estimate(shapes, int(config.lora.rank), config.lora.targets, bits, moe)
+        return full_estimate(policy.linears, config.lora.targets, bits, moe)
+    return estimate(policy.linears, int(config.lora.rank), config.lora.targets, bits, moe)
 
 
 def module_kind(name: str) -> ModuleKind:
@@ -248,11 +258,12 @@ def params_by_kind(
 # --- the guardrails -------------------------------------------------------------------------------
 
 
-def _attention_only(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = None) -> Advice | None:
+def _attention_only(config: RecipeConfig, policy: PolicyShapes) -> Advice | None:
+    shapes, moe = policy.linears, policy.moe
     targets = config.lora.targets
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         return None
-    if moe is not None and targeted_experts(moe.layout, targets):
+    if moe is not None and targeted_experts(moe, targets):
         return None
     if any(module_kind(name) == "mlp" for name in targeted_shapes(shapes, targets)):
         return None
@@ -305,8 +316,8 @@ def _large_batch(config: RecipeConfig) -> Advice | None:
     )
 
 
-def _below_capacity(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = None) -> Advice | None:
-    est = recipe_capacity(config, shapes, moe)
+def _below_capacity(config: RecipeConfig, policy: PolicyShapes) -> Advice | None:
+    est = recipe_capacity(config, policy)
     # Fires where the verdict says "likely too small"; between 1/CLEAR_MARGIN and 1 the estimate is too
     # rough to call, and a warning there would claim more than it knows (rl_lora/capacity.py).
     if est.margin > 1 / CLEAR_MARGIN:
@@ -327,21 +338,20 @@ def _below_capacity(config: RecipeConfig, shapes: Shapes, moe: MoePlan | None = 
     )
 
 
-def check_recipe(config: RecipeConfig, shapes: Shapes | None = None) -> list[Advice]:
+def check_recipe(config: RecipeConfig, policy: PolicyShapes | None = None) -> list[Advice]:
     """The guardrails that fire on a LoRA recipe, in RULES order; none for a full-parameter run.
 
-    ``shapes`` (from ``recipe_shapes``) saves rebuilding the meta model. Raises ConfigError if
-    ``lora.targets`` matches no linear layer, and ModelError if the policy's config cannot be read.
+    ``policy`` (from ``policy_shapes``) saves measuring it again. Raises ConfigError if ``lora.targets``
+    matches no linear layer, and ModelError if the policy's config cannot be read.
     """
     if config.lora.is_full:
         return []
-    shapes = recipe_shapes(config) if shapes is None else shapes
-    moe = recipe_moe(config)
+    policy = policy_shapes(config) if policy is None else policy
     found = [
-        _attention_only(config, shapes, moe),
+        _attention_only(config, policy),
         _lr_too_low(config),
         _large_batch(config),
-        _below_capacity(config, shapes, moe),
+        _below_capacity(config, policy),
     ]
     return [advice for advice in found if advice is not None]
 
@@ -391,11 +401,10 @@ def _by_kind_text(by_kind: dict[ModuleKind, tuple[int, int]]) -> str:
 
 def capacity_lines(config: RecipeConfig) -> list[str]:
     """What ``rl-lora capacity RECIPE`` prints: model shape, adapter size by module kind, capacity, data, advice."""
-    model_config = recipe_model_config(config)
-    shapes = _shapes_of(model_config, config)
-    total = parameter_count(model_config, trust_remote_code=config.model.trust_remote_code)
-    moe = recipe_moe(config, model_config)
-    est = recipe_capacity(config, shapes, moe)
+    policy = policy_shapes(config)
+    model_config, shapes, total = policy.model_config, policy.linears, policy.parameters
+    moe = recipe_moe(config, policy)
+    est = recipe_capacity(config, policy)
     _, how = recipe_data_bits(config)
     targets = config.lora.targets if isinstance(config.lora.targets, str) else ", ".join(config.lora.targets)
     linears = targeted_shapes(shapes, config.lora.targets) if moe is None else _maybe_targeted(shapes, config)
@@ -422,7 +431,7 @@ def capacity_lines(config: RecipeConfig) -> list[str]:
     ]
     if moe is not None:
         lines.insert(4, f"experts:  {_expert_plan_text(config, moe)}")
-    advice = check_recipe(config, shapes)
+    advice = check_recipe(config, policy)
     lines += [f"advice:   {a}" for a in advice] or ["advice:   none"]
     return lines
 

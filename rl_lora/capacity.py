@@ -73,7 +73,12 @@ def model_linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def parameter_count(config: transformers.PretrainedConfig, trust_remote_code: bool = False) -> int:
     """Every parameter of the model ``config`` describes (tied weights once), counted on the meta device."""
-    return sum(p.numel() for p in meta_model(config, trust_remote_code).parameters())
+    return model_parameter_count(meta_model(config, trust_remote_code))
+
+
+def model_parameter_count(model: nn.Module) -> int:
+    """parameter_count of a built model."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def _selected_linears(shapes: dict[str, tuple[int, int]], targets: str | list[str]) -> dict[str, tuple[int, int]]:

@@ -130,13 +130,13 @@ def algorithm_for(config: RecipeConfig) -> Algorithm:
 
 def _advise(config: RecipeConfig) -> list[str]:
     """Print the capacity estimate and apply the guardrails (warnings, or a ConfigError when strict)."""
-    from rl_lora.advisor import check_recipe, enforce, recipe_capacity, recipe_shapes
+    from rl_lora.advisor import check_recipe, enforce, policy_shapes, recipe_capacity
     from rl_lora.errors import RlLoraError
 
     try:
-        shapes = recipe_shapes(config)
-        _say(f"rl-lora: capacity: {recipe_capacity(config, shapes).verdict}")
-        advice = check_recipe(config, shapes)
+        policy = policy_shapes(config)  # one config read and one meta-model build for the whole advice
+        _say(f"rl-lora: capacity: {recipe_capacity(config, policy).verdict}")
+        advice = check_recipe(config, policy)
     except RlLoraError as exc:  # e.g. a hub model whose config cannot be read offline: advice is optional
         _say(f"rl-lora: capacity estimate unavailable ({exc})")
         return []

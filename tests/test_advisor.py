@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
+from rl_lora import advisor, capacity
 from rl_lora.advisor import (
     ATTENTION_ONLY,
     BELOW_CAPACITY,
@@ -32,7 +34,9 @@ from rl_lora.advisor import (
 )
 from rl_lora.config import load_recipe, validate
 from rl_lora.errors import ConfigError, ModelError
+from rl_lora.models.builtin import builtin_config
 from rl_lora.models.gguf import is_gguf_reference, locate, require_gguf_reader
+from tests_support import tiny_raw
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -292,3 +296,43 @@ def test_capacity_lines_llama_8b(llama_8b_folder: Path) -> None:
     assert "8,030,261,248 parameters" in lines[2]  # Llama-3.1-8B's published size
     assert "LoRA parameters: 2,621,440 = attention 851,968 (128 linears) + MLP 1,769,472 (96 linears)" in lines
     assert lines[-1] == "advice:   none"
+
+
+# --- the policy is measured once per run --------------------------------------------------------
+
+
+@pytest.fixture
+def measured(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of the advisor's reads of the policy's config and its builds of the meta-device model."""
+    counts = {"config reads": 0, "meta builds": 0}
+
+    def counted(key: str, fn: Callable) -> Callable:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[key] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(advisor, "recipe_model_config", counted("config reads", advisor.recipe_model_config))
+    build = counted("meta builds", capacity.meta_model)
+    for module in (advisor, capacity):  # capacity.linear_shapes and parameter_count build through their own name
+        monkeypatch.setattr(module, "meta_model", build)
+    return counts
+
+
+def test_a_run_preparation_measures_the_policy_once(measured: dict[str, int], tmp_path: Path) -> None:
+    """The advice before a run (the capacity verdict, then the guardrails) reads the config and builds the
+    meta model once between them (three times each before: shapes, capacity's MoE layout, the guardrails')."""
+    from rl_lora.runner import prepare_run
+
+    prepare_run(validate(tiny_raw(tmp_path)))
+    assert measured == {"config reads": 1, "meta builds": 1}
+
+
+def test_capacity_report_parses_a_gguf_header_once(measured: dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An uncached GGUF policy's config comes from parsing the file's whole header (~10 s for SmolLM2)."""
+    parsed: list[str] = []
+    monkeypatch.setattr(advisor, "read_gguf_config", lambda policy: parsed.append(policy) or builtin_config())
+    lines = capacity_lines(_recipe(model={"policy": "smollm2.gguf"}))
+    assert lines[-1] == "advice:   none" and "LoRA parameters: 10,240" in "\n".join(lines)
+    assert parsed == ["smollm2.gguf"] and measured == {"config reads": 1, "meta builds": 1}
