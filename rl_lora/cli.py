@@ -109,12 +109,12 @@ def _sweep(args: argparse.Namespace) -> int:
             raise ConfigError("--lrs and --lr-multipliers both set LoRA grids: give one of them")
         multipliers = parse_numbers("--lr-multipliers", args.lr_multipliers)
         grids = LrGrids({"lora": [m * config.train.lr for m in multipliers]}, args.lr_points, args.lr_step)
-    seeds = parse_numbers("--seeds", args.seeds or ("3,4,5,6" if grids else "1,2"), int)
+    seeds = parse_numbers("--seeds", args.seeds or ("3,4,5,6" if grids else "1,2"), int, positive=False)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     arms = plan_arms(config, parse_ranks(args.ranks), targets, parse_numbers("--batch-sizes", args.batch_sizes, int),
                      args.match_params)
-    spec = SweepSpec(seeds, grids, parse_numbers("--selection-seeds", args.selection_seeds, int) if grids else [],
-                     args.select_last, args.margin)
+    selection = parse_numbers("--selection-seeds", args.selection_seeds, int, positive=False) if grids else []
+    spec = SweepSpec(seeds, grids, selection, args.select_last, args.margin)
     sweep_dir = Path(args.output_dir) / (args.name or config.name)
     outcome = run_sweep(Path(args.recipe), arms, spec, sweep_dir, args.overrides, jobs=args.jobs)
     print(f"sweep {sweep_dir}: {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "

@@ -12,6 +12,7 @@ train every weight), so two sweeps that differ in any of them keep separate runs
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -111,14 +112,15 @@ def parse_ranks(text: str) -> list[Rank]:
     return ranks
 
 
-def parse_numbers(flag: str, text: str | None, kind: type = float) -> list:
+def parse_numbers(flag: str, text: str | None, kind: type = float, positive: bool = True) -> list:
+    """A comma-separated list of numbers; ``positive`` refuses zero and below (LRs, batch sizes; not seeds)."""
     if not text:
         return []
     try:
         values = [kind(p) for p in text.split(",") if p.strip()]
     except ValueError:
         raise ConfigError(f"{flag}: '{text}' is not a comma-separated list of numbers") from None
-    if any(v <= 0 for v in values) and flag != "--seeds" and flag != "--selection-seeds":
+    if positive and any(v <= 0 for v in values):
         raise ConfigError(f"{flag}: every value must be positive (got '{text}')")
     return values
 
@@ -171,7 +173,7 @@ def batch_arms(config: RecipeConfig, batch_sizes: list[int]) -> list[tuple[int |
     return out
 
 
-def matched_rank(count: callable, reference: int, max_rank: int = 4096) -> int:
+def matched_rank(count: Callable[[int], int], reference: int, max_rank: int = 4096) -> int:
     """The rank whose trainable-parameter count ``count(rank)`` is closest to ``reference`` (ties: lower)."""
     per_rank = count(1)
     guess = max(1, round(reference / per_rank))
@@ -213,7 +215,7 @@ def plan_arms(
     return arms
 
 
-def _parameter_counter(config: RecipeConfig) -> callable:
+def _parameter_counter(config: RecipeConfig) -> Callable[[int, str], int]:
     """count(rank, targets) -> trainable LoRA parameters on the recipe's policy (reads its config only)."""
     from rl_lora.advisor import recipe_moe, recipe_shapes
     from rl_lora.capacity import adapter_parameter_count
