@@ -307,12 +307,6 @@ def _table(rows: list[Row], threshold: float | None, metric: Headline) -> list[s
     return lines
 
 
-def _gap_text(gap: float, values: list[float]) -> str:
-    """A gap in points when the compared values are rates in [0, 1] (accuracies, exact match), else in the
-    metric's own units."""
-    return f"{100 * gap:+.1f} points" if all(0.0 <= v <= 1.0 for v in values) else f"{gap:+.4g}"
-
-
 def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
     """Write report.md, report.html and the plots into ``sweep_dir``; returns report.md's path.
 

@@ -217,11 +217,12 @@ def plan_arms(
 
 def _parameter_counter(config: RecipeConfig) -> Callable[[int, str], int]:
     """count(rank, targets) -> trainable LoRA parameters on the recipe's policy (reads its config only)."""
-    from rl_lora.advisor import recipe_moe, recipe_shapes
+    from rl_lora.advisor import policy_shapes, recipe_moe
     from rl_lora.capacity import adapter_parameter_count
 
-    shapes, moe = recipe_shapes(config), recipe_moe(config)
-    return lambda rank, targets: adapter_parameter_count(shapes, rank, targets, moe)
+    policy = policy_shapes(config)
+    moe = recipe_moe(config, policy)
+    return lambda rank, targets: adapter_parameter_count(policy.linears, rank, targets, moe)
 
 
 def points_for(
