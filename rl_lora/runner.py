@@ -35,7 +35,7 @@ from rl_lora.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.memory import module_param_bytes, peak_memory
 from rl_lora.models.loading import check_policy
 from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
-from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
+from rl_lora.run_dir import create_run_dir, merge_disjoint, write_config, write_json_atomic
 from rl_lora.targets import target_label
 from rl_lora.tasks.base import Metric
 from rl_lora.tracking import RunTracker, WandbSink, held_out_label
@@ -309,36 +309,33 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
     if not is_main():
         return None
     shutil.rmtree(run.run_dir / "trainer", ignore_errors=True)  # TRL's scratch folder; we save ourselves
-    summary = {
-        "recipe": run.config.name,
-        "algorithm": run.config.algorithm,
-        "method": run.method,
-        "rank": run.config.lora.rank,
-        "seed": run.config.train.seed,
-        "lora_targets": "all" if run.config.lora.is_full else target_label(run.config.lora.targets),
-        "batch_size": run.config.train.batch_size,
-        "steps": run.config.train.steps,
-        "lr": run.lr.lr,
-        "lr_reason": run.lr.reason,
-        "held_out_metric": run.metric.description,
-        "headline_metric": run.metric.name,
-        "higher_is_better": run.metric.higher_is_better,
-        **{f"start_{k}": v for k, v in run.tracker.start_eval.items()},
-        **{f"final_{k}": v for k, v in run.tracker.last_eval.items()},
-        **_final_means(run.tracker.records, run.algorithm.final_metrics),
-        **run.info,
-        **run.tracker.static,
-        **run.tracker.summary(),
-        **run.guard.summary(),
-        "trained_steps": run.trainer.state.global_step,
-        "resumed_from_step": run.resumed_step,
-        "nonfinite_skipped": _total(run.tracker.records, "nonfinite_skipped"),
-        "train_seconds": round(train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - run.started, 2),
-        "saved": str(out),
-        "base_model": run.source,
-        **peak_memory(),
-    }
+    c = run.config
+    summary = merge_disjoint({
+        "recipe": {
+            "recipe": c.name, "algorithm": c.algorithm, "method": run.method, "rank": c.lora.rank, "seed": c.train.seed,
+            "lora_targets": "all" if c.lora.is_full else target_label(c.lora.targets),
+            "batch_size": c.train.batch_size, "steps": c.train.steps, "lr": run.lr.lr, "lr_reason": run.lr.reason,
+        },
+        "headline metric": {"held_out_metric": run.metric.description, "headline_metric": run.metric.name,
+                            "higher_is_better": run.metric.higher_is_better},
+        "first evaluation": {f"start_{k}": v for k, v in run.tracker.start_eval.items()},
+        "last evaluation": {f"final_{k}": v for k, v in run.tracker.last_eval.items()},
+        "last steps' means": _final_means(run.tracker.records, run.algorithm.final_metrics),
+        "loaded data": run.info,
+        "trainer figures": run.tracker.static,
+        "tracker": run.tracker.summary(),
+        "guard": run.guard.summary(),
+        "run": {
+            "trained_steps": run.trainer.state.global_step,
+            "resumed_from_step": run.resumed_step,
+            "nonfinite_skipped": _total(run.tracker.records, "nonfinite_skipped"),
+            "train_seconds": round(train_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - run.started, 2),
+            "saved": str(out),
+            "base_model": run.source,
+        },
+        "memory": peak_memory(),
+    })
     summary["fell_back"] = fell_back(summary, run.metric)
     write_json_atomic(run.run_dir / "summary.json", summary)
     sync = run.sink.finish(summary) if run.sink is not None else None
