@@ -300,12 +300,17 @@ def _large_batch(config: RecipeConfig) -> Advice | None:
     batch, steps = config.train.batch_size, config.train.steps
     if batch <= LARGE_BATCH_COMPLETIONS:
         return None
-    group = config.grpo.num_generations
-    # The largest batch within the threshold that still holds whole groups (config validation requires it).
+    # The batch holds whole groups of completions per prompt (config validation requires it); pairs do not group.
+    group_key, group = "", 1
+    if config.algorithm == "grpo":
+        group_key, group = "grpo.num_generations", config.grpo.num_generations
+    elif config.algorithm == "ppo":
+        group_key, group = "ppo.samples_per_prompt", config.ppo.samples_per_prompt
+    # The largest batch within the threshold that still holds whole groups.
     smaller = LARGE_BATCH_COMPLETIONS // group * group
     keep = f"{batch * steps:,} episodes"
     if smaller == 0:
-        fix = f"lower grpo.num_generations ({group}) and train.batch_size to <= {LARGE_BATCH_COMPLETIONS}"
+        fix = f"lower {group_key} ({group}) and train.batch_size to <= {LARGE_BATCH_COMPLETIONS}"
     else:
         fix = f"lower train.batch_size to {smaller} and raise train.steps to {math.ceil(batch * steps / smaller)}"
     return Advice(

@@ -104,6 +104,13 @@ class GrpoSpec(_Section):
         "generate rollouts with the LoRA adapters folded into the weights, restored bitwise afterwards "
         "(plain-model speed; skipped under ZeRO-3 and for 4-bit bases)"))
 
+    @model_validator(mode="after")
+    def _kl_budget_needs_beta(self) -> GrpoSpec:
+        if self.target_kl is not None and self.beta == 0:
+            raise ValueError("grpo.target_kl adapts grpo.beta, which is 0 (no KL term): set grpo.beta > 0, "
+                             "e.g. 0.04")
+        return self
+
 
 class PpoSpec(_Section):
     """PPO with a critic (rl_lora/trainers/ppo.py). Completions per step = train.batch_size."""
@@ -194,8 +201,6 @@ class RewardSpec(_Section):
 
 
 BUILTIN_PREFERENCES = "builtin"
-# Algorithms whose trainers load a 4-bit base (model.quantization); the others refuse the key.
-QUANTIZED_ALGORITHMS = ("grpo", "dpo", "ppo")
 
 
 class MetricSpec(_Section):
@@ -276,14 +281,6 @@ class DataSpec(_Section):
         "DPO on a dataset task"))
     split_seed: int = Field(default=1234, description=(
         "fixes the held-out set, independently of `train.seed` (and seeds the built-in pairs' sampling)"))
-    preferences: str | None = Field(default=None, description=(
-        "DPO / reward only: `builtin` (= null) pairs each training prompt's answer with one of the policy's own "
-        "wrong samples; or a `.jsonl` / `.json` / `.parquet` / `.csv` file, `save_to_disk` folder or hub dataset "
-        "of `{prompt, chosen, rejected}` or `{chosen, rejected}` rows, strings or chat messages (paths from the "
-        "working folder)"))
-    eval_preferences: str | None = Field(default=None, description=(
-        "reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a seeded 10% "
-        "of `data.preferences`"))
     samples_per_prompt: int = Field(default=2, ge=1, description=(
         "built-in pairs: policy samples (temperature 1) per training prompt when looking for a wrong answer"))
 
@@ -304,6 +301,44 @@ class DataSpec(_Section):
                     raise ValueError(f"data.{key} is read by data.task: arithmetic, not '{self.task}'")
         if self.eval_source is not None and self.eval_split is not None:
             raise ValueError("data.eval_source and data.eval_split both name the held-out prompts: set one")
+        return self
+
+
+class PreferenceDataSpec(DataSpec):
+    """The data of a DPO recipe: the task, and the preference pairs trained on."""
+
+    preferences: str | None = Field(default=None, description=(
+        "DPO / reward only: `builtin` (= null) pairs each training prompt's answer with one of the policy's own "
+        "wrong samples; or a `.jsonl` / `.json` / `.parquet` / `.csv` file, `save_to_disk` folder or hub dataset "
+        "of `{prompt, chosen, rejected}` or `{chosen, rejected}` rows, strings or chat messages (paths from the "
+        "working folder)"))
+
+    @field_validator("prompt_style")
+    @classmethod
+    def _plain_prompts(cls, value: str) -> str:
+        if value == "chat":
+            raise ValueError("data.prompt_style chat is read by algorithm grpo or ppo, not dpo or reward: set "
+                             "data.prompt_style: plain")
+        return value
+
+    @property
+    def preferences_source(self) -> str:
+        """"builtin" or the preference file the recipe trains on."""
+        return self.preferences or BUILTIN_PREFERENCES
+
+
+class RewardDataSpec(PreferenceDataSpec):
+    """The data of a reward-model recipe: the preference pairs, and optionally held-out ones."""
+
+    eval_preferences: str | None = Field(default=None, description=(
+        "reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a seeded 10% "
+        "of `data.preferences`"))
+
+    @model_validator(mode="after")
+    def _held_out_pairs_beside_a_file(self) -> RewardDataSpec:
+        if self.eval_preferences is not None and self.preferences_source == BUILTIN_PREFERENCES:
+            raise ValueError("data.eval_preferences needs data.preferences to name a file (the built-in pairs "
+                             "bring their own held-out pairs)")
         return self
 
 
@@ -333,6 +368,13 @@ class DpoSpec(_Section):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_weight_per_loss(self) -> DpoSpec:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"dpo.loss_weights has {len(self.loss_weights)} entries for {len(self.loss_type)} "
+                             "dpo.loss_type entries")
+        return self
 
 
 class RewardModelSpec(_Section):
@@ -428,51 +470,46 @@ class GuardSpec(_Section):
     kl_patience: int = Field(default=10, ge=1, description="... for this many logged steps in a row")
 
 
+TRL_OPTIONS_DESCRIPTION = (
+    "further options of TRL's trainer config (`GRPOConfig`, `DPOConfig`, `RewardConfig`) the recipe has no "
+    "key for, passed as they are (e.g. `{gradient_checkpointing: true, optim: adamw_torch_fused}`, vLLM "
+    "generation on a GPU machine); checked against the class before any model loads, and options rl-lora "
+    "sets from recipe keys are refused with the key to use; not for PPO")
+
+
 class RecipeConfig(_Section):
-    """A whole recipe."""
+    """What every recipe holds. A recipe validates into one of the algorithms' recipes below (``validate``),
+    chosen by ``algorithm``: each adds the sections its algorithm reads, and a section another algorithm reads
+    is an unknown key there."""
 
     name: str = Field(default="recipe", description="used in run-folder names")
     algorithm: Literal["grpo", "ppo", "dpo", "reward"] = Field(default="grpo", description=(
         "the trainer: GRPO, PPO and DPO train the policy, `reward` trains a reward model "
-        "([preference.md](preference.md))"))
+        "([preference.md](preference.md)); it chooses the recipe's own sections: `grpo`, `reward`, `trl` (GRPO); "
+        "`ppo`, `reward` (PPO); `dpo`, `trl`, `data.preferences` (DPO); `reward_model`, `trl`, `data.preferences`, "
+        "`data.eval_preferences` (reward)"))
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
-    grpo: GrpoSpec = Field(default_factory=GrpoSpec)
-    ppo: PpoSpec = Field(default_factory=PpoSpec)
-    dpo: DpoSpec = Field(default_factory=DpoSpec)
-    reward_model: RewardModelSpec = Field(default_factory=RewardModelSpec)
-    reward: RewardSpec = Field(default_factory=RewardSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     logging: LoggingSpec = Field(default_factory=LoggingSpec)
     advisor: AdvisorSpec = Field(default_factory=AdvisorSpec)
     distributed: DistributedSpec = Field(default_factory=DistributedSpec)
     guard: GuardSpec = Field(default_factory=GuardSpec)
-    trl: dict[str, Any] = Field(default_factory=dict, description=(
-        "further options of TRL's trainer config (`GRPOConfig`, `DPOConfig`, `RewardConfig`) the recipe has no "
-        "key for, passed as they are (e.g. `{gradient_checkpointing: true, optim: adamw_torch_fused}`, vLLM "
-        "generation on a GPU machine); checked against the class before any model loads, and options rl-lora "
-        "sets from recipe keys are refused with the key to use; not for PPO"))
 
     @model_validator(mode="after")
-    def _batch_holds_whole_groups(self) -> RecipeConfig:
-        if self.algorithm == "grpo" and self.train.batch_size % self.grpo.num_generations:
-            raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
-                f"grpo.num_generations ({self.grpo.num_generations}): each prompt's group is scored together"
-            )
+    def _operand_range(self) -> RecipeConfig:
         if self.data.min_operand > self.data.max_operand:
             raise ValueError(
                 f"data.min_operand ({self.data.min_operand}) is larger than data.max_operand ({self.data.max_operand})"
             )
-        self._check_preference_keys()
-        self._check_prompt_style()
         return self
 
     @model_validator(mode="after")
-    def _trl_options_need_a_trl_trainer(self) -> RecipeConfig:
-        if self.trl and self.algorithm == "ppo":
-            raise ValueError("'trl' options go to TRL's trainer configs; PPO is rl-lora's own trainer (set ppo.* keys)")
+    def _chat_prompts_need_a_chat_model(self) -> RecipeConfig:
+        if self.data.prompt_style == "chat" and self.model.policy.startswith("builtin:"):
+            raise ValueError(f"data.prompt_style chat needs a chat model; '{self.model.policy}' has no chat "
+                             "template (set data.prompt_style: plain)")
         return self
 
     @model_validator(mode="after")
@@ -483,59 +520,6 @@ class RecipeConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _grpo_kl_budget_needs_beta(self) -> RecipeConfig:
-        if self.grpo.target_kl is not None and self.grpo.beta == 0:
-            raise ValueError("grpo.target_kl adapts grpo.beta, which is 0 (no KL term): set grpo.beta > 0, "
-                             "e.g. 0.04")
-        return self
-
-    def _check_prompt_style(self) -> None:
-        if self.data.prompt_style != "chat":
-            return
-        if self.algorithm not in ("grpo", "ppo"):
-            raise ValueError(f"data.prompt_style chat is read by algorithm grpo or ppo, not {self.algorithm}: "
-                             "set data.prompt_style: plain")
-        if self.model.policy.startswith("builtin:"):
-            raise ValueError(f"data.prompt_style chat needs a chat model; '{self.model.policy}' has no chat "
-                             "template (set data.prompt_style: plain)")
-
-    def _check_preference_keys(self) -> None:
-        """Keys that only one algorithm reads must not be set for another, where they would be ignored."""
-        # section -> the algorithms that read it; a non-default section elsewhere would be silently ignored.
-        readers = {"dpo": ("dpo",), "reward_model": ("reward",)}
-        if self.algorithm in ("dpo", "reward"):
-            readers.update({"grpo": ("grpo",), "ppo": ("ppo",), "reward": ("grpo", "ppo")})
-        for section, algorithms in readers.items():
-            if self.algorithm not in algorithms and getattr(self, section) != type(getattr(self, section))():
-                raise ValueError(
-                    f"'{section}' is read by algorithm {' or '.join(algorithms)}, not {self.algorithm}: "
-                    f"remove it or set algorithm: {algorithms[0]}"
-                )
-        if self.algorithm not in ("dpo", "reward"):
-            for key in ("preferences", "eval_preferences"):
-                if getattr(self.data, key) is not None:
-                    raise ValueError(f"data.{key} is read by algorithm dpo or reward, not {self.algorithm}")
-            return
-        if self.algorithm == "dpo" and self.data.eval_preferences is not None:
-            raise ValueError(
-                "data.eval_preferences is read by algorithm reward only: DPO is judged by its task's held-out "
-                "metric (data.task)"
-            )
-        if self.data.eval_preferences is not None and self.preferences_source == BUILTIN_PREFERENCES:
-            raise ValueError("data.eval_preferences needs data.preferences to name a file (the built-in pairs "
-                             "bring their own held-out pairs)")
-        weights = self.dpo.loss_weights
-        if weights is not None and len(weights) != len(self.dpo.loss_type):
-            raise ValueError(
-                f"dpo.loss_weights has {len(weights)} entries for {len(self.dpo.loss_type)} dpo.loss_type entries"
-            )
-
-    @property
-    def preferences_source(self) -> str:
-        """"builtin" or the preference file a DPO or reward-model recipe trains on."""
-        return self.data.preferences or BUILTIN_PREFERENCES
-
-    @model_validator(mode="after")
     def _quantized_base_needs_lora(self) -> RecipeConfig:
         if self.model.quantization == "none":
             return self
@@ -544,11 +528,6 @@ class RecipeConfig(_Section):
                 f"model.quantization {self.model.quantization} freezes the base in 4 bits: it needs a LoRA "
                 "(set lora.rank to a number) or model.quantization: none for the full-parameter baseline"
             )
-        if self.algorithm not in QUANTIZED_ALGORITHMS:
-            raise ValueError(
-                f"model.quantization {self.model.quantization} is wired for algorithm "
-                f"{', '.join(QUANTIZED_ALGORITHMS)}, not {self.algorithm}: set model.quantization: none"
-            )
         if self.distributed.zero_stage is not None:
             raise ValueError(
                 f"model.quantization {self.model.quantization} is not tested under DeepSpeed here: set "
@@ -556,10 +535,33 @@ class RecipeConfig(_Section):
             )
         return self
 
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class GrpoRecipe(RecipeConfig):
+    algorithm: Literal["grpo"] = Field(default="grpo", description="GRPO through TRL's GRPOTrainer")
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+    trl: dict[str, Any] = Field(default_factory=dict, description=TRL_OPTIONS_DESCRIPTION)
+
     @model_validator(mode="after")
-    def _ppo_batch_splits_evenly(self) -> RecipeConfig:
-        if self.algorithm != "ppo":
-            return self
+    def _batch_holds_whole_groups(self) -> GrpoRecipe:
+        if self.train.batch_size % self.grpo.num_generations:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of "
+                f"grpo.num_generations ({self.grpo.num_generations}): each prompt's group is scored together"
+            )
+        return self
+
+
+class PpoRecipe(RecipeConfig):
+    algorithm: Literal["ppo"] = Field(default="ppo", description="PPO with a critic, rl-lora's own loop")
+    ppo: PpoSpec = Field(default_factory=PpoSpec)
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+
+    @model_validator(mode="after")
+    def _batch_splits_evenly(self) -> PpoRecipe:
         batch, ppo = self.train.batch_size, self.ppo
         for key, size in (("samples_per_prompt", ppo.samples_per_prompt), ("minibatch_size", ppo.minibatch_size)):
             if batch % size:
@@ -569,8 +571,42 @@ class RecipeConfig(_Section):
                 )
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+
+class DpoRecipe(RecipeConfig):
+    algorithm: Literal["dpo"] = Field(default="dpo", description="DPO through TRL's DPOTrainer")
+    dpo: DpoSpec = Field(default_factory=DpoSpec)
+    data: PreferenceDataSpec = Field(default_factory=PreferenceDataSpec)
+    trl: dict[str, Any] = Field(default_factory=dict, description=TRL_OPTIONS_DESCRIPTION)
+
+    @property
+    def preferences_source(self) -> str:
+        return self.data.preferences_source
+
+
+class RewardRecipe(RecipeConfig):
+    algorithm: Literal["reward"] = Field(default="reward", description=(
+        "reward-model training through TRL's RewardTrainer"))
+    reward_model: RewardModelSpec = Field(default_factory=RewardModelSpec)
+    data: RewardDataSpec = Field(default_factory=RewardDataSpec)
+    trl: dict[str, Any] = Field(default_factory=dict, description=TRL_OPTIONS_DESCRIPTION)
+
+    @model_validator(mode="after")
+    def _full_precision_base(self) -> RewardRecipe:
+        if self.model.quantization != "none":
+            raise ValueError(f"model.quantization {self.model.quantization} is wired for algorithm grpo, dpo, "
+                             "ppo, not reward: set model.quantization: none")
+        return self
+
+    @property
+    def preferences_source(self) -> str:
+        return self.data.preferences_source
+
+
+RECIPES: dict[str, type[RecipeConfig]] = {"grpo": GrpoRecipe, "ppo": PpoRecipe, "dpo": DpoRecipe,
+                                          "reward": RewardRecipe}
+# Why a section is not read by an algorithm, where the bare fact would not say what to do instead.
+NOT_READ_BECAUSE = {("ppo", "trl"): "'trl' options go to TRL's trainer configs; PPO is rl-lora's own trainer "
+                                    "(set ppo.* keys)"}
 
 
 def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str]:
@@ -591,30 +627,47 @@ def _valid_keys(model: type[BaseModel], path: tuple[str | int, ...]) -> list[str
     return list(current.model_fields) if hasattr(current, "model_fields") else []
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _readers(loc: tuple[str | int, ...]) -> list[str]:
+    """The algorithms whose recipes have the key at ``loc``."""
+    keys = [str(p) for p in loc if not isinstance(p, int)]
+    return [name for name, recipe in RECIPES.items() if keys[-1] in _valid_keys(recipe, tuple(keys[:-1]))]
+
+
+def _describe(error: dict[str, Any], recipe: type[RecipeConfig]) -> str:
     loc = tuple(error["loc"])
     dotted = ".".join(str(p) for p in loc)
     kind = error["type"]
+    msg = str(error["msg"]).removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        valid = _valid_keys(RecipeConfig, loc[:-1])
+        algorithm = recipe.model_fields["algorithm"].default
+        readers = _readers(loc)
+        if readers:  # another algorithm's key: say whose
+            return NOT_READ_BECAUSE.get((algorithm, dotted)) or (
+                f"'{dotted}' is read by algorithm {' or '.join(readers)}, not {algorithm}: "
+                f"remove it or set algorithm: {readers[0]}")
+        valid = _valid_keys(recipe, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         return f"unknown key '{dotted}'{hint} (valid keys here: {', '.join(valid)})"
-    if not loc:  # a cross-field check: its message names the fields itself
-        return str(error["msg"]).removeprefix("Value error, ")
-    got = error.get("input")
-    msg = str(error["msg"]).removeprefix("Value error, ")
-    return f"'{dotted}': {msg} (got {got!r})"
+    if not loc or (kind == "value_error" and isinstance(error.get("input"), dict)):
+        return msg  # a check across a section's fields: its message names them itself
+    return f"'{dotted}': {msg} (got {error.get('input')!r})"
 
 
 def validate(raw: dict[str, Any], source: str = "recipe") -> RecipeConfig:
-    """Validate a raw mapping into a RecipeConfig, or raise ConfigError naming each bad key."""
+    """Validate a raw mapping into the recipe of its ``algorithm`` (GrpoRecipe, PpoRecipe, DpoRecipe or
+    RewardRecipe), or raise ConfigError naming each bad key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    algorithm = raw.get("algorithm", "grpo")
+    recipe = RECIPES.get(algorithm) if isinstance(algorithm, str) else None
+    if recipe is None:
+        raise ConfigError(f"{source}: 'algorithm': should be one of {', '.join(map(repr, RECIPES))} "
+                          f"(got {algorithm!r})")
     try:
-        return RecipeConfig.model_validate(raw)
+        return recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(e) for e in exc.errors()]
+        problems = [_describe(e, recipe) for e in exc.errors()]
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
 
 

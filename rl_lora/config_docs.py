@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from rl_lora.config import RecipeConfig
+from rl_lora.config import RECIPES, RecipeConfig
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 BEGIN = ("<!-- The key table is generated from the field descriptions in rl_lora/config.py by "
@@ -94,9 +94,19 @@ def key_rows(model: type[BaseModel] = RecipeConfig, prefix: str = "") -> list[tu
     return rows
 
 
+def recipe_rows() -> list[tuple[str, str, str, str]]:
+    """The rows of every algorithm's recipe, each key once: the shared keys (``RecipeConfig``'s, whose
+    ``algorithm`` lists them all), then each algorithm's own, each beside the rest of its section."""
+    sections: dict[str, dict[str, tuple[str, str, str, str]]] = {}
+    for recipe in (RecipeConfig, *RECIPES.values()):
+        for row in key_rows(recipe):
+            sections.setdefault(row[0].strip("`").split(".")[0], {}).setdefault(row[0], row)
+    return [row for rows in sections.values() for row in rows.values()]
+
+
 def key_table() -> str:
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in key_rows()]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in recipe_rows()]
     return "\n".join(lines)
 
 

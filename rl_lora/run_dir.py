@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,19 @@ def create_run_dir(config: RecipeConfig) -> Path:
         why = f"'{blocker}' is a file, not a folder" if blocker is not None else (exc.strerror or str(exc))
         raise CheckpointError(f"logging.output_dir '{root}': cannot write run folder '{path.name}' ({why})") from None
     return path
+
+
+def merge_disjoint(parts: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One mapping from named parts that share no key (e.g. summary.json's: the recipe's figures, the
+    tracker's, the guard's); a key two parts both give raises, naming both, instead of one silently winning."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for part, values in parts.items():
+        for key, value in values.items():
+            if key in merged:
+                raise ValueError(f"key '{key}' comes from both '{owner[key]}' and '{part}'")
+            merged[key], owner[key] = value, part
+    return merged
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:

@@ -2,8 +2,9 @@
 
 The config has been validated before this is called; everything that can fail on the user's
 input without loading a model (reward names, preference files, the run folder) is checked before
-the model loads. What differs between algorithms (GRPO, DPO, reward-model training) is three steps
-of an ``Algorithm`` (rl_lora/trainers/common.py), one module each under rl_lora/trainers/.
+the model loads. What differs between algorithms (GRPO, PPO, DPO, reward-model training) is three steps
+of an ``Algorithm``, one module each under rl_lora/trainers/; the trainer it builds is used through
+``TrainerHandle`` only (rl_lora/trainers/contract.py).
 """
 
 from __future__ import annotations
@@ -30,32 +31,25 @@ from rl_lora.distributed import RUN_DIR_ENV, is_main, rank_report, world_size
 from rl_lora.errors import CheckpointError, ConfigError
 from rl_lora.guard import PROXY, OverOptimizationGuard
 from rl_lora.library_warnings import route_library_warnings
-from rl_lora.lora import count_parameters
 from rl_lora.lr_rule import ResolvedLR, resolve_lr
-from rl_lora.memory import module_param_bytes, peak_memory
+from rl_lora.memory import peak_memory
 from rl_lora.models.loading import check_policy
 from rl_lora.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
-from rl_lora.run_dir import create_run_dir, write_config, write_json_atomic
+from rl_lora.run_dir import create_run_dir, merge_disjoint, write_config, write_json_atomic
 from rl_lora.targets import target_label
 from rl_lora.tasks.base import Metric
 from rl_lora.tracking import RunTracker, WandbSink, held_out_label
-from rl_lora.trainers import dpo, reward_model
+from rl_lora.trainers import dpo, grpo, ppo, reward_model
 from rl_lora.trainers.checkpointing import SealCheckpoints
-from rl_lora.trainers.common import Algorithm, check_trl_options, rollout_algorithm
-from rl_lora.trainers.grpo import build_grpo_trainer
-from rl_lora.trainers.ppo import build_ppo_trainer
+from rl_lora.trainers.contract import Algorithm, TrainerHandle
 
 FINAL_REWARD_WINDOW = 10  # final reward = mean over the last 10 logged steps (one step is noisy)
 # A run whose headline metric ends this far below its best evaluation says so (points of a [0, 1] metric;
 # for other metrics, this fraction of the best value's size).
 FELL_BACK_MARGIN = 0.05
 
-ALGORITHMS: dict[str, Algorithm] = {
-    "grpo": rollout_algorithm(build_grpo_trainer, lambda c: c.grpo.max_completion_length),
-    "ppo": rollout_algorithm(build_ppo_trainer, lambda c: c.ppo.max_completion_length),
-    "dpo": dpo.ALGORITHM,
-    "reward": reward_model.ALGORITHM,
-}
+ALGORITHMS: dict[str, Algorithm[Any]] = {a.name: a for a in (grpo.ALGORITHM, ppo.ALGORITHM, dpo.ALGORITHM,
+                                                               reward_model.ALGORITHM)}
 
 
 @dataclass
@@ -105,7 +99,7 @@ class PreparedRun:
 
     config: RecipeConfig
     run_dir: Path
-    trainer: Any
+    trainer: TrainerHandle
     tracker: RunTracker
     tokenizer: Any
     sink: WandbSink | None
@@ -113,7 +107,7 @@ class PreparedRun:
     lr: ResolvedLR
     source: str
     started: float
-    algorithm: Algorithm
+    algorithm: Algorithm[Any]
     info: dict[str, Any]
     metric: Metric
     guard: OverOptimizationGuard
@@ -121,7 +115,7 @@ class PreparedRun:
     resumed_step: int | None = None
 
 
-def algorithm_for(config: RecipeConfig) -> Algorithm:
+def algorithm_for(config: RecipeConfig) -> Algorithm[Any]:
     if config.algorithm not in ALGORITHMS:
         raise ConfigError(f"algorithm '{config.algorithm}' is not wired into the runner yet "
                           f"(runnable: {', '.join(sorted(ALGORITHMS))})")
@@ -169,11 +163,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     started = time.perf_counter()
     _quiet_libraries()
     algorithm = algorithm_for(config)
-    checked = algorithm.check(config)  # rewards, preference files: fail before any model loads
-    if config.trl:  # options for TRL's trainer config: names checked now, not after the model loads
-        from trl import DPOConfig, GRPOConfig, RewardConfig
-
-        check_trl_options({"grpo": GRPOConfig, "dpo": DPOConfig, "reward": RewardConfig}[config.algorithm], config)
+    checked = algorithm.check(config)  # rewards, preference files, trl options: fail before any model loads
     check_policy(config.model)  # a GGUF policy's missing package or reader, likewise
     advice = _advise(config)
     if config.train.threads:
@@ -212,8 +202,6 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
              "lora_targets": target_label(config.lora.targets), "batch_size": config.train.batch_size},
             tags, job_type=method,
         )
-    tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, {}, sink,
-                         progress=config.logging.progress, main=is_main(), metric=loaded.metric)
     resumed_step = checkpoint.verify(resume_from)["step"] if resume_from is not None else None
     if resumed_step is not None and resumed_step > config.train.steps:
         raise CheckpointError(f"run '{run_dir}' is past train.steps ({config.train.steps}): its newest sealed "
@@ -223,33 +211,27 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
         raise CheckpointError(f"run '{run_dir}' ended its training (checkpoint '{resume_from}' is the final step) "
                               "but not its save: finishing it from that checkpoint runs in one process; rerun "
                               "the --resume without --nproc")
+
+    trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer")
+    # Read before training: under ZeRO-3 the counts would be of each process's partition afterwards.
+    figures = trainer.figures()
+    tracker = RunTracker(run_dir / "metrics.jsonl", loaded.evaluate, config.train.eval_every, figures, sink,
+                         progress=config.logging.progress, main=is_main(), metric=loaded.metric)
     if resumed_step is not None:
         tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step, rewrite=is_main()))
     guard = OverOptimizationGuard(config.guard, loaded.metric, PROXY[config.algorithm], tracker.records,
-                                  kl_budget=kl_budget(config), best_dir=run_dir / "best", main=is_main())
+                                  kl_budget=algorithm.kl_budget(config),
+                                  save_best=lambda folder: _save_plain(trainer, loaded.tokenizer, folder),
+                                  best_dir=run_dir / "best", main=is_main())
     callbacks: list[Any] = [tracker, guard]
     if config.train.save_every:
         meta = {"config_hash": config_hash(config), "versions": _versions()}
         callbacks.append(SealCheckpoints(run_dir / "checkpoints", meta, config.train.keep_last))
-    trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer", callbacks)
-    guard.save_best = lambda folder: _save_plain(trainer, loaded.tokenizer, folder)
-    tracker.static = _static_figures(trainer)
-    trainable, total = tracker.static["trainable_params"], tracker.static["total_params"]
+    trainer.attach(callbacks)
+    trainable, total = figures["trainable_params"], figures["total_params"]
     _say(f"rl-lora: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     return PreparedRun(config, run_dir, trainer, tracker, loaded.tokenizer, sink, method, lr, loaded.source, started,
                        algorithm, loaded.info, loaded.metric, guard, resume_from, resumed_step)
-
-
-def _static_figures(trainer: Any) -> dict[str, int]:
-    """Parameter counts, and the bytes of a separate reference model (0 when the reference is the
-    adapter-off policy or there is none): findings claim 7's memory difference, measured."""
-    trainable, total = count_parameters(trainer.model)
-    reference = getattr(trainer, "ref_model", None)
-    ref_bytes = module_param_bytes(reference) if reference is not None else 0
-    # PPO: bytes of policy + critic + reference with shared tensors counted once, and their ratio to one base.
-    memory = getattr(trainer, "memory_figures", None)
-    return {"trainable_params": trainable, "total_params": total, "reference_param_bytes": ref_bytes,
-            **(memory() if memory is not None else {})}
 
 
 def save_policy(run: PreparedRun) -> Path:
@@ -259,12 +241,7 @@ def save_policy(run: PreparedRun) -> Path:
     main process writes.
     """
     out = run.run_dir / ("model" if run.config.lora.is_full else "adapter")
-    if getattr(run.trainer, "is_deepspeed_enabled", False):
-        run.trainer.save_model(str(out))
-        if is_main():
-            (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; not needed to load the weights
-    else:
-        run.trainer.model.save_pretrained(str(out))
+    run.trainer.save_policy(out)
     if not is_main():
         return out
     run.tokenizer.save_pretrained(str(out))
@@ -273,16 +250,7 @@ def save_policy(run: PreparedRun) -> Path:
     return out
 
 
-def kl_budget(config: RecipeConfig) -> float | None:
-    """The recipe's KL budget per completion, when a controller holds one (PPO's adaptive_kl, GRPO's target_kl)."""
-    if config.algorithm == "ppo" and config.ppo.adaptive_kl:
-        return config.ppo.target_kl
-    if config.algorithm == "grpo":
-        return config.grpo.target_kl
-    return None
-
-
-def _save_plain(trainer: Any, tokenizer: Any, folder: Path) -> None:
+def _save_plain(trainer: TrainerHandle, tokenizer: Any, folder: Path) -> None:
     """The policy as it is now (one process, no DeepSpeed), replacing what ``folder`` held."""
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -296,7 +264,7 @@ def _write_rank_report(run: PreparedRun) -> None:
     """Under several processes, each leaves ranks/rank<N>.json: its step count and trainable-weights hash."""
     if world_size() == 1:
         return
-    report = rank_report(run.trainer.model, run.trainer.state.global_step)
+    report = rank_report(run.trainer.model, run.trainer.global_step)
     folder = run.run_dir / "ranks"
     folder.mkdir(exist_ok=True)
     (folder / f"rank{report['rank']}.json").write_text(json.dumps(report))
@@ -309,36 +277,33 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
     if not is_main():
         return None
     shutil.rmtree(run.run_dir / "trainer", ignore_errors=True)  # TRL's scratch folder; we save ourselves
-    summary = {
-        "recipe": run.config.name,
-        "algorithm": run.config.algorithm,
-        "method": run.method,
-        "rank": run.config.lora.rank,
-        "seed": run.config.train.seed,
-        "lora_targets": "all" if run.config.lora.is_full else target_label(run.config.lora.targets),
-        "batch_size": run.config.train.batch_size,
-        "steps": run.config.train.steps,
-        "lr": run.lr.lr,
-        "lr_reason": run.lr.reason,
-        "held_out_metric": run.metric.description,
-        "headline_metric": run.metric.name,
-        "higher_is_better": run.metric.higher_is_better,
-        **{f"start_{k}": v for k, v in run.tracker.start_eval.items()},
-        **{f"final_{k}": v for k, v in run.tracker.last_eval.items()},
-        **_final_means(run.tracker.records, run.algorithm.final_metrics),
-        **run.info,
-        **run.tracker.static,
-        **run.tracker.summary(),
-        **run.guard.summary(),
-        "trained_steps": run.trainer.state.global_step,
-        "resumed_from_step": run.resumed_step,
-        "nonfinite_skipped": _total(run.tracker.records, "nonfinite_skipped"),
-        "train_seconds": round(train_seconds, 2),
-        "wall_seconds": round(time.perf_counter() - run.started, 2),
-        "saved": str(out),
-        "base_model": run.source,
-        **peak_memory(),
-    }
+    c = run.config
+    summary = merge_disjoint({
+        "recipe": {
+            "recipe": c.name, "algorithm": c.algorithm, "method": run.method, "rank": c.lora.rank, "seed": c.train.seed,
+            "lora_targets": "all" if c.lora.is_full else target_label(c.lora.targets),
+            "batch_size": c.train.batch_size, "steps": c.train.steps, "lr": run.lr.lr, "lr_reason": run.lr.reason,
+        },
+        "headline metric": {"held_out_metric": run.metric.description, "headline_metric": run.metric.name,
+                            "higher_is_better": run.metric.higher_is_better},
+        "first evaluation": {f"start_{k}": v for k, v in run.tracker.start_eval.items()},
+        "last evaluation": {f"final_{k}": v for k, v in run.tracker.last_eval.items()},
+        "last steps' means": _final_means(run.tracker.records, run.algorithm.final_metrics),
+        "loaded data": run.info,
+        "trainer figures": run.tracker.static,
+        "tracker": run.tracker.summary(),
+        "guard": run.guard.summary(),
+        "run": {
+            "trained_steps": run.trainer.global_step,
+            "resumed_from_step": run.resumed_step,
+            "nonfinite_skipped": _total(run.tracker.records, "nonfinite_skipped"),
+            "train_seconds": round(train_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - run.started, 2),
+            "saved": str(out),
+            "base_model": run.source,
+        },
+        "memory": peak_memory(),
+    })
     summary["fell_back"] = fell_back(summary, run.metric)
     write_json_atomic(run.run_dir / "summary.json", summary)
     sync = run.sink.finish(summary) if run.sink is not None else None
@@ -386,13 +351,7 @@ def finish_from_checkpoint(run: PreparedRun) -> RunResult | None:
     """
     _say(f"rl-lora: {run.resume_from} is the final step ({run.resumed_step}): saving the policy and the summary "
          "from it, nothing to train")
-    loader = getattr(run.trainer, "_load_checkpoint", None)  # rl-lora's PPO
-    if loader is not None:
-        run.trainer._prepare()
-        loader(run.resume_from)
-    else:
-        run.trainer._load_from_checkpoint(str(run.resume_from))
-        run.trainer.state.global_step = run.resumed_step
+    run.trainer.restore(run.resume_from, run.resumed_step)
     out = run.run_dir / ("model" if run.config.lora.is_full else "adapter")
     shutil.rmtree(out, ignore_errors=True)  # whatever a killed save left there
     return finish_run(run, 0.0)

@@ -181,6 +181,7 @@ def _ppo_raw(output_dir: Path, **sections: dict) -> dict:
     raw = tiny_raw(output_dir, ppo={"samples_per_prompt": 4, "max_completion_length": 4, "epochs": 2,
                                     "minibatch_size": 8}, **sections)
     raw["algorithm"] = "ppo"
+    del raw["grpo"]  # a PPO recipe has no GRPO section
     return raw
 
 

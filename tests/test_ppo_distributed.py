@@ -51,6 +51,7 @@ def _recipe(tmp: Path, stage: int, rank: int | str = 1, **train: int) -> Path:
                    ppo={"samples_per_prompt": 4, "max_completion_length": 4, "epochs": 1, "minibatch_size": 8},
                    distributed={"zero_stage": stage})
     raw["algorithm"] = "ppo"
+    del raw["grpo"]  # a PPO recipe has no GRPO section
     path = tmp / f"ppo_zero{stage}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

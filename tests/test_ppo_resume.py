@@ -34,6 +34,7 @@ def _raw(output_dir: Path) -> dict:
                                     "minibatch_size": 8, "adaptive_kl": True},
                    train={"steps": 8, "save_every": 3, "keep_last": 1, "log_every": 2, "eval_every": 4})
     raw["algorithm"] = "ppo"
+    del raw["grpo"]  # a PPO recipe has no GRPO section
     return raw
 
 

@@ -167,7 +167,7 @@ def test_sections_of_other_algorithms_are_refused() -> None:
         validate({"dpo": {"beta": 0.5}})
     with pytest.raises(ConfigError, match="'grpo' is read by algorithm grpo, not reward"):
         validate({"algorithm": "reward", "grpo": {"num_generations": 4}})
-    with pytest.raises(ConfigError, match="data.preferences is read by algorithm dpo or reward, not grpo"):
+    with pytest.raises(ConfigError, match="'data.preferences' is read by algorithm dpo or reward, not grpo"):
         validate({"data": {"preferences": "prefs.jsonl"}})
     with pytest.raises(ConfigError, match="dpo.loss_weights has 1 entries for 2 dpo.loss_type entries"):
         validate({"algorithm": "dpo", "dpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}})

@@ -116,6 +116,7 @@ def test_qlora_ppo_trains_policy_and_value_adapters_on_one_4_bit_base(tmp_path: 
     raw = tiny_raw(tmp_path, model={"quantization": "nf4", "warmup_steps": 20}, train={"threads": 1},
                    ppo={"samples_per_prompt": 4, "max_completion_length": 4, "epochs": 2, "minibatch_size": 8})
     raw["algorithm"] = "ppo"
+    del raw["grpo"]  # a PPO recipe has no GRPO section
     run = prepare_run(validate(raw))
     model = run.trainer.ac.policy
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -1,54 +1,23 @@
-"""What every algorithm hands the runner, and the TRL settings they share.
-
-An algorithm is three steps, so the runner can read top to bottom (setup -> train -> save -> summary)
-whatever it runs:
-
-1. ``check(config)``: everything that can fail on the user's input without a model (reward names,
-   preference files), run before any model loads and before the run folder exists;
-2. ``load(config, checked, progress)``: the model, tokenizer, training data and held-out evaluation;
-3. ``build(config, loaded, lr, output_dir, callbacks)``: the trainer, with our tracker as a callback.
+"""What the algorithms share: TRL's settings, the TrainerHandle of a TRL trainer, and the task-and-rewards
+check and load of the rollout algorithms (GRPO, PPO). The contract itself is rl_lora/trainers/contract.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from rl_lora.config import RecipeConfig
-from rl_lora.distributed import deepspeed_config, per_device_batch
+from rl_lora.config import GrpoRecipe, PpoRecipe, RecipeConfig
+from rl_lora.distributed import deepspeed_config, is_main, per_device_batch
 from rl_lora.errors import ConfigError
 from rl_lora.models.loading import load_policy
-from rl_lora.tasks.base import Metric
 from rl_lora.tasks.registry import make_task
-
-
-@dataclass
-class Loaded:
-    """A model ready to train: what ``build`` needs and what the tracker evaluates."""
-
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    source: str  # the folder or hub id the weights came from (the built-in model's cache folder)
-    train_dataset: Dataset
-    evaluate: Callable[[Any], dict[str, float]]  # held-out metrics of a model, e.g. {"accuracy": 0.46}
-    metric: Metric  # the headline one of them: reports, sweeps and the closing lines judge by it
-    info: dict[str, Any] = field(default_factory=dict)  # figures for summary.json (e.g. pair counts)
-
-
-@dataclass(frozen=True)
-class Algorithm:
-    check: Callable[[RecipeConfig], Any]
-    load: Callable[[RecipeConfig, Any, bool], Loaded]
-    build: Callable[[RecipeConfig, Loaded, float, Path, list[TrainerCallback]], Any]
-    # summary.json key -> logged key, averaged over the last logged steps (one step is noisy)
-    final_metrics: dict[str, str] = field(default_factory=dict)
+from rl_lora.trainers.contract import Loaded, parameter_figures
 
 
 def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> dict[str, Any]:
@@ -152,38 +121,65 @@ def checked_task(config: RecipeConfig) -> tuple[Any, dict[str, Any]]:
     return task, (check() or {}) if check is not None else {}
 
 
-def rollout_algorithm(
-    build: Callable[..., Any], completion_tokens: Callable[[RecipeConfig], int]
-) -> Algorithm:
-    """An RL algorithm that samples completions of the task's prompts and scores them with the recipe's
-    rewards (GRPO; PPO has the same shape). ``build`` has build_grpo_trainer's signature."""
+class TrlTrainerHandle:
+    """The TrainerHandle (rl_lora/trainers/contract.py) of a transformers Trainer subclass, mixed in first."""
 
-    def check(config: RecipeConfig) -> tuple[Any, dict[str, Any]]:
-        from rl_lora.rewards import check_columns, check_reward, resolve_reward
+    def reference_model(self) -> nn.Module | None:
+        """The separate frozen reference, if the trainer holds one (DPO and GRPO's ``ref_model``)."""
+        return None
 
-        for f in config.reward.functions:  # a bad name, keyword or reward-model folder fails here
-            check_reward(f.name, f.kwargs)
-        task, info = checked_task(config)
-        columns = getattr(task, "columns", None)
-        if columns is not None:  # a reward needing a column the task's data lacks fails here too
-            for f in config.reward.functions:
-                if not f.name.startswith("learned:"):
-                    check_columns(f"reward '{f.name}'", resolve_reward(f.name), f.kwargs, list(columns),
-                                  config.data.source or config.data.task)
-        return task, info
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
 
-    def load(config: RecipeConfig, checked: tuple[Any, dict[str, Any]], progress: bool) -> Loaded:
-        task, info = checked
-        model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
-        max_new = completion_tokens(config)
+    def attach(self, callbacks: list[TrainerCallback]) -> None:
+        for callback in callbacks:
+            self.add_callback(callback)
 
-        def evaluate(m: Any) -> dict[str, float]:
-            return task.evaluate(m, tokenizer, max_new)
+    def figures(self) -> dict[str, int | float]:
+        return parameter_figures(self, self.reference_model())
 
-        return Loaded(model, tokenizer, source, task.train_dataset(tokenizer), evaluate, task.metric, info)
+    def save_policy(self, folder: Path) -> None:
+        if self.is_deepspeed_enabled:
+            self.save_model(str(folder))
+            if is_main():
+                (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; not needed to load the weights
+        else:
+            self.model.save_pretrained(str(folder))
 
-    def build_trainer(config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path,
-                      callbacks: list[TrainerCallback]) -> Any:
-        return build(config, loaded.model, loaded.tokenizer, loaded.train_dataset, lr, output_dir, callbacks)
+    def restore(self, checkpoint: Path, step: int) -> None:
+        self._load_from_checkpoint(str(checkpoint))
+        self.state.global_step = step
 
-    return Algorithm(check, load, build_trainer, final_metrics={"final_reward": "reward"})
+
+RolloutInputs = tuple[Any, dict[str, Any]]  # (the task, its figures for summary.json)
+
+
+def check_rollout(config: GrpoRecipe | PpoRecipe) -> RolloutInputs:
+    """GRPO's and PPO's check: the recipe's rewards (names, keywords, reward-model folders, the columns they
+    need from the task's data) and the task."""
+    from rl_lora.rewards import check_columns, check_reward, resolve_reward
+
+    for f in config.reward.functions:  # a bad name, keyword or reward-model folder fails here
+        check_reward(f.name, f.kwargs)
+    task, info = checked_task(config)
+    columns = getattr(task, "columns", None)
+    if columns is not None:  # a reward needing a column the task's data lacks fails here too
+        for f in config.reward.functions:
+            if not f.name.startswith("learned:"):
+                check_columns(f"reward '{f.name}'", resolve_reward(f.name), f.kwargs, list(columns),
+                              config.data.source or config.data.task)
+    return task, info
+
+
+def load_rollout(config: GrpoRecipe | PpoRecipe, checked: RolloutInputs, progress: bool,
+                 completion_tokens: int) -> Loaded:
+    """GRPO's and PPO's load: the policy, the task's prompts, and the held-out evaluation at the algorithm's
+    completion length."""
+    task, info = checked
+    model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
+
+    def evaluate(m: Any) -> dict[str, float]:
+        return task.evaluate(m, tokenizer, completion_tokens)
+
+    return Loaded(model, tokenizer, source, task.train_dataset(tokenizer), evaluate, task.metric, info)

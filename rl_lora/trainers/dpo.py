@@ -17,41 +17,50 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import TrainerCallback
+from torch import nn
 from trl import DPOConfig, DPOTrainer
 
-from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
+from rl_lora.config import BUILTIN_PREFERENCES, DpoRecipe
 from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.models.loading import load_policy
 from rl_lora.trainers.common import (
-    Algorithm,
-    Loaded,
     RestoreTokenCount,
+    TrlTrainerHandle,
+    check_trl_options,
     checked_task,
     quiet,
     shared_training_args,
     trl_config,
 )
+from rl_lora.trainers.contract import Loaded
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 from rl_lora.trainers.preference_data import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 
 
-class GuardedDPOTrainer(NonFiniteGuard, DPOTrainer):
+class GuardedDPOTrainer(TrlTrainerHandle, NonFiniteGuard, DPOTrainer):
     """TRL's DPOTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
 
+    def reference_model(self) -> nn.Module | None:
+        return self.ref_model
 
-def check_preferences(config: RecipeConfig) -> tuple[Any, list[dict[str, Any]] | None, dict[str, Any]]:
+
+Checked = tuple[Any, list[dict[str, Any]] | None, dict[str, Any]]
+
+
+def check_preferences(config: DpoRecipe) -> Checked:
     """(task, the validated rows of the recipe's preference source or None for the task's own pairs, figures)."""
     task, info = checked_task(config)
     source = config.preferences_source
     if source == BUILTIN_PREFERENCES:
         require_task_pairs(task, config)
-        return task, None, info
-    return task, read_preferences(config, source), info
+        checked: Checked = (task, None, info)
+    else:
+        checked = (task, read_preferences(config, source), info)
+    check_trl_options(DPOConfig, config)
+    return checked
 
 
-def load(config: RecipeConfig, checked: tuple[Any, list[dict[str, Any]] | None, dict[str, Any]],
-         progress: bool) -> Loaded:
+def load(config: DpoRecipe, checked: Checked, progress: bool) -> Loaded:
     task, rows, info = checked
     model, tokenizer, source = load_policy(config.model, config.data, progress=progress)
     if rows is None:
@@ -65,7 +74,7 @@ def load(config: RecipeConfig, checked: tuple[Any, list[dict[str, Any]] | None, 
                   info={**info, "train_pairs": len(rows)})
 
 
-def dpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> DPOConfig:
+def dpo_args(config: DpoRecipe, lr: float, output_dir: Path) -> DPOConfig:
     d = config.dpo
     return trl_config(DPOConfig, config, dict(
         **shared_training_args(config, lr, output_dir),
@@ -76,9 +85,7 @@ def dpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> DPOConfig:
     ))
 
 
-def build_dpo_trainer(
-    config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path, callbacks: list[TrainerCallback]
-) -> DPOTrainer:
+def build_dpo_trainer(config: DpoRecipe, loaded: Loaded, lr: float, output_dir: Path) -> GuardedDPOTrainer:
     lora = peft_config(config.lora, model=loaded.model)
     reference = None
     if lora is None:  # full-parameter: the reference is the starting policy, frozen
@@ -91,7 +98,6 @@ def build_dpo_trainer(
         train_dataset=loaded.train_dataset,
         processing_class=loaded.tokenizer,
         peft_config=lora,
-        callbacks=callbacks,
     )
     trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
     if config.model.quantization != "none":
@@ -100,9 +106,17 @@ def build_dpo_trainer(
     return quiet(trainer)
 
 
-ALGORITHM = Algorithm(
-    check=check_preferences,
-    load=load,
-    build=build_dpo_trainer,
-    final_metrics={"final_margin": "rewards/margins", "final_train_accuracy": "rewards/accuracies"},
-)
+class Dpo:
+    """DPO's steps (rl_lora/trainers/contract.py's Algorithm)."""
+
+    name = "dpo"
+    final_metrics = {"final_margin": "rewards/margins", "final_train_accuracy": "rewards/accuracies"}
+    check = staticmethod(check_preferences)
+    load = staticmethod(load)
+    build = staticmethod(build_dpo_trainer)
+
+    def kl_budget(self, config: DpoRecipe) -> float | None:
+        return None
+
+
+ALGORITHM = Dpo()

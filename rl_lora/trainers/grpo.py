@@ -1,5 +1,8 @@
 """GRPO through TRL's GRPOTrainer: the recipe -> a GRPOConfig, rewards -> TRL reward functions.
 
+``ALGORITHM`` is GRPO's check -> load -> build (rl_lora/trainers/contract.py): the check and load are the
+rollout algorithms' (common.check_rollout, common.load_rollout), shared with PPO.
+
 With a LoRA spec, TRL wraps the policy with PEFT and the reference is the same network with its
 adapter disabled (no second copy); with ``rank: full`` every parameter trains.
 """
@@ -9,16 +12,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from torch import nn
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from rl_lora.config import RecipeConfig
+from rl_lora.config import GrpoRecipe
 from rl_lora.lora import keep_adapters_fp32, peft_config
 from rl_lora.rewards import trainer_rewards
 from rl_lora.rollout import merged_adapters
-from rl_lora.trainers.common import shared_training_args, trl_config
+from rl_lora.trainers.common import (
+    RolloutInputs,
+    TrlTrainerHandle,
+    check_rollout,
+    check_trl_options,
+    load_rollout,
+    quiet,
+    shared_training_args,
+    trl_config,
+)
+from rl_lora.trainers.contract import Loaded
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 from rl_lora.trainers.ppo_math import adaptive_kl_coef
 
@@ -43,7 +55,7 @@ class AdaptiveBeta(TrainerCallback):
                                              self.horizon)
 
 
-class MergedRolloutGRPOTrainer(NonFiniteGuard, GRPOTrainer):
+class MergedRolloutGRPOTrainer(TrlTrainerHandle, NonFiniteGuard, GRPOTrainer):
     """TRL's GRPOTrainer, generating rollouts with the LoRA adapters folded into the weights.
 
     Only generation changes; the training forward and backward run the usual unmerged adapters.
@@ -51,6 +63,9 @@ class MergedRolloutGRPOTrainer(NonFiniteGuard, GRPOTrainer):
     """
 
     merge_rollouts: bool = True
+
+    def reference_model(self) -> nn.Module | None:
+        return self.ref_model
 
     def _generate_single_turn(self, *args: Any, **kwargs: Any) -> Any:
         zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
@@ -60,7 +75,7 @@ class MergedRolloutGRPOTrainer(NonFiniteGuard, GRPOTrainer):
             return super()._generate_single_turn(*args, **kwargs)
 
 
-def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
+def grpo_args(config: GrpoRecipe, lr: float, output_dir: Path) -> GRPOConfig:
     g = config.grpo
     return trl_config(GRPOConfig, config, dict(
         **shared_training_args(config, lr, output_dir),
@@ -75,34 +90,40 @@ def grpo_args(config: RecipeConfig, lr: float, output_dir: Path) -> GRPOConfig:
     ))
 
 
-def build_grpo_trainer(
-    config: RecipeConfig,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    train_dataset: Dataset,
-    lr: float,
-    output_dir: Path,
-    callbacks: list[TrainerCallback],
-) -> GRPOTrainer:
-    rewards = trainer_rewards(config.reward.functions)
-    trainer = MergedRolloutGRPOTrainer(
-        model=model,
-        reward_funcs=rewards,
-        args=grpo_args(config, lr, output_dir),
-        train_dataset=train_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config(config.lora, model=model),
-        callbacks=callbacks,
-    )
-    trainer.merge_rollouts = config.grpo.merge_rollouts
-    trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
-    if config.grpo.target_kl is not None:  # first, so the tracker records what it adds to the logs
-        trainer.callback_handler.callbacks.insert(0, AdaptiveBeta(trainer, config.grpo.target_kl,
-                                                                  config.grpo.kl_horizon, config.train.batch_size))
-    if config.model.quantization != "none":
-        keep_adapters_fp32(trainer.model)
-    # Our tracker draws the progress bar and writes the records; transformers' printers would
-    # print every log dict to the console as well.
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    return trainer
+class Grpo:
+    """GRPO's steps (rl_lora/trainers/contract.py's Algorithm)."""
+
+    name = "grpo"
+    final_metrics = {"final_reward": "reward"}
+
+    def check(self, config: GrpoRecipe) -> RolloutInputs:
+        checked = check_rollout(config)
+        check_trl_options(GRPOConfig, config)
+        return checked
+
+    def load(self, config: GrpoRecipe, checked: RolloutInputs, progress: bool) -> Loaded:
+        return load_rollout(config, checked, progress, config.grpo.max_completion_length)
+
+    def build(self, config: GrpoRecipe, loaded: Loaded, lr: float, output_dir: Path) -> MergedRolloutGRPOTrainer:
+        trainer = MergedRolloutGRPOTrainer(
+            model=loaded.model,
+            reward_funcs=trainer_rewards(config.reward.functions),
+            args=grpo_args(config, lr, output_dir),
+            train_dataset=loaded.train_dataset,
+            processing_class=loaded.tokenizer,
+            peft_config=peft_config(config.lora, model=loaded.model),
+        )
+        trainer.merge_rollouts = config.grpo.merge_rollouts
+        trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
+        if config.grpo.target_kl is not None:  # first, so the tracker records what it adds to the logs
+            trainer.callback_handler.callbacks.insert(0, AdaptiveBeta(trainer, config.grpo.target_kl,
+                                                                      config.grpo.kl_horizon, config.train.batch_size))
+        if config.model.quantization != "none":
+            keep_adapters_fp32(trainer.model)
+        return quiet(trainer)
+
+    def kl_budget(self, config: GrpoRecipe) -> float | None:
+        return config.grpo.target_kl
+
+
+ALGORITHM = Grpo()

@@ -50,10 +50,10 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DeepSpeedPlugin, gather_object
 from datasets import Dataset
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, get_scheduler
+from transformers import PreTrainedTokenizerBase, TrainerCallback, get_scheduler
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
-from rl_lora.config import RecipeConfig
+from rl_lora.config import PpoRecipe
 from rl_lora.distributed import deepspeed_config
 from rl_lora.errors import CheckpointError, ConfigError, RlLoraError
 from rl_lora.rewards import trainer_rewards
@@ -66,6 +66,8 @@ from rl_lora.trainers.actor_critic import (
     unique_param_bytes,
 )
 from rl_lora.trainers.checkpointing import non_finite_parameters
+from rl_lora.trainers.common import RolloutInputs, check_rollout, load_rollout
+from rl_lora.trainers.contract import Loaded, parameter_figures
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def completion_mask(completion_B_T: Tensor, eos_id: int) -> Tensor:
     return (eos_before_B_T == 0).long()
 
 
-def make_accelerator(config: RecipeConfig) -> Accelerator:
+def make_accelerator(config: PpoRecipe) -> Accelerator:
     """Plain accelerate in one process, or a DeepSpeed engine configured from the recipe.
 
     The DeepSpeed dict is rl_lora.distributed's, with its "auto" fields filled here (accelerate fills
@@ -133,7 +135,7 @@ def make_accelerator(config: RecipeConfig) -> Accelerator:
     return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds))
 
 
-def check_layout(config: RecipeConfig, processes: int, deepspeed: bool, nodes: int = 1) -> None:
+def check_layout(config: PpoRecipe, processes: int, deepspeed: bool, nodes: int = 1) -> None:
     """Refuse, naming the keys, what PPO cannot split over ``processes`` (on ``nodes`` machines) or save."""
     t, spec = config.train, config.ppo
     if processes > 1 and not deepspeed:
@@ -171,9 +173,8 @@ def zero3_local_values(p: Tensor, rank: int) -> Tensor:
 class PPOTrainer:
     """PPO with a critic. ``.model`` is the policy (what evaluation and saving use); ``.train()`` runs it."""
 
-    def __init__(self, config: RecipeConfig, ac: ActorCritic, tokenizer: PreTrainedTokenizerBase,
-                 train_dataset: Dataset, lr: float, callbacks: list[TrainerCallback], base_param_bytes: int,
-                 output_dir: Path) -> None:
+    def __init__(self, config: PpoRecipe, ac: ActorCritic, tokenizer: PreTrainedTokenizerBase,
+                 train_dataset: Dataset, lr: float, base_param_bytes: int, output_dir: Path) -> None:
         self.config, self.ac, self.tokenizer = config, ac, tokenizer
         self.accelerator = make_accelerator(config)
         self.processes, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -204,7 +205,7 @@ class PPOTrainer:
                                   is_world_process_zero=self.accelerator.is_main_process,
                                   is_local_process_zero=self.accelerator.is_local_main_process)
         self.control = TrainerControl()
-        self.callback_handler = CallbackHandler(callbacks, self.model, tokenizer, self.optimizer, self.lr_scheduler)
+        self.callback_handler = CallbackHandler([], self.model, tokenizer, self.optimizer, self.lr_scheduler)
         if self.processes > 1:  # the same initial weights everywhere (seeded above), different samples per process
             torch.manual_seed(t.seed + self.rank)
 
@@ -225,6 +226,28 @@ class PPOTrainer:
     @property
     def model(self) -> nn.Module:
         return self.ac.policy
+
+    # -- the TrainerHandle (rl_lora/trainers/contract.py) --------------------------------------
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    def attach(self, callbacks: list[TrainerCallback]) -> None:
+        for callback in callbacks:
+            self.callback_handler.add_callback(callback)
+
+    def figures(self) -> dict[str, int | float]:
+        return {**parameter_figures(self, self.ref_model), **self.memory_figures()}
+
+    def save_policy(self, folder: Path) -> None:
+        if self.is_deepspeed_enabled:
+            self.save_model(str(folder))
+        else:
+            self.model.save_pretrained(str(folder))
+
+    def restore(self, checkpoint: Path, step: int) -> None:
+        self._prepare()
+        self._load_checkpoint(checkpoint)  # the step is the checkpoint's own
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -546,20 +569,27 @@ def _mean_logs(records: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def build_ppo_trainer(
-    config: RecipeConfig,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    train_dataset: Dataset,
-    lr: float,
-    output_dir: Path,
-    callbacks: list[TrainerCallback],
-) -> PPOTrainer:
-    """The PPO trainer for a recipe (same role and signature as build_grpo_trainer).
+class Ppo:
+    """PPO's steps (rl_lora/trainers/contract.py's Algorithm); check and load are GRPO's (common.py)."""
 
-    ``output_dir`` is the scratch folder checkpoints are staged in before they are sealed.
-    """
-    torch.manual_seed(config.train.seed)  # the value head's initialisation and the rollouts' sampling
-    base_param_bytes = unique_param_bytes(model)
-    ac = build_actor_critic(model, config.lora)
-    return PPOTrainer(config, ac, tokenizer, train_dataset, lr, callbacks, base_param_bytes, output_dir)
+    name = "ppo"
+    final_metrics = {"final_reward": "reward"}
+
+    def check(self, config: PpoRecipe) -> RolloutInputs:
+        return check_rollout(config)
+
+    def load(self, config: PpoRecipe, checked: RolloutInputs, progress: bool) -> Loaded:
+        return load_rollout(config, checked, progress, config.ppo.max_completion_length)
+
+    def build(self, config: PpoRecipe, loaded: Loaded, lr: float, output_dir: Path) -> PPOTrainer:
+        """``output_dir`` is the scratch folder checkpoints are staged in before they are sealed."""
+        torch.manual_seed(config.train.seed)  # the value head's initialisation and the rollouts' sampling
+        base_param_bytes = unique_param_bytes(loaded.model)
+        ac = build_actor_critic(loaded.model, config.lora)
+        return PPOTrainer(config, ac, loaded.tokenizer, loaded.train_dataset, lr, base_param_bytes, output_dir)
+
+    def kl_budget(self, config: PpoRecipe) -> float | None:
+        return config.ppo.target_kl if config.ppo.adaptive_kl else None
+
+
+ALGORITHM = Ppo()

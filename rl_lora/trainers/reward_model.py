@@ -18,24 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback, set_seed
+from transformers import PreTrainedModel, set_seed
 from trl import RewardConfig, RewardTrainer
 
 from reward_models.learned import score_texts
-from rl_lora.config import BUILTIN_PREFERENCES, RecipeConfig
+from rl_lora.config import BUILTIN_PREFERENCES, RewardRecipe
 from rl_lora.lora import peft_config
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
 from rl_lora.tasks.base import Metric
 from rl_lora.tasks.preferences import split_rows
 from rl_lora.trainers.common import (
-    Algorithm,
-    Loaded,
     RestoreTokenCount,
+    TrlTrainerHandle,
+    check_trl_options,
     checked_task,
     quiet,
     shared_training_args,
     trl_config,
 )
+from rl_lora.trainers.contract import Loaded
 from rl_lora.trainers.nonfinite import NonFiniteGuard
 from rl_lora.trainers.preference_data import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 
@@ -45,24 +46,29 @@ PAIRWISE_ACCURACY = Metric("pairwise_accuracy", True,
                            "pairwise accuracy on held-out preference pairs (chosen scored above rejected)")
 
 Pairs = list[dict[str, Any]]
+Checked = tuple[Any, tuple[Pairs, Pairs] | None]
 
 
-class GuardedRewardTrainer(NonFiniteGuard, RewardTrainer):
+class GuardedRewardTrainer(TrlTrainerHandle, NonFiniteGuard, RewardTrainer):
     """TRL's RewardTrainer, skipping steps with a non-finite loss or gradient (rl_lora/trainers/nonfinite.py)."""
 
 
-def check_preferences(config: RecipeConfig) -> tuple[Any, tuple[Pairs, Pairs] | None]:
+def check_preferences(config: RewardRecipe) -> Checked:
     """(the task, the (training, held-out) rows of the recipe's preference sources, or None for the task's
     own pairs). The task is needed only for its own pairs."""
     source = config.preferences_source
     if source == BUILTIN_PREFERENCES:
         task, _ = checked_task(config)
         require_task_pairs(task, config)
-        return task, None
-    rows = read_preferences(config, source)
-    if config.data.eval_preferences is not None:
-        return None, (rows, read_preferences(config, config.data.eval_preferences))
-    return None, split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed)
+        checked: Checked = (task, None)
+    else:
+        rows = read_preferences(config, source)
+        if config.data.eval_preferences is not None:
+            checked = (None, (rows, read_preferences(config, config.data.eval_preferences)))
+        else:
+            checked = (None, split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed))
+    check_trl_options(RewardConfig, config)
+    return checked
 
 
 def pairwise_margins(model: PreTrainedModel, tokenizer: Any, pairs: Pairs, batch_size: int = 256) -> list[float]:
@@ -99,7 +105,7 @@ def calibration_error(margins: list[float], bins: int = CALIBRATION_BINS) -> flo
                for b in binned if b) / len(margins)
 
 
-def load(config: RecipeConfig, checked: tuple[Any, tuple[Pairs, Pairs] | None], progress: bool) -> Loaded:
+def load(config: RewardRecipe, checked: Checked, progress: bool) -> Loaded:
     task, pairs = checked
     if pairs is None:  # the task's own pairs: the causal policy's own wrong samples are the rejected answers
         policy, tokenizer, source = load_policy(config.model, config.data, progress=progress)
@@ -123,7 +129,7 @@ def load(config: RecipeConfig, checked: tuple[Any, tuple[Pairs, Pairs] | None], 
     return Loaded(model, tokenizer, source, Dataset.from_list(train_pairs), evaluate, PAIRWISE_ACCURACY, info)
 
 
-def reward_args(config: RecipeConfig, lr: float, output_dir: Path) -> RewardConfig:
+def reward_args(config: RewardRecipe, lr: float, output_dir: Path) -> RewardConfig:
     r = config.reward_model
     return trl_config(RewardConfig, config, dict(
         **shared_training_args(config, lr, output_dir),
@@ -132,25 +138,30 @@ def reward_args(config: RecipeConfig, lr: float, output_dir: Path) -> RewardConf
     ))
 
 
-def build_reward_trainer(
-    config: RecipeConfig, loaded: Loaded, lr: float, output_dir: Path, callbacks: list[TrainerCallback]
-) -> RewardTrainer:
+def build_reward_trainer(config: RewardRecipe, loaded: Loaded, lr: float, output_dir: Path) -> GuardedRewardTrainer:
     trainer = GuardedRewardTrainer(
         model=loaded.model,
         args=reward_args(config, lr, output_dir),
         train_dataset=loaded.train_dataset,
         processing_class=loaded.tokenizer,
         peft_config=peft_config(config.lora, task_type="SEQ_CLS", model=loaded.model),
-        callbacks=callbacks,
     )
     trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
     trainer.add_callback(RestoreTokenCount(trainer))
     return quiet(trainer)
 
 
-ALGORITHM = Algorithm(
-    check=check_preferences,
-    load=load,
-    build=build_reward_trainer,
-    final_metrics={"final_train_accuracy": "accuracy", "final_margin": "margin"},
-)
+class RewardModel:
+    """Reward-model training's steps (rl_lora/trainers/contract.py's Algorithm)."""
+
+    name = "reward"
+    final_metrics = {"final_train_accuracy": "accuracy", "final_margin": "margin"}
+    check = staticmethod(check_preferences)
+    load = staticmethod(load)
+    build = staticmethod(build_reward_trainer)
+
+    def kl_budget(self, config: RewardRecipe) -> float | None:
+        return None
+
+
+ALGORITHM = RewardModel()
