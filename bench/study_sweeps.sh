@@ -11,10 +11,11 @@
 #      short-run step).
 #
 # Usage: bash bench/study_sweeps.sh [1|2|3|4 ...]   (default: all; about an hour on 2 CPU cores)
-# Reports land in sweeps/study_*/report.md and are copied to docs/experiments/.
+# Reports land in sweeps/study_*/report.md and are copied to docs/experiments/. PYTHON picks the interpreter
+# (default: python on PATH, e.g. the activated .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RL=(python -m rl_lora.cli sweep recipes/grpo_arithmetic.yaml logging.wandb=false --output-dir sweeps --jobs 2)
+RL=("${PYTHON:-python}" -m rl_lora.cli sweep recipes/grpo_arithmetic.yaml logging.wandb=false --output-dir sweeps --jobs 2)
 GRID=(--lrs auto --selection-seeds 1,2 --seeds 3,4,5,6)
 
 publish() {  # copy a sweep's report and plots into docs/experiments/<name>/
