@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,8 @@ import torch
 from rl_lora import checkpoint
 from rl_lora.cli import main
 from tests_support import tiny_raw
+
+REPO = Path(__file__).resolve().parent.parent
 
 ROOT = os.geteuid() == 0  # root reads and writes whatever the permission bits say
 
@@ -331,3 +335,55 @@ def test_pad_equal_to_eos_keeps_the_eos_inside_the_grpo_completion_mask(no_pad_m
         else:
             assert length == len(ids_T)  # cut by max_completion_length
     assert stopped_early > 0
+
+
+def test_trl_option_names_read_from_source_equal_the_dataclass_fields() -> None:
+    """The precheck reads TRL's config classes from their source (no import of TRL): the same names."""
+    import dataclasses
+
+    import trl
+
+    from rl_lora.trl_options import option_names
+
+    for name in ("GRPOConfig", "DPOConfig", "RewardConfig"):
+        assert option_names(name) == {f.name for f in dataclasses.fields(getattr(trl, name))}, name
+
+
+def test_light_token_counts_equal_the_tokenizer_s() -> None:
+    from rl_lora.config import ModelSpec
+    from rl_lora.models.tokenizer import build_char_tokenizer
+    from rl_lora.models.tokenizer_files import light_tokenizer_and_context
+
+    counter, context = light_tokenizer_and_context(ModelSpec(policy="builtin:arithmetic-tiny"))
+    tokenizer = build_char_tokenizer()
+    assert context == 64
+    for text in ("12+35=", LONG_PROMPT, "", "hello, world 7"):
+        assert counter(text)["input_ids"] == tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+@pytest.mark.parametrize("case_id", ["trl-option-misspelt", "prompt-past-model-context", "prompt-past-max-length"])
+def test_checks_that_read_library_files_run_before_the_libraries_load(tmp_path: Path, case_id: str) -> None:
+    """These refusals read TRL's source or a tokenizer.json instead of importing TRL's trainers or transformers'
+    models: the precheck raises them in a process that has not loaded torch or those modules (finding a
+    module's file runs only the packages' light, lazy __init__)."""
+    case = next(c for c in CASES if c.id == case_id)
+    raw, overrides = case.setup(tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(raw))
+    probe = (
+        "import sys\n"
+        "from rl_lora.config import load_recipe\n"
+        "from rl_lora.errors import USER_ERRORS\n"
+        "from rl_lora.precheck import precheck\n"
+        f"config = load_recipe({str(recipe)!r}, {overrides!r})\n"
+        "try:\n"
+        "    precheck(config)\n"
+        "except USER_ERRORS as exc:\n"
+        "    print('refused:', exc)\n"
+        "heavy = {'torch', 'trl.trainer.grpo_config', 'transformers.training_args', 'transformers.modeling_utils'}\n"
+        "print('loaded:', sorted(heavy & set(sys.modules)))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    assert "refused:" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "loaded: []" in done.stdout, done.stdout

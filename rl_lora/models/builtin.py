@@ -32,14 +32,13 @@ from rl_lora.config import DataSpec
 from rl_lora.errors import ModelError
 from rl_lora.files import build_folder_atomically, sha256_file
 from rl_lora.models.tokenizer import CHARS, SPECIALS, build_char_tokenizer
+from rl_lora.models.tokenizer_files import BUILTIN_PREFIX, SHIPPED_ROOT
 from rl_lora.tasks import arithmetic
 from rl_lora.warmup import supervised_warmup
 
-BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("arithmetic-tiny",)
 BUILD_VERSION = 1  # bump when the build procedure changes
 BUILD_DATA_FIELDS = ("task", "min_operand", "max_operand", "eval_size", "split_seed")
-SHIPPED_ROOT = Path(__file__).resolve().parent / "builtin_weights"
 WEIGHTS = "model.safetensors"
 
 

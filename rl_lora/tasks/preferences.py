@@ -82,6 +82,16 @@ def _check_layout(row: Any, where: str, layout: tuple[tuple[str, ...], bool] | N
     return clean
 
 
+def prompt_limit_setting(config: Any, context: int | None) -> tuple[str, int]:
+    """(what sets it, limit) of a preference prompt's length: the trainer's max_length, or the model's context
+    where that is smaller."""
+    key, limit = ("dpo.max_length", config.dpo.max_length) if config.algorithm == "dpo" else (
+        "reward_model.max_length", config.reward_model.max_length)
+    if context is not None and context < limit:
+        return f"the context of model '{config.model.policy}'", context
+    return key, limit
+
+
 def prompt_length_check(tokenizer: PreTrainedTokenizerBase, limit: int, setting: str) -> RowCheck:
     """A row check refusing a prompt of ``limit`` tokens or more (``setting`` names where the limit comes from).
 

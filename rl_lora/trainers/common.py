@@ -14,10 +14,10 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rl_lora.config import GrpoRecipe, PpoRecipe, RecipeConfig
 from rl_lora.distributed import deepspeed_config, is_main, per_device_batch
-from rl_lora.errors import ConfigError
 from rl_lora.models.loading import load_policy
 from rl_lora.tasks.registry import make_task
 from rl_lora.trainers.contract import Loaded, parameter_figures
+from rl_lora.trl_options import check_trl_keys
 
 
 def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> dict[str, Any]:
@@ -85,33 +85,8 @@ def trl_config(config_cls: type, config: RecipeConfig, ours: dict[str, Any]) -> 
 
 def check_trl_options(config_cls: type, config: RecipeConfig) -> None:
     import dataclasses
-    import difflib
 
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    for key in config.trl:
-        if key not in names:
-            close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
-            hint = f"; did you mean 'trl.{close[0]}'?" if close else ""
-            raise ConfigError(f"trl.{key}: not an option of TRL's {config_cls.__name__}{hint}")
-        if key in RECIPE_OWNED:
-            raise ConfigError(f"trl.{key}: rl-lora sets it from the recipe's {RECIPE_OWNED[key]}: set that instead")
-
-
-# TRL options rl-lora sets from recipe keys (shared_training_args and the algorithms' own sections).
-RECIPE_OWNED = {
-    "output_dir": "logging.output_dir", "learning_rate": "train.lr", "lr_scheduler_type": "train.lr_scheduler",
-    "warmup_steps": "train.warmup_ratio", "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
-    "per_device_train_batch_size": "train.batch_size",
-    "gradient_accumulation_steps": "distributed.gradient_accumulation",
-    "deepspeed": "distributed.*", "max_steps": "train.steps", "seed": "train.seed", "logging_steps": "train.log_every",
-    "save_strategy": "train.save_every", "save_steps": "train.save_every", "report_to": "logging.wandb",
-    "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_completion_length",
-    "temperature": "grpo.temperature", "beta": "grpo.beta / dpo.beta", "epsilon": "grpo.epsilon",
-    "loss_type": "grpo.loss_type / dpo.loss_type", "scale_rewards": "grpo.scale_rewards",
-    "reward_weights": "reward.functions[].weight", "loss_weights": "dpo.loss_weights",
-    "max_length": "dpo.max_length / reward_model.max_length",
-    "center_rewards_coefficient": "reward_model.center_rewards_coefficient", "use_cpu": "the machine",
-}
+    check_trl_keys(config, frozenset(f.name for f in dataclasses.fields(config_cls)), config_cls.__name__)
 
 
 def checked_task(config: RecipeConfig) -> tuple[Any, dict[str, Any]]:

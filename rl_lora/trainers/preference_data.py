@@ -13,7 +13,13 @@ from rl_lora.errors import ConfigError
 from rl_lora.models.builtin import BUILTIN_PREFIX
 from rl_lora.models.loading import policy_tokenizer_and_context
 from rl_lora.tasks.chat import require_chat_template, require_policy_chat_template
-from rl_lora.tasks.preferences import RowCheck, is_conversational, prompt_length_check, read_preference_file
+from rl_lora.tasks.preferences import (
+    RowCheck,
+    is_conversational,
+    prompt_length_check,
+    prompt_limit_setting,
+    read_preference_file,
+)
 
 
 def read_preferences(config: RecipeConfig, source: str) -> list[dict[str, Any]]:
@@ -38,10 +44,7 @@ def prompt_limit(config: RecipeConfig) -> RowCheck | None:
     if found is None:
         return None
     tokenizer, context = found
-    key = "dpo.max_length" if config.algorithm == "dpo" else "reward_model.max_length"
-    limit = config.dpo.max_length if config.algorithm == "dpo" else config.reward_model.max_length
-    if context is not None and context < limit:
-        key, limit = f"the context of model '{config.model.policy}'", context
+    key, limit = prompt_limit_setting(config, context)
     return prompt_length_check(tokenizer, limit, key)
 
 
