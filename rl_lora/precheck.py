@@ -9,6 +9,7 @@ templates); this pass only makes the common mistakes fail fast. Nothing is writt
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rl_lora.config import BUILTIN_PREFERENCES, LEARNED_PREFIX, RecipeConfig
@@ -23,6 +24,9 @@ def precheck(config: RecipeConfig) -> None:
     from rl_lora.trl_options import precheck_trl
 
     precheck_trl(config)
+    from rl_lora.run_dir import check_output_dir
+
+    check_output_dir(Path(config.logging.output_dir))
     if config.algorithm in ("grpo", "ppo"):
         for f in config.reward.functions:
             if not f.name.startswith(LEARNED_PREFIX):  # a learned reward loads a model: left to the runner

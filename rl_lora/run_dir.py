@@ -21,6 +21,22 @@ def default_run_name(config: RecipeConfig) -> str:
     return f"{config.name}-{rank}-s{config.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_output_dir(root: Path) -> None:
+    """Refuse an output folder that cannot be made or written: a file in the way, or a read-only ancestor.
+
+    Run before the heavy libraries load (rl_lora/precheck.py); creates nothing.
+    """
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is None:
+        return
+    if not existing.is_dir():
+        raise CheckpointError(f"logging.output_dir '{root}': cannot write run folders there ('{existing}' is a "
+                              "file, not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"logging.output_dir '{root}': cannot write run folders there (Permission denied: "
+                              f"'{existing}' is not writable)")
+
+
 def create_run_dir(config: RecipeConfig) -> Path:
     """Make a fresh run folder (never reusing an existing one) and check that it is writable.
 

@@ -59,3 +59,18 @@ def light_tokenizer_and_context(spec: ModelSpec) -> tuple[TokenCounter, int | No
     except Exception:  # any unreadable file (tokenizers raises plain Exception): the runner's full check names it
         return None
     return counter, _context(config)
+
+
+def light_has_chat_template(spec: ModelSpec) -> bool | None:
+    """Whether the policy folder's tokenizer files carry a chat template (tokenizer_config.json's
+    ``chat_template``, or a chat_template.jinja/.json beside it); None where the files do not say."""
+    folder = _folder(spec)
+    if folder is None or not (folder / "tokenizer_config.json").is_file():
+        return None
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return bool(settings.get("chat_template"))

@@ -38,7 +38,15 @@ def require_chat_template(tokenizer: Any, source: str, dataset: str) -> None:
 
 def require_policy_chat_template(model: Any, dataset: str) -> None:
     """``require_chat_template`` for a recipe's policy (``model``: its ModelSpec), from the tokenizer files alone,
-    before any weights load; skipped where the tokenizer cannot be had without them (GGUF)."""
+    before any weights load; skipped where the tokenizer cannot be had without them (GGUF). A policy folder
+    whose tokenizer files say is answered from them alone, without transformers."""
+    from rl_lora.models.tokenizer_files import light_has_chat_template
+
+    has_template = light_has_chat_template(model)
+    if has_template is False:
+        require_chat_template(None, model.policy, dataset)
+    if has_template is not None:
+        return
     from rl_lora.models.loading import policy_tokenizer_and_context
 
     found = policy_tokenizer_and_context(model)
