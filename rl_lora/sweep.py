@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -145,6 +146,8 @@ class Launcher:
         bar = tqdm(total=len(points), initial=len(outcome.skipped), desc=f"sweep {self.sweep_dir.name}: {label}",
                    disable=not self.progress)
         running: dict[int, tuple[subprocess.Popen, SweepPoint, float, object]] = {}
+        # A SIGTERM (kill, a scheduler's stop) ends the sweep through the finally below, so its runs stop too.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
         try:
             while todo or running:
                 while todo and len(running) < self.jobs:
@@ -167,6 +170,8 @@ class Launcher:
                 proc.wait()
                 log.close()
             bar.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         return outcome
 
     def _start(self, point: SweepPoint, fingerprint: dict, slot: int) -> tuple:
@@ -193,6 +198,16 @@ class Launcher:
         with (self.sweep_dir / "failures.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps(failure) + "\n")
         tqdm.write(f"rl-lora: sweep run {point.name} failed (exit {code}); see {self.runs_dir / point.name}.log")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _gpu_count() -> int:

@@ -239,3 +239,35 @@ def test_tiny_grid_sweep_chooses_on_selection_seeds_and_two_jobs_match_one(tmp_p
     one = sweep("one-job", 1)
     for run in runs:
         assert _metrics(one / "runs" / run) == _metrics(two / "runs" / run), run
+
+
+def test_a_terminated_sweep_stops_its_runs(tmp_path: Path) -> None:
+    """SIGTERM (kill, a job scheduler) to the sweep ends the runs it started instead of orphaning them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests_support import tiny_raw
+
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_raw(tmp_path / "unused", train={"steps": 500})))
+    command = [sys.executable, "-m", "rl_lora.cli", "sweep", str(recipe), "--ranks", "1", "--seeds", "1",
+               "--output-dir", str(tmp_path / "out"), "--name", "t"]
+    sweep = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "out" / "t" / "runs" / "r1-all-b16-lr0.01-s1.log"  # 500 steps: the rule's 10x of 1e-3
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and "run folder" in log.read_text()):
+        time.sleep(0.2)
+    assert log.exists(), sorted(p.name for p in log.parent.iterdir())
+    children = subprocess.run(["pgrep", "-P", str(sweep.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the sweep started no run"
+    sweep.send_signal(signal.SIGTERM)
+    sweep.wait(timeout=60)
+    time.sleep(0.5)
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], pid
