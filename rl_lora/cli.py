@@ -6,6 +6,7 @@
     rl-lora sweep RECIPE --ranks 1,16,full [--lrs auto --selection-seeds 1,2] --seeds 3,4,5,6 [--jobs 2] [key=value ...]
     rl-lora report SWEEP_DIR [--wandb [--entity ENTITY] [--project PROJECT]]
     rl-lora capacity RECIPE [key.path=value ...]
+    rl-lora plan RECIPE [key.path=value ...] [--devices N] [--device-memory 80GB] [--prompt-tokens N]
 
 Errors the user can fix print as one line and exit with status 2; ``--debug`` shows the traceback.
 Heavy libraries (torch, TRL) are imported only after the recipe validates.
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "run a recipe (train, evaluate, save)"),
         ("validate", "validate a recipe and print the resolved config; loads no model"),
         ("capacity", "estimate LoRA capacity against the data and check the guardrails; loads no weights"),
+        ("plan", "memory per device and FLOPs of a recipe, full vs its rank; loads no weights"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("recipe", help="path to a recipe YAML file")
@@ -47,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
             launch.add_argument("--master-addr", default="127.0.0.1", dest="master_addr",
                                 help="address of the node-rank-0 machine")
             launch.add_argument("--master-port", type=int, default=29511, dest="master_port")
+        if name == "plan":
+            p.add_argument("--devices", type=int, default=1, help="devices the run spreads over (default 1)")
+            p.add_argument("--device-memory", default="80GB", dest="device_memory", help="per device (default 80GB)")
+            p.add_argument("--prompt-tokens", type=int, default=None, dest="prompt_tokens",
+                           help="prompt length in tokens (default: the arithmetic task's, else 256)")
         # SUPPRESS: a --debug given before the subcommand must survive the subparser's defaults.
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks for errors")
     p = sub.add_parser("sweep", help="run a recipe at several ranks and seeds next to its full-parameter baseline")
@@ -163,6 +170,15 @@ def _capacity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from rl_lora.plan import make_plan, parse_memory, plan_lines
+
+    memory = parse_memory(args.device_memory)  # a bad size fails before the recipe is read
+    config = load_recipe(args.recipe, args.overrides)
+    print("\n".join(plan_lines(make_plan(config, args.devices, memory, args.prompt_tokens))))
+    return 0
+
+
 def _launch(args: argparse.Namespace, config: RecipeConfig) -> int:
     """Re-run this command under torchrun; the run folder is made once, here, and shared."""
     import subprocess
@@ -242,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         commands = {"run": _run, "validate": _validate, "sweep": _sweep, "report": _report,
-                    "capacity": _capacity}
+                    "capacity": _capacity, "plan": _plan}
         return commands[args.command](args)
     except USER_ERRORS as exc:
         if args.debug:
