@@ -92,7 +92,7 @@ def check_trl_keys(config: RecipeConfig, names: frozenset[str], class_name: str)
 def precheck_trl(config: RecipeConfig) -> None:
     """The ``trl:`` check from the source of TRL's config class, before TRL is imported (no-op where unreadable)."""
     class_name = TRL_CLASSES.get(config.algorithm)
-    if not config.trl or class_name is None:
+    if class_name is None or not config.trl:  # PPO is rl-lora's own trainer: its recipe has no trl section
         return
     names = option_names(class_name)
     if names is not None:
