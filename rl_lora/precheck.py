@@ -49,11 +49,6 @@ def light_prompt_limit(config: RecipeConfig) -> RowCheck | None:
     """The preference prompt-length check with a token counter read by ``tokenizers`` alone (no transformers),
     for policies whose folder has a tokenizer.json; None otherwise (the runner checks with the full tokenizer)."""
     from rl_lora.models.tokenizer_files import light_tokenizer_and_context
-    from rl_lora.tasks.preferences import prompt_length_check, prompt_limit_setting
+    from rl_lora.tasks.preferences import prompt_limit_check
 
-    found = light_tokenizer_and_context(config.model)
-    if found is None:
-        return None
-    counter, context = found
-    key, limit = prompt_limit_setting(config, context)
-    return prompt_length_check(counter, limit, key)
+    return prompt_limit_check(config, light_tokenizer_and_context(config.model))

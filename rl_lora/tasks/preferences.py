@@ -82,14 +82,20 @@ def _check_layout(row: Any, where: str, layout: tuple[tuple[str, ...], bool] | N
     return clean
 
 
-def prompt_limit_setting(config: Any, context: int | None) -> tuple[str, int]:
-    """(what sets it, limit) of a preference prompt's length: the trainer's max_length, or the model's context
-    where that is smaller."""
+def prompt_limit_check(config: Any, found: tuple[Any, int | None] | None) -> RowCheck | None:
+    """The prompt-length row check for a recipe, given its policy's (tokenizer, context length) or None.
+
+    The limit is the trainer's max_length, or the model's context where that is smaller; None when no
+    tokenizer could be had without loading weights.
+    """
+    if found is None:
+        return None
+    tokenizer, context = found
     key, limit = ("dpo.max_length", config.dpo.max_length) if config.algorithm == "dpo" else (
         "reward_model.max_length", config.reward_model.max_length)
     if context is not None and context < limit:
-        return f"the context of model '{config.model.policy}'", context
-    return key, limit
+        key, limit = f"the context of model '{config.model.policy}'", context
+    return prompt_length_check(tokenizer, limit, key)
 
 
 def prompt_length_check(tokenizer: PreTrainedTokenizerBase, limit: int, setting: str) -> RowCheck:

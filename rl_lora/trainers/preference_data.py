@@ -16,8 +16,7 @@ from rl_lora.tasks.chat import require_chat_template, require_policy_chat_templa
 from rl_lora.tasks.preferences import (
     RowCheck,
     is_conversational,
-    prompt_length_check,
-    prompt_limit_setting,
+    prompt_limit_check,
     read_preference_file,
 )
 
@@ -40,12 +39,7 @@ def require_task_pairs(task: Any, config: RecipeConfig) -> None:
 def prompt_limit(config: RecipeConfig) -> RowCheck | None:
     """The check refusing preference prompts too long for the trainer's max_length or the model's context
     (the tokenizer and config are read, no weights); None when the tokenizer cannot be had without them."""
-    found = policy_tokenizer_and_context(config.model)
-    if found is None:
-        return None
-    tokenizer, context = found
-    key, limit = prompt_limit_setting(config, context)
-    return prompt_length_check(tokenizer, limit, key)
+    return prompt_limit_check(config, policy_tokenizer_and_context(config.model))
 
 
 def check_chat_template(rows: list[dict[str, Any]], tokenizer: PreTrainedTokenizerBase, source: str,
