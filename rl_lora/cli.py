@@ -149,7 +149,7 @@ def _validate(args: argparse.Namespace) -> int:
     from rl_lora.pipeline import is_pipeline, load_pipeline
 
     if is_pipeline(read_recipe_file(args.recipe)):  # every stage validated with its overrides; nothing loads
-        pipeline = load_pipeline(args.recipe)
+        pipeline = load_pipeline(args.recipe, args.overrides)
         for stage in pipeline.stages:
             need = f", requires {stage.require} ({stage.on_shortfall})" if stage.require else ""
             print(f"stage '{stage.name}': {stage.recipe} with {len(stage.overrides)} overrides{need}")
@@ -211,12 +211,12 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
     from rl_lora.pipeline import load_pipeline, run_pipeline, summary_lines
 
-    if args.overrides or args.nproc > 1 or args.nnodes > 1:
-        raise ConfigError(f"pipeline '{args.recipe}': overrides and --nproc/--nnodes go into each stage's "
-                          "'overrides:' in the pipeline file, not on the command line")
+    if args.nproc > 1 or args.nnodes > 1:
+        raise ConfigError(f"pipeline '{args.recipe}': --nproc/--nnodes go into each stage's 'overrides:' in the "
+                          "pipeline file, not on the command line (overrides there apply to every stage)")
     if args.resume == "":
         raise ConfigError("--resume: give the pipeline folder to continue (it holds pipeline.json)")
-    pipeline = load_pipeline(args.recipe)
+    pipeline = load_pipeline(args.recipe, args.overrides)
     folder, records = run_pipeline(pipeline, Path(args.resume) if args.resume else None)
     print("\n".join(summary_lines(folder, records)), flush=True)
     return 0

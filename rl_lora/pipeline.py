@@ -69,6 +69,8 @@ class Pipeline:
     stages: list[Stage]
     output_dir: Path
     source: Path
+    # ``key=value`` from the command line, applied to every stage after its own overrides (e.g. train.seed=2)
+    common: tuple[str, ...] = ()
 
 
 def is_pipeline(raw: dict[str, Any]) -> bool:
@@ -166,8 +168,11 @@ def _placeholder_outputs(stages: list[Stage], output_dir: Path) -> dict[str, dic
             for s in stages}
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Read a pipeline file and validate every stage's recipe with its overrides; loads no model."""
+def load_pipeline(path: str | Path, common: list[str] | tuple[str, ...] = ()) -> Pipeline:
+    """Read a pipeline file and validate every stage's recipe with its overrides; loads no model.
+
+    ``common`` are ``key=value`` overrides for every stage, applied after the stage's own (a seed, W&B off).
+    """
     path = Path(path)
     raw = read_recipe_file(path)
     where = f"pipeline '{path}'"
@@ -177,11 +182,11 @@ def load_pipeline(path: str | Path) -> Pipeline:
     stages: list[Stage] = []
     for i, item in enumerate(raw["stages"]):
         stages.append(_parse_stage(i, item, where, path.parent, [s.name for s in stages]))
-    pipeline = Pipeline(name, stages, Path(raw.get("output_dir", "runs")), path)
+    pipeline = Pipeline(name, stages, Path(raw.get("output_dir", "runs")), path, tuple(common))
     # Validate each stage as it will run (references filled with where the outputs will be).
     outputs = _placeholder_outputs(stages, pipeline.output_dir)
     for stage in stages:
-        overrides = _override_args(_substitute(stage.overrides, outputs))
+        overrides = _override_args(_substitute(stage.overrides, outputs)) + list(common)
         validate(apply_overrides(read_recipe_file(stage.recipe), overrides),
                  source=f"{where} stage '{stage.name}' (recipe '{stage.recipe.name}')")
     return pipeline
@@ -216,6 +221,10 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
         if not (resume / "pipeline.json").is_file():
             raise ConfigError(f"--resume: '{resume}' is not a pipeline folder (no pipeline.json)")
         folder = resume
+        recorded = json.loads((resume / "pipeline.json").read_text(encoding="utf-8")).get("overrides", [])
+        if list(pipeline.common) != recorded:
+            raise ConfigError(f"--resume: '{resume}' was started with the overrides {recorded or 'none'}, "
+                              f"not {list(pipeline.common) or 'none'}; resume it with the same ones")
     else:
         folder = pipeline.output_dir / f"{pipeline.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         suffix = 1
@@ -225,7 +234,8 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
         folder.mkdir(parents=True)
     records: list[dict[str, Any]] = []
     outputs: dict[str, dict[str, str]] = {}
-    manifest = {"pipeline": str(pipeline.source), "name": pipeline.name, "stages": records}
+    manifest = {"pipeline": str(pipeline.source), "name": pipeline.name, "overrides": list(pipeline.common),
+                "stages": records}
     write_json_atomic(folder / "pipeline.json", manifest)
     for number, stage in enumerate(pipeline.stages, start=1):
         stage_dir = folder / stage.name
@@ -236,7 +246,8 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
             shutil.rmtree(stage_dir, ignore_errors=True)  # a stage interrupted part-way starts again
             print(f"rl-lora: pipeline stage {number}/{len(pipeline.stages)} '{stage.name}': {stage.recipe.name}",
                   file=sys.stderr, flush=True)
-            code = _run_stage(stage, _override_args(_substitute(stage.overrides, outputs)), stage_dir)
+            overrides = _override_args(_substitute(stage.overrides, outputs)) + list(pipeline.common)
+            code = _run_stage(stage, overrides, stage_dir)
             if code != 0 or not (stage_dir / "summary.json").is_file():
                 raise ConfigError(f"pipeline stage '{stage.name}' failed (exit {code}); earlier stages are kept "
                                   f"in {folder}; rerun with --resume {folder} once fixed")

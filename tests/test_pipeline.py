@@ -111,11 +111,21 @@ def test_shipped_pipeline_validates() -> None:
     assert pipeline.stages[1].overrides["reward.functions"] == [{"name": "learned:${reward_model.saved}"}]
 
 
-def test_overrides_on_the_command_line_are_refused(tmp_path: Path) -> None:
+def test_command_line_overrides_reach_every_stage_and_bind_a_resume(tmp_path: Path) -> None:
     _stage_recipes(tmp_path)
-    proc = _cli(str(_pipeline(tmp_path, "exact_answer")), "lora.rank=4")
-    assert proc.returncode == 2
-    assert "go into each stage's 'overrides:'" in proc.stderr
+    raw = yaml.safe_load(_pipeline(tmp_path, "learned:${reward_model.saved}").read_text())
+    raw["stages"][0]["require"] = {"final_pairwise_accuracy": 1.01}  # stop after the cheap first stage
+    path = _write(tmp_path / "strict.yaml", raw)
+    bad = _cli(str(path), "train.sead=3")
+    assert bad.returncode == 2 and "stage 'reward_model'" in bad.stderr and "sead" in bad.stderr
+    assert not (tmp_path / "runs").exists()  # refused before any stage ran
+    result = _cli(str(path), "train.seed=3")
+    assert result.returncode == 2
+    folder = next((tmp_path / "runs").glob("rlhf_tiny-*"))
+    assert yaml.safe_load((folder / "reward_model" / "config.yaml").read_text())["train"]["seed"] == 3
+    assert json.loads((folder / "pipeline.json").read_text())["overrides"] == ["train.seed=3"]
+    other = _cli(str(path), "train.seed=4", "--resume", str(folder))
+    assert other.returncode == 2 and "started with the overrides ['train.seed=3']" in other.stderr
 
 
 def test_a_reward_model_short_of_its_requirement_stops_the_pipeline_before_the_policy(tmp_path: Path) -> None:
