@@ -171,7 +171,8 @@ def _capacity(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from rl_lora.plan import make_plan, parse_memory, plan_lines
+    from rl_lora.plan import make_plan, parse_memory
+    from rl_lora.plan_text import plan_lines
 
     memory = parse_memory(args.device_memory)  # a bad size fails before the recipe is read
     config = load_recipe(args.recipe, args.overrides)

@@ -30,12 +30,12 @@ from rl_lora.plan import (
     model_facts,
     parse_memory,
     parts,
-    plan_lines,
     plan_model_config,
     precision,
     recipe_layout,
     state_breakdown,
 )
+from rl_lora.plan_text import plan_lines
 from rl_lora.runner import run_recipe
 from tests_support import save_tiny_moe, tiny_raw
 
