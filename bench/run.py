@@ -4,19 +4,24 @@
     python bench/run.py --shape qwen2.5-1.5b  # GPU: Qwen2.5-1.5B's shape (random init)
     python bench/run.py --algorithms grpo,dpo --ranks full,1   # a subset
     python bench/run.py --shape tiny --steps 3 --repeats 1     # a smoke test
+    python bench/run.py --algorithms ppo --ranks full,1 --no-rollout   # PPO against TRL 1.12's only
 
-Each measurement runs in its own process (bench/workers.py; peak memory is a per-process high-water
-mark), in an interleaved order repeated ``--repeats`` times, so that slow drift of a shared machine
-hits every configuration alike; rl-lora and plain TRL swap turns every repeat. The figure reported is
-the median over repeats of each process's median step time (the first ``--skip`` steps of a process
-are warm-up and left out). Models are random-init at real shapes: speed and memory do not depend on
-what the weights know.
+Each measurement runs in its own process (bench/workers.py, and bench/trl_ppo_worker.py for TRL 1.12's
+PPO; peak memory is a per-process high-water mark), in an interleaved order repeated ``--repeats``
+times, so that slow drift of a shared machine hits every configuration alike; rl-lora and TRL swap
+turns every repeat. The figure reported is the median over repeats of each process's median step time
+(the first ``--skip`` steps of a process are warm-up and left out). Models are random-init at real
+shapes: speed and memory do not depend on what the weights know.
 
 Measured, for full-parameter and every LoRA rank in ``--ranks``:
 - GRPO and DPO: step time, peak memory, trained tokens/s (and generated tokens/s for GRPO), through
   rl-lora and through plain TRL (GRPOTrainer / DPOTrainer with the settings rl-lora passes them), to
   show the toolkit's overhead. DPO trains on ``--pairs`` synthetic pairs ("a+b=" -> right vs wrong sum);
-- PPO (rl-lora only: TRL 1.16 has no PPO trainer): the same figures, one optimizer update per step;
+- PPO: the same figures, one optimizer update per step, against TRL 1.12's experimental PPOTrainer (TRL
+  1.16 has none; 1.12 is the last release with one) at the same setting: step time and peak memory
+  ratios, and trainable parameters of policy and critic on both sides (TRL 1.12 trains a full value
+  model beside a LoRA policy, and keeps a separate reward model). TRL 1.12 runs in a venv of its own,
+  bench/.venv-trl112, which the first PPO run builds (bench/trl_ppo_worker.py; ``--no-trl-ppo`` skips it);
 - rollout throughput: generated tokens/s of the plain model, of the LoRA model with unmerged adapters,
   and of the LoRA model with adapters folded into the weights (rl_lora/rollout.py).
 
@@ -38,11 +43,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from trl_ppo_worker import VenvError, ensure_venv
 from workers import SHAPES, build_model_folder, write_preferences
 
 BENCH_DIR = Path(__file__).resolve().parent
 ALGORITHMS = ("grpo", "dpo", "ppo")
-WITH_TRL = ("grpo", "dpo")  # TRL 1.16 has no PPO trainer
+WITH_TRL = ("grpo", "dpo")  # the TRL the project pins (1.16); it has no PPO trainer
+# The TRL side of each algorithm, as a path name in the raw results: PPO's is TRL 1.12 in its own venv.
+TRL_PATH = {"grpo": "trl", "dpo": "trl", "ppo": "trl-1.12"}
 # Targets of the benchmark issue (#9), CPU: toolkit step / plain TRL step, rank-1 / full GRPO step,
 # merged LoRA rollout tokens/s / plain model's.
 MAX_OVERHEAD, MAX_RANK1_VS_FULL, MIN_ROLLOUT_VS_PLAIN = 1.05, 0.85, 0.95
@@ -53,12 +61,17 @@ GPU_MAX_RANK1_MEMORY_VS_FULL, GPU_MAX_RANK1_STEP_VS_FULL = 0.35, 0.8
 def _spawn(args: argparse.Namespace, task: str, path: str, rank: str) -> dict[str, Any]:
     """One worker process; its result line, plus the process's wall time."""
     env = {**os.environ, "PYTHONPATH": str(BENCH_DIR) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": "disabled"}
-    cmd = [sys.executable, str(BENCH_DIR / "workers.py"), "--task", task, "--path", path, "--rank", rank,
-           "--model-dir", args.model_dir, "--preferences", args.preferences, "--steps", str(args.steps),
-           "--skip", str(args.skip), "--batch", str(args.batch), "--generations", str(args.generations),
-           "--completion-tokens", str(args.completion_tokens), "--repeats-inner", str(args.repeats_inner),
-           *(["--unmerged"] if args.unmerged else [])]
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "WANDB_MODE": "disabled",
+           "TRL_EXPERIMENTAL_SILENCE": "1"}
+    shared = ["--rank", rank, "--model-dir", args.model_dir, "--steps", str(args.steps), "--skip", str(args.skip),
+              "--batch", str(args.batch), "--generations", str(args.generations),
+              "--completion-tokens", str(args.completion_tokens)]
+    if path == TRL_PATH["ppo"]:
+        cmd = [args.trl_ppo_python, str(BENCH_DIR / "trl_ppo_worker.py"), *shared]
+    else:
+        cmd = [sys.executable, str(BENCH_DIR / "workers.py"), "--task", task, "--path", path, *shared,
+               "--preferences", args.preferences, "--repeats-inner", str(args.repeats_inner),
+               *(["--unmerged"] if args.unmerged else [])]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([*cmd, "--tmp", tmp], capture_output=True, text=True, env=env, check=False)
@@ -71,16 +84,21 @@ def _spawn(args: argparse.Namespace, task: str, path: str, rank: str) -> dict[st
     return {**json.loads(lines[-1]), "process_wall_s": round(time.perf_counter() - started, 2)}
 
 
-def schedule(algorithms: list[str], ranks: list[str], repeat: int) -> list[tuple[str, str, str]]:
+def schedule(algorithms: list[str], ranks: list[str], repeat: int, trl_ppo: bool = True) -> list[tuple[str, str, str]]:
     """(algorithm, path, rank) in this repeat's order; rl-lora and TRL swap turns every repeat, so neither
-    always runs on the machine the other just warmed (or heated)."""
+    always runs on the machine the other just warmed (or heated). ``trl_ppo``: PPO has its TRL 1.12 side."""
     out = []
     for algorithm in algorithms:
-        paths = ["rl-lora", "trl"] if algorithm in WITH_TRL else ["rl-lora"]
+        with_trl = algorithm in WITH_TRL or (algorithm == "ppo" and trl_ppo)
+        paths = ["rl-lora", TRL_PATH[algorithm]] if with_trl else ["rl-lora"]
         if repeat % 2:
             paths.reverse()
         out += [(algorithm, path, rank) for rank in ranks for path in paths]
     return out
+
+
+PARAMETER_FIELDS = ("policy_trainable_params", "critic_trainable_params", "trainable_params",
+                    "reference_copy_params", "reward_model_params")  # PPO's workers report them
 
 
 def _median(runs: list[dict[str, Any]], field: str) -> float | None:
@@ -99,20 +117,26 @@ def _repeat_range(runs: list[dict[str, Any]], against: list[dict[str, Any]]) -> 
 
 
 def summarise(raw: dict[str, list[dict[str, Any]]], algorithm: str, ranks: list[str], memory_field: str) -> list[dict]:
-    """One row per rank: medians over repeats of rl-lora's and plain TRL's figures, and their ratios."""
+    """One row per rank: medians over repeats of rl-lora's and TRL's figures, and their ratios."""
     rows = []
     for rank in ranks:
-        ours, trl = raw.get(f"{algorithm}|rl-lora|{rank}", []), raw.get(f"{algorithm}|trl|{rank}", [])
+        ours, trl = raw.get(f"{algorithm}|rl-lora|{rank}", []), raw.get(f"{algorithm}|{TRL_PATH[algorithm]}|{rank}", [])
         row: dict[str, Any] = {"rank": rank}
         for prefix, runs in (("rl_lora", ours), ("trl", trl)):
             row[f"{prefix}_step_s"] = _median(runs, "median_step_s")
             row[f"{prefix}_peak_bytes"] = _median(runs, memory_field)
             row[f"{prefix}_trained_tok_s"] = _median(runs, "trained_tokens_per_s")
             row[f"{prefix}_generated_tok_s"] = _median(runs, "generated_tokens_per_s")
+        row["trl_gc_collect_s_per_step"] = _median(trl, "gc_collect_s_per_step")  # TRL 1.12's PPO only
         row["rl_lora_train_tflops"] = _median(ours, "train_tflops_per_s")
         row["rl_lora_mfu"] = _median(ours, "mfu")
         row["overhead_ratio"] = _div(row["rl_lora_step_s"], row["trl_step_s"])
         row["overhead_range"] = _repeat_range(ours, trl)
+        row["memory_vs_trl"] = _div(row["rl_lora_peak_bytes"], row["trl_peak_bytes"])
+        # Parameter counts are the same in every repeat: the first process's.
+        for prefix, runs in (("rl_lora", ours), ("trl", trl)):
+            for field in PARAMETER_FIELDS:
+                row[f"{prefix}_{field}"] = runs[0].get(field) if runs else None
         rows.append(row)
     full = next((r for r in rows if r["rank"] == "full"), None)
     full_runs = raw.get(f"{algorithm}|rl-lora|full", [])
@@ -131,6 +155,13 @@ def main_driver(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     algorithms, ranks = args.algorithms.split(","), args.ranks.split(",")
+    args.trl_ppo_python = None
+    if "ppo" in algorithms and not args.no_trl_ppo:
+        try:  # before any measurement: a venv that cannot be built stops the run at once
+            args.trl_ppo_python = str(ensure_venv())
+        except VenvError as e:
+            raise SystemExit(f"bench: TRL 1.12's venv for the PPO anchor: {e} "
+                             "(--no-trl-ppo measures rl-lora's PPO alone)") from None
     raw: dict[str, list[dict[str, Any]]] = {}
     rollouts: list[dict[str, Any]] = []
     partial = Path(args.out).with_suffix(".partial.json")
@@ -140,7 +171,7 @@ def main_driver(args: argparse.Namespace) -> dict[str, Any]:
         build_model_folder(args.shape, Path(args.model_dir))
         write_preferences(Path(args.preferences), rows=args.pairs)
         for rep in range(args.repeats):
-            for algorithm, path, rank in schedule(algorithms, ranks, rep):
+            for algorithm, path, rank in schedule(algorithms, ranks, rep, trl_ppo=args.trl_ppo_python is not None):
                 result = _spawn(args, algorithm, path, rank)
                 raw.setdefault(f"{algorithm}|{path}|{rank}", []).append(result)
                 # A worker failing late in a long run leaves the figures measured so far here.
@@ -167,7 +198,9 @@ def main_driver(args: argparse.Namespace) -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.platform(), "cpus": os.cpu_count(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "memory_field": memory_field,
         "versions": {p: version(p) for p in ("torch", "transformers", "trl", "peft")},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("model_dir", "preferences")},
+        "trl_ppo_versions": next((r.get("versions") for k, v in raw.items() if k.startswith(f"ppo|{TRL_PATH['ppo']}|")
+                                  for r in v), None),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("model_dir", "preferences", "trl_ppo_python")},
         **{a: summarise(raw, a, ranks, memory_field) for a in algorithms},
         "rollout": roll, "raw": {**raw, "rollout": rollouts},
         "wall_s": round(time.perf_counter() - started, 1),
@@ -192,18 +225,58 @@ def _setting(report: dict[str, Any], algorithm: str) -> str:
                 "plain TRL = GRPOTrainer")
     if algorithm == "dpo":
         return f"{s['batch']} preference pairs per step ({s['pairs']} synthetic pairs); plain TRL = DPOTrainer"
+    measured = any(r.get("trl_step_s") is not None for r in report.get("ppo") or [])
+    anchor = ("TRL = TRL 1.12's experimental PPOTrainer in its own venv (TRL 1.16 has no PPO)" if measured
+              else "rl-lora only (TRL 1.16 has no PPO; TRL 1.12's was not run)")
     return (f"{s['batch']} completions ({s['generations']} per prompt) x {s['completion_tokens']} tokens per step, "
-            "1 epoch, 1 update per step; rl-lora only (TRL 1.16 has no PPO)")
+            f"1 epoch, 1 update per step; {anchor}")
+
+
+def _count(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+def ppo_anchor_table(report: dict[str, Any]) -> list[str]:
+    """PPO against TRL 1.12's PPOTrainer: step and memory ratios, and what each side trains and holds."""
+    rows = [r for r in report.get("ppo") or [] if r.get("trl_step_s") is not None]
+    if not rows:
+        return []
+    unit = "CUDA max allocated" if report["memory_field"].startswith("cuda") else "peak RSS"
+    lines = [
+        "**PPO against TRL 1.12** (bench/trl_ppo_worker.py): TRL 1.12 trains a full value model of the "
+        "policy's shape whatever the policy's rank, and scores with a reward model of that shape (rl-lora's "
+        "bench: a reward function); both hold a frozen reference copy for full-parameter and use the "
+        "adapter-off policy with LoRA. TRL 1.12's step includes two full garbage collections (last column).",
+        "",
+        f"| rank | step rl-lora / TRL 1.12 (repeats) | {unit} TRL 1.12 (GiB) | {unit} rl-lora / TRL 1.12 "
+        "| trainable rl-lora (policy + critic) | trainable TRL 1.12 (policy + critic) "
+        "| reference copy rl-lora / TRL 1.12 | TRL 1.12 gc.collect per step (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        spread = r.get("overhead_range")
+        step = _f(r["overhead_ratio"]) + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+        sides = {prefix: (f"{_count(r.get(f'{prefix}_trainable_params'))} "
+                          f"({_count(r.get(f'{prefix}_policy_trainable_params'))} + "
+                          f"{_count(r.get(f'{prefix}_critic_trainable_params'))})") for prefix in ("rl_lora", "trl")}
+        refs = " / ".join(_count(r.get(f"{prefix}_reference_copy_params")) for prefix in ("rl_lora", "trl"))
+        lines.append(f"| {r['rank']} | {step} | {_gib(r['trl_peak_bytes'])} | {_f(r.get('memory_vs_trl'))} "
+                     f"| {sides['rl_lora']} | {sides['trl']} | {refs} | {_f(r.get('trl_gc_collect_s_per_step'))} |")
+    return lines
 
 
 def algorithm_table(report: dict[str, Any], algorithm: str) -> list[str]:
     unit = "CUDA max allocated" if report["memory_field"].startswith("cuda") else "peak RSS"
     rollout = algorithm in ("grpo", "ppo")
     mfu = any(r.get("rl_lora_mfu") is not None for r in report[algorithm])  # known peak: a GPU run
+    trl = "TRL 1.12" if algorithm == "ppo" else "TRL"
     lines = [
         f"**{algorithm.upper()}**: {_setting(report, algorithm)}.",
         "",
-        f"| rank | rl-lora step (s) | plain TRL step (s) | rl-lora / TRL | step vs full | {unit} (GiB) "
+        f"| rank | rl-lora step (s) | {'plain TRL' if trl == 'TRL' else trl} step (s) | rl-lora / {trl} "
+        f"| step vs full | {unit} (GiB) "
         "| memory vs full | trained tok/s |" + (" generated tok/s |" if rollout else "")
         + (" train TFLOP/s | MFU |" if mfu else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|" if rollout else "") + ("---|---|" if mfu else ""),
@@ -262,6 +335,9 @@ def markdown(report: dict[str, Any]) -> str:
     for algorithm in ALGORITHMS:
         if report.get(algorithm):
             lines += ["", *algorithm_table(report, algorithm)]
+    anchor = ppo_anchor_table(report)
+    if anchor:
+        lines += ["", *anchor]
     ro = report.get("rollout")
     if ro:
         lines += [
@@ -298,6 +374,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pairs", type=int, default=512, help="synthetic DPO preference pairs")
     p.add_argument("--unmerged", action="store_true", help="rl-lora GRPO rollouts without merging (for comparison)")
     p.add_argument("--no-rollout", action="store_true", dest="no_rollout", help="skip the rollout measurement")
+    p.add_argument("--no-trl-ppo", action="store_true", dest="no_trl_ppo",
+                   help="measure rl-lora's PPO alone (no TRL 1.12 side, no bench/.venv-trl112)")
     p.add_argument("--out", default="bench/results.json")
     args = p.parse_args(argv)
     unknown = sorted(set(args.algorithms.split(",")) - set(ALGORITHMS))

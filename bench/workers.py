@@ -14,7 +14,9 @@ stamp of a step's end is taken before any other callback runs, so the held-out e
 runs after the last step is not part of it (the benchmark sets ``train.eval_every`` past the run).
 The plain-TRL side gets the settings rl-lora's trainers pass (rl_lora/trainers/common.py
 ``shared_training_args``, grpo.py ``grpo_args``, dpo.py ``dpo_args``), written out here by hand so
-that it measures TRL itself; TRL 1.16 has no PPO trainer, so PPO runs through rl-lora only.
+that it measures TRL itself. TRL 1.16 has no PPO trainer: PPO's TRL side is TRL 1.12's PPOTrainer,
+measured by bench/trl_ppo_worker.py in a venv of its own. That file imports this one's module level
+(shapes, LR, the step clock) in a venv without rl_lora, so rl_lora is imported inside functions only.
 """
 
 from __future__ import annotations
@@ -253,14 +255,27 @@ def worker_train(args: argparse.Namespace) -> dict[str, Any]:
     if args.path == "rl-lora":
         trainer = rl_lora_trainer(args)
     elif args.task == "ppo":
-        raise SystemExit("bench worker: --task ppo has no plain-TRL path (TRL 1.16 has no PPO trainer)")
+        raise SystemExit("bench worker: --task ppo has no TRL 1.16 path (TRL 1.12's PPO runs in "
+                         "bench/trl_ppo_worker.py)")
     else:
         trainer = _quiet(trl_grpo(args) if args.task == "grpo" else trl_dpo(args))
+    params = ppo_parameter_figures(trainer) if args.task == "ppo" else {}
     clock = StepClock()
     clock.attach(trainer)
     trainer.train()
     clock.read_tracker(trainer)
-    return {**clock.figures(args.skip, args.batch), **peak_memory()}
+    return {**clock.figures(args.skip, args.batch), **peak_memory(), **params}
+
+
+def ppo_parameter_figures(trainer: Any) -> dict[str, int]:
+    """rl-lora PPO's trainable parameters (policy; critic with its value head) and its separate reference
+    copy, under the names bench/trl_ppo_worker.py gives TRL 1.12's."""
+    ac = trainer.ac
+    policy = sum(p.numel() for p in ac.policy_params)
+    critic = sum(p.numel() for p in ac.critic_params)
+    reference = sum(p.numel() for p in ac.reference.parameters()) if ac.reference is not None else 0
+    return {"policy_trainable_params": policy, "critic_trainable_params": critic,
+            "trainable_params": policy + critic, "reference_copy_params": reference, "reward_model_params": 0}
 
 
 def worker_rollout(args: argparse.Namespace) -> dict[str, Any]:
