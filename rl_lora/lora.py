@@ -27,7 +27,7 @@ from rl_lora.capacity import (
 )
 from rl_lora.config import LoraSpec
 from rl_lora.errors import ConfigError
-from rl_lora.targets import resolve_targets
+from rl_lora.targets import TARGET_SETS, resolve_targets
 
 # Linear names that PEFT 0.21.2 re-targets on models it converts from transformers v4 to v5
 # (peft/utils/transformers_weight_conversion.py, _MOE_TARGET_MODULE_MAPPING): a dense linear so named
@@ -63,12 +63,21 @@ def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", model: nn.Module |
         return LoraConfig(
             r=int(spec.rank),
             lora_alpha=spec.alpha,
-            target_modules=resolve_targets(spec.targets),
+            target_modules=_dense_targets(spec.targets, model),
             lora_dropout=spec.dropout,
             bias="none",
             task_type=task_type,
         )
     return _moe_config(spec, task_type, model, layout)
+
+
+def _dense_targets(targets: str | list[str], model: nn.Module | None) -> str | list[str]:
+    """PEFT's ``target_modules``. A named layer set (``attention``, ``mlp``) becomes the full names of the
+    linears it selects when the model is at hand: as a regex PEFT would also match the non-linear modules
+    inside those blocks (an MLP's activation), and refuse them."""
+    if model is not None and isinstance(targets, str) and targets.lower() in TARGET_SETS:
+        return sorted(targeted_shapes(model_linear_shapes(model), targets))
+    return resolve_targets(targets)
 
 
 def _moe_config(spec: LoraSpec, task_type: str, model: nn.Module, layout: MoeLayout) -> LoraConfig:

@@ -47,6 +47,8 @@ def _peft_trainable(folder: Path, lora: LoraSpec) -> int:
         {"rank": 4, "expert_rank": 3},
         {"rank": 2, "targets": ["q_proj", "gate_up_proj"]},
         {"rank": 2, "targets": ["down_proj"]},
+        {"rank": 2, "targets": "attention"},
+        {"rank": 2, "targets": "mlp"},
     ],
 )
 def test_capacity_count_equals_peft_trainable(moe_folder: Path, tmp_path: Path, lora: dict) -> None:
@@ -75,6 +77,22 @@ def test_dense_count_with_model_equals_peft(tmp_path: Path) -> None:
     )
     trainable, _ = count_parameters(get_peft_model(model, peft_config(LoraSpec(rank=1), model=model)))
     assert trainable == 10_240  # 4 layers x (4 x 256 + 3 x 512): unchanged by passing the model
+
+
+@pytest.mark.parametrize(("targets", "block", "params"), [("attention", "self_attn", 2 * 4 * 4 * 256),
+                                                         ("mlp", "mlp", 2 * 4 * 3 * 512)])
+def test_named_layer_sets_adapt_only_the_linears_of_their_blocks(targets: str, block: str, params: int) -> None:
+    """'mlp' as a regex also matched the MLP's activation module, which PEFT refuses (a sweep's runs failed)."""
+    from transformers import LlamaConfig
+
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, vocab_size=100)
+    )
+    wrapped = get_peft_model(model, peft_config(LoraSpec(rank=2, targets=targets), model=model))
+    adapted = {name.rsplit(".lora_A", 1)[0] for name, _ in wrapped.named_parameters() if ".lora_A" in name}
+    assert len(adapted) == 4 * (4 if targets == "attention" else 3)
+    assert all(f".{block}." in name for name in adapted)
+    assert count_parameters(wrapped)[0] == params
 
 
 def test_refused_keys(moe_folder: Path) -> None:
