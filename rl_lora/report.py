@@ -339,8 +339,12 @@ def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
     _cost_plot(rows, sweep_dir / "cost.png")
     failures = sweep_dir / "failures.jsonl"
     failed = [json.loads(x)["run"] for x in failures.read_text().splitlines() if x.strip()] if failures.exists() else []
+    finished = {r.name for r in runs}
+    unfinished = list(dict.fromkeys(name for name in failed if name not in finished))  # a rerun may have finished it
     any_run = runs[0].summary
-    failed_note = f", failed attempts: {', '.join(failed)}" if failed else ""
+    retried = len(set(failed) - set(unfinished))
+    failed_note = (f", failed and not finished: {', '.join(unfinished)}" if unfinished else "") + (
+        f", {retried} run{'s' if retried != 1 else ''} finished on a later attempt" if retried else "")
     walls = [r.summary.get("wall_seconds") or 0 for r in runs]
     md = [
         f"# Sweep report: {sweep_dir.name}",
