@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
 from default_robustness import available_kernels, eval_curve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,10 +43,12 @@ def kl_figures(run_dir: Path) -> tuple[float, float]:
 def run_one(pipeline: Path, seed: int, kernel: str, scratch: Path) -> dict:
     """One pipeline run in a subprocess; its row (accuracies as fractions, wall time in s)."""
     out = Path(tempfile.mkdtemp(prefix=f"s{seed}-{kernel}-", dir=scratch))
-    raw = pipeline.read_text()
-    local = out / pipeline.name  # the same stages, writing under ``out``
-    local.write_text(raw.replace("output_dir: runs", f"output_dir: {out}").replace(
-        "recipe: ../", f"recipe: {pipeline.parent.parent}/"))
+    raw = yaml.safe_load(pipeline.read_text())  # the same stages, writing under ``out``
+    raw["output_dir"] = str(out)
+    for stage in raw["stages"]:
+        stage["recipe"] = str((pipeline.parent / stage["recipe"]).resolve())
+    local = out / pipeline.name
+    local.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel, "OMP_NUM_THREADS": "1",
            "RL_LORA_CACHE": str(scratch / f"cache-{kernel}"), "WANDB_MODE": "disabled"}
     command = [sys.executable, "-m", "rl_lora.cli", "run", str(local), f"train.seed={seed}",

@@ -43,7 +43,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from trl_ppo_worker import VenvError, ensure_venv
+from trl112_venv import VenvError, ensure_venv
 from workers import SHAPES, build_model_folder, write_preferences
 
 BENCH_DIR = Path(__file__).resolve().parent
