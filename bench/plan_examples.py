@@ -1,5 +1,5 @@
 """The worked examples of docs/plan.md: how many 80 GB GPUs GRPO and PPO need on Llama-3.1-8B and -70B
-shapes, full fine-tuning against rank-1 LoRA, computed by rl_lora.plan (what ``rl-lora plan`` prints).
+shapes, full fine-tuning against rank-1 LoRA, computed by rl_lora.estimate.plan (what ``rl-lora plan`` prints).
 
     .venv/bin/python bench/plan_examples.py          # prints the Markdown table and the commands behind it
 
@@ -19,8 +19,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rl_lora.config import load_recipe  # noqa: E402
-from rl_lora.plan import GB, make_plan  # noqa: E402
+from rl_lora.config.schema import load_recipe  # noqa: E402
+from rl_lora.estimate.plan import GB, make_plan  # noqa: E402
 
 PROMPT_TOKENS = 256
 MEMORY = 80 * GB

@@ -2,7 +2,7 @@
 
 1. Activations, without the allocator in the way: the bytes autograd keeps for the backward pass
    (every distinct tensor a ``torch.autograd.graph.saved_tensors_hooks`` pack hook sees that is not a
-   parameter) in one forward of 16 sequences x 39 tokens, against ``rl_lora.plan.activation_bytes``, at
+   parameter) in one forward of 16 sequences x 39 tokens, against ``rl_lora.estimate.plan.activation_bytes``, at
    both shapes below, full and rank-1 LoRA.
 2. The whole process: GRPO, DPO and PPO, full and rank 1, at two random-init Llama shapes (25M and 95M
    parameters, the built-in character tokenizer), each run a fresh ``rl-lora run`` subprocess (3 steps of
@@ -35,8 +35,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rl_lora.config import validate  # noqa: E402
-from rl_lora.plan import (  # noqa: E402
+from rl_lora.config.schema import validate  # noqa: E402
+from rl_lora.estimate.plan import (  # noqa: E402
     Workload,
     activation_bytes,
     breakdown,
@@ -66,7 +66,7 @@ def shape_model(hidden: int, layers: int, heads: int, kv_heads: int, mlp: int) -
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rl_lora.models.tokenizer import build_char_tokenizer
+    from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,

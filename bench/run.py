@@ -23,7 +23,7 @@ Measured, for full-parameter and every LoRA rank in ``--ranks``:
   model beside a LoRA policy, and keeps a separate reward model). TRL 1.12 runs in a venv of its own,
   bench/.venv-trl112, which the first PPO run builds (bench/trl_ppo_worker.py; ``--no-trl-ppo`` skips it);
 - rollout throughput: generated tokens/s of the plain model, of the LoRA model with unmerged adapters,
-  and of the LoRA model with adapters folded into the weights (rl_lora/rollout.py).
+  and of the LoRA model with adapters folded into the weights (rl_lora/adapters/rollout.py).
 
 Writes ``--out`` (JSON, with every process's raw figures) and prints markdown tables.
 """

@@ -113,7 +113,7 @@ def parameter_figures(trainer: Any) -> dict[str, int]:
 
 
 def peak_memory() -> dict[str, int]:
-    """The figures rl_lora.memory.peak_memory gives, written out (this venv has no rl_lora)."""
+    """The figures rl_lora.training.memory.peak_memory gives, written out (this venv has no rl_lora)."""
     import torch
 
     out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB

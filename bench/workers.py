@@ -12,7 +12,7 @@ Step time is the interval between consecutive ``on_step_end`` callbacks, the fir
 on_step_end, on_log and on_train_end, so this is the one clock every algorithm and path shares. The
 stamp of a step's end is taken before any other callback runs, so the held-out evaluation the tracker
 runs after the last step is not part of it (the benchmark sets ``train.eval_every`` past the run).
-The plain-TRL side gets the settings rl-lora's trainers pass (rl_lora/trainers/common.py
+The plain-TRL side gets the settings rl-lora's trainers pass (rl_lora/algorithms/common.py
 ``shared_training_args``, grpo.py ``grpo_args``, dpo.py ``dpo_args``), written out here by hand so
 that it measures TRL itself. TRL 1.16 has no PPO trainer: PPO's TRL side is TRL 1.12's PPOTrainer,
 measured by bench/trl_ppo_worker.py in a venv of its own. That file imports this one's module level
@@ -52,7 +52,7 @@ def build_model_folder(shape: str, folder: Path) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rl_lora.models.tokenizer import build_char_tokenizer
+    from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     cfg = Qwen2Config(**SHAPES[shape], max_position_embeddings=256, tie_word_embeddings=False,
@@ -138,7 +138,7 @@ class StepClock:
 
     def read_tracker(self, trainer: Any) -> None:
         """Take rl-lora's own per-step FLOP figures from its tracker's records (none on the TRL path)."""
-        from rl_lora.tracking import RunTracker
+        from rl_lora.training.tracking import RunTracker
 
         for callback in trainer.callback_handler.callbacks:
             if isinstance(callback, RunTracker):
@@ -208,8 +208,8 @@ def trl_grpo(args: argparse.Namespace) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from rl_lora.config import DataSpec
-    from rl_lora.tasks import arithmetic
+    from rl_lora.config.schema import DataSpec
+    from rl_lora.tasks.arithmetic import problems as arithmetic
 
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir)
@@ -242,15 +242,15 @@ def trl_dpo(args: argparse.Namespace) -> Any:
 
 def rl_lora_trainer(args: argparse.Namespace) -> Any:
     """The trainer rl-lora builds for the bench recipe (tracker callback included), not yet trained."""
-    from rl_lora.config import validate
-    from rl_lora.runner import prepare_run
+    from rl_lora.config.schema import validate
+    from rl_lora.launch.runner import prepare_run
 
     return prepare_run(validate(recipe(args))).trainer
 
 
 def worker_train(args: argparse.Namespace) -> dict[str, Any]:
     """One process: ``args.steps`` steps of GRPO, DPO or PPO through rl-lora or plain TRL."""
-    from rl_lora.memory import peak_memory
+    from rl_lora.training.memory import peak_memory
 
     if args.path == "rl-lora":
         trainer = rl_lora_trainer(args)
@@ -290,7 +290,7 @@ def worker_rollout(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rl_lora.rollout import merged_adapters
+    from rl_lora.adapters.rollout import merged_adapters
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(args.model_dir)

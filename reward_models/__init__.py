@@ -7,7 +7,7 @@ columns, one value per completion (the built-in task passes ``answer``). The bui
 scores with a reward model (reward_models/learned.py).
 
 This package depends on nothing of rl_lora (reward_models/protocol.py); the library finds a reward by
-the name a recipe gives it, checks its scores and hands it to the trainers (rl_lora/rewards.py,
+the name a recipe gives it, checks its scores and hands it to the trainers (rl_lora/tasks/rewards.py,
 docs/rewards.md).
 """
 

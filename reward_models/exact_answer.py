@@ -1,6 +1,6 @@
 """Exact-answer reward: 1.0 when the completion's answer equals the reference answer, else 0.0.
 
-Where the answer sits in a completion depends on how the model was asked (rl_lora/tasks/arithmetic.py):
+Where the answer sits in a completion depends on how the model was asked (rl_lora/tasks/arithmetic/task.py):
 
 - ``first_line`` (plain prompts, ``"12+35="``): the completion's first line, stripped of spaces;
 - ``last_integer`` (chat prompts, "What is 12+35? Answer with the number only."): the last integer in

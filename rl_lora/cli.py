@@ -1,7 +1,7 @@
 """The ``rl-lora`` command.
 
     rl-lora run RECIPE [key.path=value ...] [--debug]
-    rl-lora run PIPELINE [--resume PIPELINE_DIR]          (a file with stages:, rl_lora/pipeline.py)
+    rl-lora run PIPELINE [--resume PIPELINE_DIR]          (a file with stages:, rl_lora/study/pipeline.py)
     rl-lora validate RECIPE [key.path=value ...]
     rl-lora sweep RECIPE --ranks 1,16,full [--lrs auto --selection-seeds 1,2] --seeds 3,4,5,6 [--jobs 2] [key=value ...]
     rl-lora report SWEEP_DIR [--wandb [--entity ENTITY] [--project PROJECT]]
@@ -21,8 +21,9 @@ import sys
 
 import yaml
 
-from rl_lora.config import RecipeConfig, load_recipe, read_recipe_file
-from rl_lora.errors import USER_ERRORS, ConfigError
+import rl_lora
+from rl_lora.config.schema import RecipeConfig, load_recipe, read_recipe_file
+from rl_lora.utils.errors import USER_ERRORS, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("sweep_dir", help="a folder made by rl-lora sweep")
     p.add_argument("--threshold", type=float, default=None,
                    help="a value of the task's headline metric: the report adds 'steps to' it")
-    wb = p.add_argument_group("W&B (rl_lora/dashboards.py)")
+    wb = p.add_argument_group("W&B (rl_lora/study/dashboards.py)")
     wb.add_argument("--wandb", action="store_true",
                     help="also build the sweep's W&B workspace and report: published when logged in, else written "
                          "to wandb_dashboards.json with the commands that publish them")
@@ -103,50 +104,33 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from rl_lora.report import write_report
-    from rl_lora.sweep import SweepSpec, run_sweep
-    from rl_lora.sweep_plan import LrGrids, parse_lr_grids, parse_numbers, parse_ranks, plan_arms
-
-    config = load_recipe(args.recipe, args.overrides)
-    grids = parse_lr_grids(args.lrs, args.lr_points, args.lr_step)
-    if args.lr_multipliers:
-        if grids is not None:
-            raise ConfigError("--lrs and --lr-multipliers both set LoRA grids: give one of them")
-        multipliers = parse_numbers("--lr-multipliers", args.lr_multipliers)
-        grids = LrGrids({"lora": [m * config.train.lr for m in multipliers]}, args.lr_points, args.lr_step)
-    seeds = parse_numbers("--seeds", args.seeds or ("3,4,5,6" if grids else "1,2"), int, positive=False)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    arms = plan_arms(config, parse_ranks(args.ranks), targets, parse_numbers("--batch-sizes", args.batch_sizes, int),
-                     args.match_params)
-    selection = parse_numbers("--selection-seeds", args.selection_seeds, int, positive=False) if grids else []
-    spec = SweepSpec(seeds, grids, selection, args.select_last, args.margin)
-    sweep_dir = Path(args.output_dir) / (args.name or config.name)
-    outcome = run_sweep(Path(args.recipe), arms, spec, sweep_dir, args.overrides, jobs=args.jobs)
+    sweep_dir, outcome = rl_lora.sweep(
+        args.recipe, ranks=args.ranks, seeds=args.seeds, lrs=args.lrs, lr_points=args.lr_points,
+        lr_step=args.lr_step, selection_seeds=args.selection_seeds, select_last=args.select_last, margin=args.margin,
+        targets=targets, match_params=args.match_params, batch_sizes=args.batch_sizes, overrides=args.overrides,
+        name=args.name, output_dir=args.output_dir, jobs=args.jobs, lr_multipliers=args.lr_multipliers)
     print(f"sweep {sweep_dir}: {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
           f"{len(outcome.failed)} failed" + (f" ({', '.join(outcome.failed)})" if outcome.failed else ""))
     if outcome.finished or outcome.skipped:
-        print(f"report: {write_report(sweep_dir, args.threshold)} (and report.html)")
+        print(f"report: {rl_lora.report(sweep_dir, args.threshold)} (and report.html)")
     return 1 if outcome.failed else 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from rl_lora.report import write_report
-
-    print(f"report: {write_report(Path(args.sweep_dir), args.threshold)} (and report.html)", flush=True)
+    print(f"report: {rl_lora.report(args.sweep_dir, args.threshold)} (and report.html)", flush=True)
     if args.wandb:  # after the local report, so a W&B failure never costs it
-        from rl_lora.dashboards import dashboards
+        from pathlib import Path
+
+        from rl_lora.study.dashboards import dashboards
 
         print("\n".join(dashboards(Path(args.sweep_dir), args.entity, args.project)))
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from rl_lora.lr_rule import resolve_lr
-    from rl_lora.pipeline import is_pipeline, load_pipeline
+    from rl_lora.estimate.lr_rule import resolve_lr
+    from rl_lora.study.pipeline import is_pipeline, load_pipeline
 
     if is_pipeline(read_recipe_file(args.recipe)):  # every stage validated with its overrides; nothing loads
         pipeline = load_pipeline(args.recipe, args.overrides)
@@ -163,20 +147,16 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _capacity(args: argparse.Namespace) -> int:
-    from rl_lora.advisor import capacity_lines
-
-    config = load_recipe(args.recipe, args.overrides)
-    print("\n".join(capacity_lines(config)))
+    print("\n".join(rl_lora.capacity(load_recipe(args.recipe, args.overrides))))
     return 0
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from rl_lora.plan import make_plan, parse_memory
-    from rl_lora.plan_text import plan_lines
+    from rl_lora.estimate.plan import parse_memory
 
     memory = parse_memory(args.device_memory)  # a bad size fails before the recipe is read
     config = load_recipe(args.recipe, args.overrides)
-    print("\n".join(plan_lines(make_plan(config, args.devices, memory, args.prompt_tokens))))
+    print("\n".join(rl_lora.plan_lines(rl_lora.plan(config, args.devices, memory, args.prompt_tokens))))
     return 0
 
 
@@ -185,16 +165,16 @@ def _launch(args: argparse.Namespace, config: RecipeConfig) -> int:
     import subprocess
     import tempfile
 
-    from rl_lora.distributed import LAUNCHED_ENV, RUN_DIR_ENV, launch_command
+    from rl_lora.training.distributed import LAUNCHED_ENV, RUN_DIR_ENV, launch_command
 
     if config.algorithm == "ppo" and config.distributed.zero_stage is None:
-        # Checked here too (rl_lora/trainers/ppo.py check_layout), so it fails before torchrun starts.
+        # Checked here too (rl_lora/algorithms/ppo/trainer.py check_layout), so it fails before torchrun starts.
         raise ConfigError("--nproc/--nnodes: algorithm 'ppo' under several processes needs "
                           "distributed.zero_stage (0, 2 or 3)")
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if args.resume is None:
         if args.node_rank == 0:
-            from rl_lora.run_dir import create_run_dir
+            from rl_lora.training.run_dir import create_run_dir
 
             env[RUN_DIR_ENV] = str(create_run_dir(config))
         else:  # other machines write only scratch files (checkpoint shards) of their own
@@ -207,10 +187,10 @@ def _launch(args: argparse.Namespace, config: RecipeConfig) -> int:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
-    """``rl-lora run PIPELINE``: every stage as its own run (rl_lora/pipeline.py)."""
+    """``rl-lora run PIPELINE``: every stage as its own run (rl_lora/study/pipeline.py)."""
     from pathlib import Path
 
-    from rl_lora.pipeline import load_pipeline, run_pipeline, summary_lines
+    from rl_lora.study.pipeline import load_pipeline, run_pipeline, summary_lines
 
     if args.nproc > 1 or args.nnodes > 1:
         raise ConfigError(f"pipeline '{args.recipe}': --nproc/--nnodes go into each stage's 'overrides:' in the "
@@ -224,23 +204,14 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from rl_lora.pipeline import is_pipeline
+    from rl_lora.study.pipeline import is_pipeline
 
     if is_pipeline(read_recipe_file(args.recipe)):
         return _run_pipeline(args)
     config = load_recipe(args.recipe, args.overrides)
     if (args.nproc > 1 or args.nnodes > 1) and "RL_LORA_LAUNCHED" not in os.environ:
         return _launch(args, config)
-    if not os.path.exists("/dev/nvidiactl"):
-        # DeepSpeed (imported by TRL/accelerate) otherwise warns on every CPU run that it fell back to CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if args.resume is None:  # plug-ins and data files, in a second or two; nothing loaded, nothing written
-        from rl_lora.precheck import precheck
-
-        precheck(config)
-    from rl_lora.runner import run_recipe  # heavy imports only once the recipe is known to be good
-
-    run_recipe(config, resume=args.resume or None, resuming=args.resume is not None)
+    rl_lora.run(config, resume=False if args.resume is None else (args.resume or True))
     return 0
 
 

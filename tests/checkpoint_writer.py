@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from rl_lora.checkpoint import seal
+from rl_lora.training.checkpoint import seal
 
 root = Path(sys.argv[1])
 step = 0

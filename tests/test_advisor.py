@@ -13,8 +13,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from rl_lora import advisor, capacity
-from rl_lora.advisor import (
+from rl_lora.adapters import counting
+from rl_lora.config.schema import load_recipe, validate
+from rl_lora.estimate import advisor
+from rl_lora.estimate.advisor import (
     ATTENTION_ONLY,
     BELOW_CAPACITY,
     LARGE_BATCH,
@@ -32,10 +34,9 @@ from rl_lora.advisor import (
     recipe_model_config,
     recipe_shapes,
 )
-from rl_lora.config import load_recipe, validate
-from rl_lora.errors import ConfigError, ModelError
-from rl_lora.models.builtin import builtin_config
 from rl_lora.models.gguf import is_gguf_reference, locate, require_gguf_reader
+from rl_lora.tasks.arithmetic.model import builtin_config
+from rl_lora.utils.errors import ConfigError, ModelError
 from tests_support import tiny_raw
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -113,7 +114,7 @@ def test_llama_8b_full_rank(llama_8b_folder: Path) -> None:
 
 
 def _peft_trainable(rank: int, targets: str | list[str]) -> int:
-    config = recipe_model_config(_recipe())  # the built-in model's config, as rl_lora.models.builtin builds it
+    config = recipe_model_config(_recipe())  # the built-in model's config, as rl_lora.tasks.arithmetic.model builds it
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=rank, lora_alpha=32, target_modules=targets))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -314,8 +315,8 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return wrapper
 
     monkeypatch.setattr(advisor, "recipe_model_config", counted("config reads", advisor.recipe_model_config))
-    build = counted("meta builds", capacity.meta_model)
-    for module in (advisor, capacity):  # capacity.linear_shapes and parameter_count build through their own name
+    build = counted("meta builds", counting.meta_model)
+    for module in (advisor, counting):  # counting.linear_shapes and parameter_count build through their own name
         monkeypatch.setattr(module, "meta_model", build)
     return counts
 
@@ -323,7 +324,7 @@ def measured(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def test_a_run_preparation_measures_the_policy_once(measured: dict[str, int], tmp_path: Path) -> None:
     """The advice before a run (the capacity verdict, then the guardrails) reads the config and builds the
     meta model once between them (three times each before: shapes, capacity's MoE layout, the guardrails')."""
-    from rl_lora.runner import prepare_run
+    from rl_lora.launch.runner import prepare_run
 
     prepare_run(validate(tiny_raw(tmp_path)))
     assert measured == {"config reads": 1, "meta builds": 1}

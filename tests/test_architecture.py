@@ -1,9 +1,12 @@
-"""The packages' dependencies point one way: rl_lora (the library) imports reward_models (the rewards and
-their protocol), and reward_models imports nothing of rl_lora, so a reward can be written, imported and
-tested without the library, and importing one never drags in the model-loading stack.
+"""The tree shows the layers, and imports point one way (docs/architecture.md).
 
-Imports are read from the source (every ``import`` and ``from ... import`` of every module, including
-those inside functions), not from a running interpreter, so an import made only on some code path counts.
+``rl_lora``'s subpackages are ordered from the bottom up (LAYERS); a module may import modules of its own
+layer or of a layer below it, never one above. No two modules import each other, directly or round a
+circle. ``reward_models`` (the rewards and their protocol) imports nothing of ``rl_lora``, so a reward can
+be written, imported and tested without the library.
+
+Imports are read from the source (every ``import`` and ``from ... import`` of every module, including those
+inside functions), not from a running interpreter, so an import made only on some code path counts.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("rl_lora", "reward_models")
+# Bottom to top. The top two are the entry points: the command line and the public Python API.
+LAYERS = ("utils", "config", "models", "adapters", "data", "tasks", "training", "algorithms", "estimate", "launch",
+          "study", "__init__", "cli")
 
 
 def _module_name(path: Path) -> str:
@@ -23,36 +27,53 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imported(path: Path) -> set[str]:
-    """The absolute module names a file imports (a relative import cannot leave its top-level package)."""
+def _imported(path: Path, modules: set[str]) -> set[str]:
+    """The project modules a file imports: ``from a.b import c`` counts as a.b.c where c is a module."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
-    return names
+            names.update(f"{node.module}.{alias.name}" for alias in node.names
+                         if f"{node.module}.{alias.name}" in modules)
+    return {n for n in names if n in modules}
 
 
-def package_imports() -> dict[str, dict[str, list[str]]]:
-    """{package: {other package: ["module -> imported module", ...]}} between the project's packages."""
-    edges: dict[str, dict[str, list[str]]] = {p: defaultdict(list) for p in PACKAGES}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            for name in sorted(_imported(path)):
-                target = name.split(".")[0]
-                if target in PACKAGES and target != package:
-                    edges[package][target].append(f"{_module_name(path)} -> {name}")
-    return edges
+def module_graph() -> dict[str, set[str]]:
+    """{module: project modules it imports} over rl_lora and reward_models."""
+    paths = {_module_name(p): p for package in ("rl_lora", "reward_models") for p in (ROOT / package).rglob("*.py")}
+    graph = {name: _imported(path, set(paths)) for name, path in paths.items()}
+    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first; those are not edges of the design.
+    return {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
 
 
-def _cycle(edges: dict[str, dict[str, list[str]]]) -> list[str] | None:
-    """One cycle in the package graph as [a, b, ..., a], or None when it is acyclic."""
+def layer(module: str) -> str | None:
+    """The layer of an rl_lora module (its subpackage, or the module itself at the top); None outside rl_lora."""
+    parts = module.split(".")
+    if parts[0] != "rl_lora":
+        return None
+    return "__init__" if len(parts) == 1 else parts[1]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    found = []
+    for source, targets in graph.items():
+        if layer(source) is None:
+            continue
+        for target in targets:
+            if layer(target) is not None and LAYERS.index(layer(target)) > LAYERS.index(layer(source)):
+                found.append(f"{source} ({layer(source)}) -> {target} ({layer(target)})")
+    return sorted(found)
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle in the graph as [a, b, ..., a], or None when it is acyclic."""
     state: dict[str, str] = {}
 
     def visit(node: str, path: list[str]) -> list[str] | None:
         state[node] = "open"
-        for nxt in edges.get(node, {}):
+        for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
                 return [*path[path.index(nxt):], nxt]
             if nxt not in state and (found := visit(nxt, [*path, nxt])):
@@ -60,32 +81,43 @@ def _cycle(edges: dict[str, dict[str, list[str]]]) -> list[str] | None:
         state[node] = "done"
         return None
 
-    for start in edges:
+    for start in sorted(graph):
         if start not in state and (found := visit(start, [start])):
             return found
     return None
 
 
-def test_the_package_graph_has_no_cycle() -> None:
-    edges = package_imports()
-    cycle = _cycle(edges)
-    assert cycle is None, "import cycle " + " -> ".join(cycle) + ": " + "; ".join(
-        line for a, b in zip(cycle, cycle[1:], strict=False) for line in edges[a][b]
-    )
+def test_every_subpackage_has_a_layer() -> None:
+    subpackages = {p.name for p in (ROOT / "rl_lora").iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in (ROOT / "rl_lora").glob("*.py")}
+    assert subpackages | modules == set(LAYERS), "give each subpackage a place in LAYERS and docs/architecture.md"
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    assert upward_imports(module_graph()) == []
+
+
+def test_no_import_circle() -> None:
+    found = cycle(module_graph())
+    assert found is None, "import circle: " + " -> ".join(found or [])
+
+
+def test_the_checks_can_fail() -> None:
+    """The scans find what they are meant to: a planted upward import and a planted circle."""
+    graph = module_graph()
+    assert graph["rl_lora.launch.runner"], "the scan reads no imports"
+    planted = {**graph, "rl_lora.utils.errors": {"rl_lora.study.report"}}
+    assert upward_imports(planted) == ["rl_lora.utils.errors (utils) -> rl_lora.study.report (study)"]
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_rewards_import_nothing_of_the_library() -> None:
-    assert not package_imports()["reward_models"]["rl_lora"]
-
-
-def test_the_library_uses_the_rewards() -> None:
-    # The scan sees the imports it is meant to judge: without this edge the two tests above prove nothing.
-    assert any("rl_lora.rewards -> reward_models" in line for line in package_imports()["rl_lora"]["reward_models"])
-
-
-def test_the_scan_finds_a_cycle() -> None:
-    assert _cycle({"a": {"b": ["a.x -> b"]}, "b": {"a": ["b.y -> a.z"]}}) == ["a", "b", "a"]
-    assert _cycle({"a": {"b": ["a.x -> b"]}, "b": {}}) is None
+    graph = module_graph()
+    offenders = [f"{s} -> {t}" for s, targets in graph.items() if s.startswith("reward_models")
+                 for t in targets if t.startswith("rl_lora")]
+    assert offenders == []
+    assert any(t.startswith("reward_models") for t in graph["rl_lora.tasks.rewards"]), "the scan missed an edge"
 
 
 def test_importing_the_rewards_loads_no_library_module() -> None:
@@ -95,3 +127,20 @@ def test_importing_the_rewards_loads_no_library_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_study_layer_and_the_light_checks_load_no_torch() -> None:
+    """Sweeps, reports and dashboards read files; the policy resolver and the config run before the heavy
+    libraries load. None of them may pull in torch (seconds on 2 cores, and a GPU runtime on a cluster)."""
+    modules = ["rl_lora.study.sweep", "rl_lora.study.report", "rl_lora.study.dashboards", "rl_lora.study.pipeline",
+               "rl_lora.config.schema", "rl_lora.models.policies", "rl_lora.models.tokenizer_files",
+               "rl_lora.data.preferences"]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_layers_are_documented() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [name for name in LAYERS[:-2] if f"`{name}/`" not in text]
+    assert not missing, f"docs/architecture.md does not describe {missing}"

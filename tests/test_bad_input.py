@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_lora import checkpoint
 from rl_lora.cli import main
+from rl_lora.training import checkpoint
 from tests_support import tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -278,8 +278,8 @@ def no_pad_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init built-in-shaped model whose tokenizer has no pad token."""
     from transformers import LlamaForCausalLM
 
-    from rl_lora.models.builtin import builtin_config
-    from rl_lora.models.tokenizer import build_char_tokenizer
+    from rl_lora.tasks.arithmetic.model import builtin_config
+    from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
 
     folder = tmp_path_factory.mktemp("no-pad")
     tokenizer = build_char_tokenizer()
@@ -308,8 +308,8 @@ def test_tokenizer_without_pad_token_trains_with_eos_as_pad_and_a_warning(
 def test_pad_equal_to_eos_keeps_the_eos_inside_the_grpo_completion_mask(no_pad_model: Path, tmp_path: Path) -> None:
     """Every completion's mask runs up to and including its first EOS; the padding after it (the same id)
     is masked out. 64 samples of 16 tokens from a random model: some stop early (checked)."""
-    from rl_lora.config import validate
-    from rl_lora.runner import prepare_run
+    from rl_lora.config.schema import validate
+    from rl_lora.launch.runner import prepare_run
 
     raw = grpo(tmp_path, model={"policy": str(no_pad_model)}, grpo={"max_completion_length": 16})
     threads = torch.get_num_threads()
@@ -343,16 +343,16 @@ def test_trl_option_names_read_from_source_equal_the_dataclass_fields() -> None:
 
     import trl
 
-    from rl_lora.trl_options import option_names
+    from rl_lora.config.trl_options import option_names
 
     for name in ("GRPOConfig", "DPOConfig", "RewardConfig"):
         assert option_names(name) == {f.name for f in dataclasses.fields(getattr(trl, name))}, name
 
 
 def test_light_token_counts_equal_the_tokenizer_s() -> None:
-    from rl_lora.config import ModelSpec
-    from rl_lora.models.tokenizer import build_char_tokenizer
+    from rl_lora.config.schema import ModelSpec
     from rl_lora.models.tokenizer_files import light_tokenizer_and_context
+    from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
 
     counter, context = light_tokenizer_and_context(ModelSpec(policy="builtin:arithmetic-tiny"))
     tokenizer = build_char_tokenizer()
@@ -372,9 +372,9 @@ def test_checks_that_read_library_files_run_before_the_libraries_load(tmp_path: 
     recipe.write_text(json.dumps(raw))
     probe = (
         "import sys\n"
-        "from rl_lora.config import load_recipe\n"
-        "from rl_lora.errors import USER_ERRORS\n"
-        "from rl_lora.precheck import precheck\n"
+        "from rl_lora.config.schema import load_recipe\n"
+        "from rl_lora.utils.errors import USER_ERRORS\n"
+        "from rl_lora.launch.precheck import precheck\n"
         f"config = load_recipe({str(recipe)!r}, {overrides!r})\n"
         "try:\n"
         "    precheck(config)\n"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from transformers import LlamaForCausalLM
 
-from rl_lora.config import DataSpec, load_recipe
-from rl_lora.errors import ModelError
-from rl_lora.files import sha256_file
-from rl_lora.models import builtin
+from rl_lora.config.schema import DataSpec, load_recipe
+from rl_lora.tasks.arithmetic import model as builtin
+from rl_lora.utils.errors import ModelError
+from rl_lora.utils.files import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = builtin.SHIPPED_ROOT / "arithmetic-tiny"

@@ -8,19 +8,16 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from rl_lora.capacity import (
+from rl_lora.adapters.counting import full_parameter_count, linear_shapes, lora_parameter_count, parameter_count
+from rl_lora.estimate.capacity import (
     CapacityEstimate,
     estimate,
     full_estimate,
-    full_parameter_count,
-    linear_shapes,
-    lora_parameter_count,
     margin_text,
-    parameter_count,
     rl_data_bits,
     token_data_bits,
 )
-from rl_lora.errors import ConfigError
+from rl_lora.utils.errors import ConfigError
 
 LLAMA_8B_RANK1 = 2_621_440  # 32 layers x 81,920 (docs/findings.md)
 TINY_RANK1 = 10_240

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_lora import checkpoint
-from rl_lora.errors import CheckpointError
+from rl_lora.training import checkpoint
+from rl_lora.utils.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,9 +122,9 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_says_so(
     import errno
     import json
 
-    from rl_lora import checkpoint as ckpt
     from rl_lora.cli import main
-    from rl_lora.trainers import checkpointing
+    from rl_lora.training import checkpoint as ckpt
+    from rl_lora.training import sealing as checkpointing
     from tests_support import tiny_raw
 
     real_seal = checkpointing.seal

@@ -107,7 +107,7 @@ def test_run_end_to_end_through_the_console_command(tmp_path: Path) -> None:
 def test_library_warnings_go_to_the_run_folder_and_ours_to_the_console(tmp_path) -> None:
     import warnings
 
-    from rl_lora.library_warnings import LOG_NAME, route_library_warnings
+    from rl_lora.utils.library_warnings import LOG_NAME, route_library_warnings
 
     original = warnings.showwarning
     try:
@@ -124,7 +124,7 @@ def test_library_warnings_go_to_the_run_folder_and_ours_to_the_console(tmp_path)
 
 
 def test_a_self_hosted_wandb_login_counts_as_online(tmp_path, monkeypatch) -> None:
-    from rl_lora.tracking import wandb_host, wandb_mode
+    from rl_lora.training.tracking import wandb_host, wandb_mode
 
     for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
         monkeypatch.delenv(key, raising=False)

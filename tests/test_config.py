@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_lora.config import RecipeConfig, apply_overrides, load_recipe, parse_override, validate
-from rl_lora.errors import ConfigError
+from rl_lora.config.schema import RecipeConfig, apply_overrides, load_recipe, parse_override, validate
+from rl_lora.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -145,7 +145,7 @@ def test_defaults_match_the_default_recipe_but_for_the_toy_tasks_values() -> Non
 
 
 def test_trl_options_reach_the_trainer_config(tmp_path: Path) -> None:
-    from rl_lora.trainers.grpo import grpo_args
+    from rl_lora.algorithms.grpo import grpo_args
 
     config = validate({"trl": {"gradient_checkpointing": True, "logging_first_step": True}})
     args = grpo_args(config, 1e-3, tmp_path)

@@ -1,4 +1,4 @@
-"""docs/recipes.md's key table is the schema's: generated from rl_lora/config.py by rl_lora/config_docs.py."""
+"""docs/recipes.md's key table is the schema's: generated from rl_lora/config/schema.py by rl_lora/config/docs.py."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from typing import Literal
 import pytest
 from pydantic import BaseModel, Field
 
-from rl_lora import config_docs
-from rl_lora.config import RecipeConfig
+from rl_lora.config import docs as config_docs
+from rl_lora.config.schema import RecipeConfig
 
 
 def test_the_docs_table_is_the_one_the_schema_generates() -> None:
     doc = config_docs.DOC.read_text(encoding="utf-8")
-    assert config_docs.with_table(doc) == doc, "docs/recipes.md's key table is stale: run python -m rl_lora.config_docs"
+    assert config_docs.with_table(doc) == doc, "docs/recipes.md's key table is stale: run python -m rl_lora.config.docs"
 
 
 def test_the_check_fails_when_a_description_changes(monkeypatch: pytest.MonkeyPatch) -> None:

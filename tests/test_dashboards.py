@@ -1,4 +1,5 @@
-"""W&B dashboards for a sweep (rl_lora/dashboards.py), and proof that an offline run folder holds what W&B will sync.
+"""W&B dashboards for a sweep (rl_lora/study/dashboards.py), and proof that an offline run folder holds what W&B
+will sync.
 
 Sweeps here are run folders written by hand (summary.json + metrics.jsonl, as a finished run leaves them);
 nothing trains. No test reaches a W&B server: publishing is checked against a stand-in for wandb.Api.
@@ -16,8 +17,8 @@ from typing import Any
 import pytest
 
 from rl_lora import cli
-from rl_lora.dashboards import SPEC_FILE, build_report, build_spec, build_workspace, dashboards, publish
-from rl_lora.errors import DashboardError
+from rl_lora.study.dashboards import SPEC_FILE, build_report, build_spec, build_workspace, dashboards, publish
+from rl_lora.utils.errors import DashboardError
 
 STEPS = 20
 
@@ -436,7 +437,7 @@ def _inspect(run_dir: Path, *flags: str) -> str:
 
 
 def test_offline_run_reads_back_with_wandbs_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from rl_lora.tracking import WandbSink
+    from rl_lora.training.tracking import WandbSink
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))

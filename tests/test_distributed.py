@@ -169,7 +169,7 @@ def test_full_parameter_zero3_saves_a_consolidated_model(full_zero3_run: Path) -
 
 
 def test_zero3_splits_parameter_and_optimizer_bytes(tmp_path: Path, full_zero3_run: Path) -> None:
-    """The logged per-process bytes (rl_lora/memory.py) of full-parameter training on 2 processes.
+    """The logged per-process bytes (rl_lora/training/memory.py) of full-parameter training on 2 processes.
 
     ZeRO-0 holds everything in every process, exactly what one process holds: fp32 weights (4 bytes
     each), their gradients, and Adam's two fp32 moments (8 bytes each). ZeRO-3 holds half of the

@@ -17,8 +17,8 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from rl_lora.config import validate
-from rl_lora.runner import finish_run, prepare_run, run_recipe
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import finish_run, prepare_run, run_recipe
 from tests_support import tiny_raw
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from transformers import TrainerControl
 
-from rl_lora.config import GuardSpec, validate
-from rl_lora.guard import OverOptimizationGuard
-from rl_lora.runner import run_recipe
+from rl_lora.config.schema import GuardSpec, validate
+from rl_lora.launch.runner import run_recipe
 from rl_lora.tasks.base import Metric
+from rl_lora.training.guard import OverOptimizationGuard
 from tests_support import tiny_raw
 
 ACCURACY = Metric("accuracy")

@@ -16,12 +16,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaForSequenceClassification
 
 from reward_models.learned import LearnedReward, load_reward_model, score_texts
-from rl_lora.config import validate
-from rl_lora.errors import RewardError
-from rl_lora.models.builtin import tiny_llama_config
-from rl_lora.models.tokenizer import build_char_tokenizer
-from rl_lora.rewards import resolve_reward
-from rl_lora.runner import run_recipe
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import run_recipe
+from rl_lora.tasks.arithmetic.model import tiny_llama_config
+from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
+from rl_lora.tasks.rewards import resolve_reward
+from rl_lora.utils.errors import RewardError
 from tests_support import tiny_raw
 
 PROMPTS = ["1+2=", "12+35=", "99+99=", "5+5="]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rl_lora.config import LoraSpec
-from rl_lora.lr_rule import resolve_lr
+from rl_lora.config.schema import LoraSpec
+from rl_lora.estimate.lr_rule import resolve_lr
 
 
 def test_full_parameter_uses_the_stated_lr() -> None:

@@ -16,13 +16,13 @@ import torch
 from transformers import LlamaForCausalLM
 
 from reward_models.exact_answer import FIRST_LINE, LAST_INTEGER, exact_answer, extract_answer
-from rl_lora.config import DataSpec, ModelSpec, validate
-from rl_lora.errors import ConfigError, ModelError
+from rl_lora.config.schema import DataSpec, ModelSpec, validate
 from rl_lora.models import gguf as gguf_models
-from rl_lora.models.builtin import builtin_config
 from rl_lora.models.loading import load_policy
-from rl_lora.models.tokenizer import build_char_tokenizer
-from rl_lora.tasks import arithmetic
+from rl_lora.tasks.arithmetic import problems as arithmetic
+from rl_lora.tasks.arithmetic.model import builtin_config
+from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
+from rl_lora.utils.errors import ConfigError, ModelError
 from tests_support import tiny_raw
 
 HAS_GGUF = importlib.util.find_spec("gguf") is not None
@@ -197,7 +197,7 @@ def test_gguf_package_reference_is_converted_once_and_reused(
 def test_advisor_measures_a_gguf_model_before_and_after_caching(tiny_gguf_package: Path, tmp_path: Path) -> None:
     import shutil
 
-    from rl_lora.advisor import recipe_model_config
+    from rl_lora.estimate.advisor import recipe_model_config
 
     copy = shutil.copy(tiny_gguf_package / "tiny.gguf", tmp_path / "tiny-copy.gguf")
     with open(copy, "ab") as f:
@@ -282,7 +282,7 @@ def test_chat_style_is_refused_where_it_would_not_be_read() -> None:
 
 @needs_gguf
 def test_grpo_trains_a_gguf_policy_on_chat_prompts(tiny_gguf_package: Path, tmp_path: Path) -> None:
-    from rl_lora.runner import finish_run, prepare_run
+    from rl_lora.launch.runner import finish_run, prepare_run
 
     raw = tiny_raw(tmp_path, model={"policy": "package:tiny_gguf_pkg/tiny.gguf"},
                    data={"eval_size": 20, "prompt_style": "chat"}, train={"steps": 2, "eval_every": 1})
@@ -308,14 +308,14 @@ def test_smollm2_package_loads_offline_with_its_chat_template() -> None:
     chat = DataSpec(eval_size=20, prompt_style="chat")
     problem = arithmetic.render_prompts(arithmetic.split(chat)[1][:1], chat, tokenizer)[0]
     assert problem.prompt.endswith("<|im_start|>assistant\n")
-    from rl_lora.evaluation import greedy_completions
+    from rl_lora.tasks.evaluation import greedy_completions
 
     completion = greedy_completions(model, tokenizer, [problem.prompt], max_new_tokens=16)[0]
     assert extract_answer(completion, LAST_INTEGER) != "", completion
 
 
 def test_missing_package_fails_before_the_run_folder(tmp_path: Path) -> None:
-    from rl_lora.runner import prepare_run
+    from rl_lora.launch.runner import prepare_run
 
     raw = tiny_raw(tmp_path, model={"policy": "package:no_such_pkg_xyz/model.gguf"}, data={"prompt_style": "chat"})
     with pytest.raises(ModelError, match="package 'no_such_pkg_xyz' is not installed"):

@@ -2,7 +2,7 @@
 
 One LoRA per expert at rank lora.rank // experts per token (docs/findings.md claim 4), the router
 frozen unless lora.train_router. Checked three ways: the capacity count equals the parameters PEFT
-trains with the config rl_lora.lora.peft_config builds; a GRPO run moves every expert adapter and no
+trains with the config rl_lora.adapters.lora.peft_config builds; a GRPO run moves every expert adapter and no
 base weight (the router included); and the keys that cannot work are refused.
 """
 
@@ -15,15 +15,15 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from rl_lora.advisor import recipe_capacity
-from rl_lora.config import LoraSpec, validate
-from rl_lora.errors import ConfigError
-from rl_lora.lora import count_parameters, peft_config
-from rl_lora.runner import finish_run, prepare_run
+from rl_lora.adapters.lora import count_parameters, peft_config
+from rl_lora.config.schema import LoraSpec, validate
+from rl_lora.estimate.advisor import recipe_capacity
+from rl_lora.launch.runner import finish_run, prepare_run
+from rl_lora.utils.errors import ConfigError
 from tests_support import save_tiny_moe, tiny_raw
 
 # PEFT 0.21.2 checks rank/alpha patterns against module names only and calls the fused experts' per-parameter
-# keys "ignored"; the counts below show they apply (rl_lora/lora.py filters the same warning outside pytest).
+# keys "ignored"; the counts below show they apply (rl_lora/adapters/lora.py filters the same warning outside pytest).
 pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
 
 

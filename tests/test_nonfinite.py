@@ -1,4 +1,4 @@
-"""The non-finite guard (rl_lora/trainers/nonfinite.py) on GRPO, DPO and reward-model training.
+"""The non-finite guard (rl_lora/training/nonfinite.py) on GRPO, DPO and reward-model training.
 
 NaN is injected where it comes from in real runs, inside the loss: at chosen steps the trainer's
 ``compute_loss`` returns ``loss * nan``, so the backward pass fills every gradient with NaN as well.
@@ -18,11 +18,11 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer, GRPOTrainer, RewardTrainer
 
-from rl_lora import checkpoint
 from rl_lora.cli import main
-from rl_lora.config import validate
-from rl_lora.runner import finish_run, prepare_run
-from rl_lora.trainers.nonfinite import NonFiniteGuard, gradients_finite
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import finish_run, prepare_run
+from rl_lora.training import checkpoint
+from rl_lora.training.nonfinite import NonFiniteGuard, gradients_finite
 from tests_support import tiny_raw
 
 TRL_CLASSES = {"grpo": GRPOTrainer, "dpo": DPOTrainer, "reward": RewardTrainer}

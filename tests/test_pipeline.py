@@ -1,4 +1,4 @@
-"""Pipelines (rl_lora/pipeline.py): a reward model, then GRPO against it, as one `rl-lora run`.
+"""Pipelines (rl_lora/study/pipeline.py): a reward model, then GRPO against it, as one `rl-lora run`.
 
 The end-to-end test runs the three-stage shape on the tiny random-init model: a reward model trained
 on preference pairs, then GRPO whose only reward is that model (``learned:${reward_model.saved}``).
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rl_lora.errors import ConfigError
-from rl_lora.pipeline import load_pipeline
+from rl_lora.study.pipeline import load_pipeline
+from rl_lora.utils.errors import ConfigError
 from tests_support import tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -155,7 +155,7 @@ def test_pipeline_requirements_are_checked_when_the_file_is_read(tmp_path: Path)
 
 
 def test_calibration_error_of_bradley_terry_probabilities() -> None:
-    from rl_lora.trainers.reward_model import calibration_error
+    from rl_lora.algorithms.reward_model import calibration_error
 
     assert calibration_error([20.0] * 10) == pytest.approx(0.0, abs=1e-6)  # sure and right
     assert calibration_error([-20.0] * 10) == pytest.approx(1.0, abs=1e-6)  # sure and always wrong

@@ -1,7 +1,7 @@
-"""rl-lora plan (rl_lora/plan.py): its parameter, gradient and optimizer bytes against what tiny CPU runs log,
+"""rl-lora plan (rl_lora/estimate/plan.py): its parameter, gradient and optimizer bytes against what tiny CPU runs log,
 its arithmetic on the public Llama shapes, and its one-line refusals of bad input.
 
-The exact figures: a run's tracker logs rl_lora.memory.state_bytes of the module it sees (param_bytes,
+The exact figures: a run's tracker logs rl_lora.training.memory.state_bytes of the module it sees (param_bytes,
 trainable_param_bytes, grad_bytes, optimizer_bytes) and, apart, reference_param_bytes; the plan's
 ``Breakdown.logged`` must equal them to the byte, for GRPO, DPO, PPO and reward-model training, LoRA and full,
 in one process and (multiprocess) under ZeRO-0/2/3 over 2 gloo processes.
@@ -20,9 +20,8 @@ import pytest
 import yaml
 
 from rl_lora.cli import main
-from rl_lora.config import validate
-from rl_lora.errors import ConfigError, ModelError
-from rl_lora.plan import (
+from rl_lora.config.schema import validate
+from rl_lora.estimate.plan import (
     GB,
     Layout,
     breakdown,
@@ -35,8 +34,9 @@ from rl_lora.plan import (
     recipe_layout,
     state_breakdown,
 )
-from rl_lora.plan_text import plan_lines
-from rl_lora.runner import run_recipe
+from rl_lora.estimate.plan_text import plan_lines
+from rl_lora.launch.runner import run_recipe
+from rl_lora.utils.errors import ConfigError, ModelError
 from tests_support import save_tiny_moe, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def test_planned_bytes_equal_what_a_run_logs(tmp_path: Path, algorithm: str, ran
 
 
 def test_planned_qlora_bytes_equal_what_a_run_logs(tmp_path: Path) -> None:
-    """A 4-bit base: packed weights, an absmax per 64 and a code book per linear (rl_lora.memory)."""
+    """A 4-bit base: packed weights, an absmax per 64 and a code book per linear (rl_lora.training.memory)."""
     pytest.importorskip("bitsandbytes")
     raw = _raw(tmp_path, "grpo", 1, model={"quantization": "nf4"})
     logged = _first_step(run_recipe(validate(raw)).run_dir)
@@ -124,7 +124,7 @@ def test_planned_bytes_per_process_equal_what_zero_runs_log(tmp_path: Path, algo
 
 
 def _shape_config(shape: str, *overrides: str, recipe: str = "grpo_gsm8k_qwen.yaml") -> object:
-    from rl_lora.config import apply_overrides, read_recipe_file
+    from rl_lora.config.schema import apply_overrides, read_recipe_file
 
     raw = apply_overrides(read_recipe_file(REPO / "recipes" / recipe),
                           [f"model.policy={SHAPES / shape}", *overrides])
@@ -162,14 +162,15 @@ def test_plan_says_rank_1_fits_where_full_does_not() -> None:
 
 @pytest.mark.parametrize("rank", [1, "full"])
 def test_flops_per_token_are_what_a_run_tracker_counts(tmp_path: Path, rank: int | str) -> None:
-    """The tracker's figure (rl_lora.flops over the built model's linears, the head included) from shapes alone."""
+    """The tracker's figure (rl_lora.training.flops over the built model's linears, the head included) from shapes
+    alone."""
     from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
-    from rl_lora.flops import linear_inventory, training_flops_per_token
-    from rl_lora.lora import peft_config
-    from rl_lora.models.builtin import builtin_config
-    from rl_lora.plan import flops_per_token
+    from rl_lora.adapters.lora import peft_config
+    from rl_lora.estimate.plan import flops_per_token
+    from rl_lora.tasks.arithmetic.model import builtin_config
+    from rl_lora.training.flops import linear_inventory, training_flops_per_token
 
     config = validate(_raw(tmp_path, "grpo", rank))
     model = LlamaForCausalLM(builtin_config())

@@ -17,12 +17,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from rl_lora.config import validate
-from rl_lora.errors import ConfigError
-from rl_lora.runner import finish_run, prepare_run
-from rl_lora.trainers import ppo_math as pm
-from rl_lora.trainers.actor_critic import VALUE_ADAPTER, unique_param_bytes
-from rl_lora.trainers.ppo import check_layout, completion_mask
+from rl_lora.algorithms.ppo import losses as pm
+from rl_lora.algorithms.ppo.actor_critic import VALUE_ADAPTER, unique_param_bytes
+from rl_lora.algorithms.ppo.trainer import check_layout, completion_mask
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import finish_run, prepare_run
+from rl_lora.utils.errors import ConfigError
 from tests_support import tiny_raw
 
 ATOL = 1e-6
@@ -302,7 +302,7 @@ def test_merged_rollouts_sample_what_unmerged_rollouts_sample(lora_run) -> None:
 def test_zero3_padding_is_not_read_as_weights() -> None:
     """A ZeRO-3 partition ends in never-written padding when the size does not split evenly: NaN there
     must not stop a checkpoint (it did, for the 1-element value-head bias on the second of two processes)."""
-    from rl_lora.trainers.ppo import zero3_local_values
+    from rl_lora.algorithms.ppo.trainer import zero3_local_values
 
     nan = float("nan")
     bias = torch.zeros(0)  # what a partitioned parameter holds outside a gather

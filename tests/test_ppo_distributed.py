@@ -156,9 +156,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from rl_lora.config import validate
-from rl_lora.errors import CheckpointError
-from rl_lora.runner import prepare_run
+from rl_lora.config.schema import validate
+from rl_lora.utils.errors import CheckpointError
+from rl_lora.launch.runner import prepare_run
 
 trainer = prepare_run(validate(yaml.safe_load(Path(sys.argv[1]).read_text()))).trainer
 trainer._prepare()

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from rl_lora.config import validate
-from rl_lora.errors import CheckpointError
-from rl_lora.runner import prepare_run
-from rl_lora.trainers import ppo_checkpoint
+from rl_lora.algorithms.ppo import checkpoint as ppo_checkpoint
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import prepare_run
+from rl_lora.utils.errors import CheckpointError
 from tests_support import kill_after_checkpoint, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from reward_models.learned import LearnedReward
-from rl_lora.config import validate
-from rl_lora.runner import finish_run, prepare_run
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import finish_run, prepare_run
 from tests_support import tiny_raw
 
 # What both DPO runs (rank 1 and full) must log at every step.

@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_lora.config import DataSpec, validate
-from rl_lora.errors import DataError
-from rl_lora.models.builtin import builtin_path
+from rl_lora.config.schema import DataSpec, validate
+from rl_lora.data import preferences
+from rl_lora.data.preferences import read_preference_file, split_rows
+from rl_lora.launch.runner import prepare_run
 from rl_lora.models.loading import load_policy
-from rl_lora.runner import prepare_run
-from rl_lora.tasks import arithmetic_pairs, preferences
-from rl_lora.tasks.arithmetic import Problem
-from rl_lora.tasks.arithmetic_pairs import pairs_from_samples
-from rl_lora.tasks.preferences import read_preference_file, split_rows
+from rl_lora.tasks.arithmetic import pairs as arithmetic_pairs
+from rl_lora.tasks.arithmetic.model import builtin_path
+from rl_lora.tasks.arithmetic.pairs import pairs_from_samples
+from rl_lora.tasks.arithmetic.problems import Problem
+from rl_lora.utils.errors import DataError
 from tests_support import tiny_raw
 
 GOOD = {"prompt": "12+35=", "chosen": "47", "rejected": "46"}
@@ -114,8 +115,8 @@ def test_bad_file_fails_before_any_model_loads(tmp_path: Path, monkeypatch: pyte
     def no_model(*_: object, **__: object) -> None:
         raise AssertionError("a model was loaded before the data was checked")
 
-    monkeypatch.setattr("rl_lora.trainers.dpo.load_policy", no_model)
-    monkeypatch.setattr("rl_lora.trainers.reward_model.load_policy", no_model)
+    monkeypatch.setattr("rl_lora.algorithms.dpo.load_policy", no_model)
+    monkeypatch.setattr("rl_lora.algorithms.reward_model.load_policy", no_model)
     for algorithm in ("dpo", "reward"):
         raw = tiny_raw(tmp_path / "runs", data={"preferences": str(path)})
         raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": algorithm}
@@ -161,7 +162,7 @@ def test_builtin_pairs_are_sampled_deterministically_and_cached(monkeypatch: pyt
 
 
 def test_sections_of_other_algorithms_are_refused() -> None:
-    from rl_lora.errors import ConfigError
+    from rl_lora.utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'dpo' is read by algorithm dpo, not grpo"):
         validate({"dpo": {"beta": 0.5}})
@@ -177,8 +178,8 @@ def test_sections_of_other_algorithms_are_refused() -> None:
 
 
 def test_conversational_pairs_need_a_chat_template() -> None:
-    from rl_lora.models.tokenizer import build_char_tokenizer
-    from rl_lora.trainers.preference_data import check_chat_template
+    from rl_lora.algorithms.preference_data import check_chat_template
+    from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
 
     rows = [{"chosen": [{"role": "assistant", "content": "2"}], "rejected": [{"role": "assistant", "content": "3"}]}]
     with pytest.raises(DataError, match="dataset 'chat.jsonl' is conversational .* has no chat template"):

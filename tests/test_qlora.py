@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_lora.config import validate
-from rl_lora.errors import ConfigError
-from rl_lora.runner import finish_run, prepare_run
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import finish_run, prepare_run
+from rl_lora.utils.errors import ConfigError
 from tests_support import tiny_raw
 
 FP32_BASE_BYTES = 865_920 * 4  # the built-in model's parameters (tests/test_grpo_training.py), 4 bytes each

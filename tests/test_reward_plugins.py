@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from reward_models.shaping import answer_format, length_penalty
-from rl_lora.config import validate
-from rl_lora.errors import ConfigError, RewardError
-from rl_lora.rewards import ENTRY_POINT_GROUP, check_reward, resolve_reward
-from rl_lora.runner import finish_run, prepare_run
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import finish_run, prepare_run
+from rl_lora.tasks.rewards import ENTRY_POINT_GROUP, check_reward, resolve_reward
+from rl_lora.utils.errors import ConfigError, RewardError
 from tests_support import tiny_raw
 
 

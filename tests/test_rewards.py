@@ -7,8 +7,8 @@ import math
 import pytest
 
 from reward_models.exact_answer import exact_answer, extract_answer
-from rl_lora.errors import RewardError
-from rl_lora.rewards import check_scores, resolve_reward
+from rl_lora.tasks.rewards import check_scores, resolve_reward
+from rl_lora.utils.errors import RewardError
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM
 
-from rl_lora.evaluation import greedy_completions
-from rl_lora.models.builtin import tiny_llama_config
-from rl_lora.models.tokenizer import build_char_tokenizer
-from rl_lora.rollout import merged_adapters
+from rl_lora.adapters.rollout import merged_adapters
+from rl_lora.tasks.arithmetic.model import tiny_llama_config
+from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
+from rl_lora.tasks.evaluation import greedy_completions
 
 PROMPTS = ["12+35=", "99+99=", "10+1=", "57+68=", "3+4=", "80+19="]
 
@@ -83,7 +83,7 @@ def test_plain_model_passes_through() -> None:
 
 
 def test_fused_merge_equals_peft_delta_and_dora_is_left_unmerged() -> None:
-    from rl_lora.rollout import _adapted_linears, _merged_weight
+    from rl_lora.adapters.rollout import _adapted_linears, _merged_weight
 
     model, tok = _policy(rank=3)
     for _, _, layer in _adapted_linears(model):

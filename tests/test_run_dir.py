@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rl_lora.run_dir import merge_disjoint
+from rl_lora.training.run_dir import merge_disjoint
 
 
 def test_summary_parts_merge_and_a_shared_key_names_both_parts() -> None:

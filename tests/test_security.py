@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rl_lora.config import validate
-from rl_lora.runner import run_recipe
+from rl_lora.config.schema import validate
+from rl_lora.launch.runner import run_recipe
 from tests_support import tiny_raw
 
 SECRETS = {"WANDB_API_KEY": "wandb-key-0123456789abcdef0123456789abcdef01234567", "HF_TOKEN": "hf_SecretToken987"}

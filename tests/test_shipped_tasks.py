@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_lora.config import load_recipe, validate
-from rl_lora.runner import run_recipe
+from rl_lora.config.schema import load_recipe, validate
+from rl_lora.launch.runner import run_recipe
 from tests_support import save_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_the_sums_data_is_what_its_script_makes() -> None:
 
 
 def test_every_shipped_recipe_and_pipeline_validates_offline() -> None:
-    from rl_lora.pipeline import load_pipeline
+    from rl_lora.study.pipeline import load_pipeline
 
     for recipe in sorted((REPO / "recipes").glob("*.yaml")):
         load_recipe(recipe)  # loads nothing: no model, no data, no hub

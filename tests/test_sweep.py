@@ -15,9 +15,9 @@ import matplotlib.pyplot as plt
 import pytest
 import yaml
 
-from rl_lora.config import ConfigError, load_recipe
-from rl_lora.report import area_under_curve, steps_to, write_report
-from rl_lora.sweep_plan import Arm, SweepPoint, parse_ranks, plan_arms, points_for
+from rl_lora.config.schema import ConfigError, load_recipe
+from rl_lora.study.report import area_under_curve, steps_to, write_report
+from rl_lora.study.sweep_plan import Arm, SweepPoint, parse_ranks, plan_arms, points_for
 from tests_support import tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from rl_lora.comparison import choose_lr, seeds_to_decide, t_quantile, verdict, welch_gap
-from rl_lora.config import load_recipe
-from rl_lora.errors import ConfigError
-from rl_lora.report import write_report
-from rl_lora.sweep import SweepSpec, select_lrs
-from rl_lora.sweep_plan import Arm, LrGrids, parse_lr_grids, plan_arms, points_for, rule_lr
+from rl_lora.config.schema import load_recipe
+from rl_lora.study.comparison import choose_lr, seeds_to_decide, t_quantile, verdict, welch_gap
+from rl_lora.study.report import write_report
+from rl_lora.study.sweep import SweepSpec, select_lrs
+from rl_lora.study.sweep_plan import Arm, LrGrids, parse_lr_grids, plan_arms, points_for, rule_lr
+from rl_lora.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO / "recipes" / "grpo_arithmetic.yaml"
@@ -169,7 +169,7 @@ def test_arm_overrides_leave_full_runs_on_every_weight() -> None:
 
 
 def test_a_finished_run_made_with_other_settings_is_refused_not_reused(tmp_path: Path) -> None:
-    from rl_lora.sweep import Launcher
+    from rl_lora.study.sweep import Launcher
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(DEFAULT.read_text())

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from rl_lora.config import DataSpec
-from rl_lora.errors import DataError
-from rl_lora.models.tokenizer import build_char_tokenizer
-from rl_lora.tasks import arithmetic
+from rl_lora.config.schema import DataSpec
+from rl_lora.tasks.arithmetic import problems as arithmetic
+from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
+from rl_lora.utils.errors import DataError
 
 
 def test_decode_fuses_characters() -> None:

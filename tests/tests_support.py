@@ -32,7 +32,7 @@ def save_tiny_moe(folder: Path, kind: str = "qwen3_moe") -> Path:
     import torch
     import transformers
 
-    from rl_lora.models.tokenizer import build_char_tokenizer
+    from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
@@ -76,8 +76,8 @@ def save_tiny_chat_model(folder: Path) -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
-    from rl_lora.models.builtin import builtin_config
-    from rl_lora.models.tokenizer import build_char_tokenizer
+    from rl_lora.tasks.arithmetic.model import builtin_config
+    from rl_lora.tasks.arithmetic.tokenizer import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}\n{% endfor %}"

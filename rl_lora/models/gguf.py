@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rl_lora.errors import ModelError
-from rl_lora.files import build_folder_atomically, sha256_file
-from rl_lora.models.builtin import cache_root
+from rl_lora.utils.errors import ModelError
+from rl_lora.utils.files import build_folder_atomically, cache_root, sha256_file
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

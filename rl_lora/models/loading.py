@@ -1,7 +1,7 @@
 """Loading the policy a recipe names: the built-in default, a local folder, a GGUF file or package, or a hub id.
 
 Every form ends as a folder (or hub id) that ``from_pretrained`` loads: the built-in model and GGUF
-models are built or dequantised once into the rl-lora cache (rl_lora/models/builtin.py, gguf.py).
+models are built or dequantised once into the rl-lora cache (rl_lora/tasks/arithmetic/model.py, gguf.py).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rl_lora.config import DataSpec, ModelSpec
-from rl_lora.errors import ConfigError, ModelError
-from rl_lora.models.builtin import BUILTIN_PREFIX, builtin_path
-from rl_lora.models.gguf import cached_copy, is_gguf_reference, require_gguf_reader, resolve_gguf
+from rl_lora.config.schema import DataSpec, ModelSpec
+from rl_lora.models.gguf import cached_copy, require_gguf_reader, resolve_gguf
+from rl_lora.models.policies import classify
+from rl_lora.utils.errors import ConfigError, ModelError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -32,20 +32,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def resolve_policy_path(spec: ModelSpec, data: DataSpec, progress: bool = True) -> str:
     """A path or hub id ``from_pretrained`` can load; builds the built-in model or dequantises a GGUF
     model on first use (both cached)."""
-    if spec.policy.startswith(BUILTIN_PREFIX):
-        name = spec.policy.removeprefix(BUILTIN_PREFIX)
-        # The built-in model is warmed up on the arithmetic task; on any other task it is that task's
-        # default build (the recipe's data section describes the other task, not the warm-up).
-        warmup_data = data if data.task == "arithmetic" else DataSpec()
-        return str(builtin_path(name, spec.warmup_steps, warmup_data, progress=progress))
-    if is_gguf_reference(spec.policy):
+    policy = classify(spec.policy)
+    if policy.source is not None:
+        return str(policy.source.folder(policy.name, spec, data, progress))
+    if policy.form == "gguf":
         return str(resolve_gguf(spec.policy, progress=progress))
     return spec.policy
 
 
 def check_policy(spec: ModelSpec) -> None:
     """Fail before any run folder or model exists when a GGUF policy's file, package or reader is missing."""
-    if is_gguf_reference(spec.policy) and cached_copy(spec.policy) is None:  # cached_copy locates the file
+    if classify(spec.policy).form == "gguf" and cached_copy(spec.policy) is None:  # cached_copy locates the file
         require_gguf_reader(spec.policy)
 
 
@@ -127,12 +124,10 @@ def policy_tokenizer_and_context(spec: ModelSpec) -> tuple[PreTrainedTokenizerBa
 
     None for a GGUF policy, whose tokenizer lives inside the weights file.
     """
-    if spec.policy.startswith(BUILTIN_PREFIX):
-        from rl_lora.models.builtin import builtin_config
-        from rl_lora.models.tokenizer import build_char_tokenizer
-
-        return build_char_tokenizer(), builtin_config().max_position_embeddings
-    if is_gguf_reference(spec.policy) or (Path(spec.policy).exists() and not Path(spec.policy).is_dir()):
+    policy = classify(spec.policy)
+    if policy.source is not None:
+        return policy.source.tokenizer(policy.name), policy.source.config(policy.name).max_position_embeddings
+    if policy.form in ("gguf", "file"):
         return None  # a GGUF policy; a plain file is refused with a clear error when the model loads
     tokenizer = _read_tokenizer(spec, spec.policy)
     try:

@@ -1,9 +1,9 @@
 """A policy's token counter and context length read from its files with the ``tokenizers`` library alone.
 
-The prompt-length check of preference data (rl_lora/tasks/preferences.py) needs only to count tokens.
+The prompt-length check of preference data (rl_lora/data/preferences.py) needs only to count tokens.
 ``tokenizers`` reads a ``tokenizer.json`` in a fraction of a second, where transformers takes several
 seconds to import on 2 cores, so ``rl-lora run`` can refuse a too-long prompt before the heavy libraries
-load (rl_lora/precheck.py). The count is the fast tokenizer's own, special tokens included, the same one
+load (rl_lora/launch/precheck.py). The count is the fast tokenizer's own, special tokens included, the same one
 transformers' ``PreTrainedTokenizerFast`` returns. Policies without a ``tokenizer.json`` (slow tokenizers,
 GGUF files, hub names) get None: the runner checks them once transformers is loaded.
 """
@@ -14,11 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rl_lora.config import ModelSpec
-
-# rl_lora.models.builtin's names, repeated here because that module imports torch and transformers.
-BUILTIN_PREFIX = "builtin:"
-SHIPPED_ROOT = Path(__file__).resolve().parent / "builtin_weights"
+from rl_lora.config.schema import ModelSpec
+from rl_lora.models.policies import classify
 
 
 class TokenCounter:
@@ -36,10 +33,10 @@ class TokenCounter:
 
 
 def _folder(spec: ModelSpec) -> Path | None:
-    if spec.policy.startswith(BUILTIN_PREFIX):
-        return SHIPPED_ROOT / spec.policy.removeprefix(BUILTIN_PREFIX)  # every built-in build shares its tokenizer
-    folder = Path(spec.policy)
-    return folder if folder.is_dir() else None
+    policy = classify(spec.policy)
+    if policy.source is not None:
+        return policy.source.tokenizer_folder(policy.name)
+    return Path(spec.policy) if policy.form == "folder" else None
 
 
 def _context(config: dict[str, Any]) -> int | None:

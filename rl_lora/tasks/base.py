@@ -1,7 +1,7 @@
 """What a task is: the prompts a policy trains on, the held-out prompts it is judged on, and the judgement.
 
 The rest of the library sees a task only through this protocol, so the built-in arithmetic task
-(rl_lora/tasks/arithmetic.py), the dataset task (rl_lora/tasks/dataset.py) and a user's own task are
+(rl_lora/tasks/arithmetic/task.py), the dataset task (rl_lora/tasks/dataset.py) and a user's own task are
 interchangeable. A task is made by a factory ``factory(config, **data.task_kwargs) -> Task`` that a
 recipe names in ``data.task`` (rl_lora/tasks/registry.py says how names are found).
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-if TYPE_CHECKING:  # the protocol is read before any heavy library loads (rl_lora/precheck.py)
+if TYPE_CHECKING:  # the protocol is read before any heavy library loads (rl_lora/launch/precheck.py)
     from datasets import Dataset
 
 

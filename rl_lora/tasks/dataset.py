@@ -19,12 +19,12 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rl_lora.config import RecipeConfig, RewardFunctionSpec
-from rl_lora.errors import ConfigError, DataError
+from rl_lora.config.schema import RecipeConfig, RewardFunctionSpec
+from rl_lora.data.chat import check_messages, render_chat, require_chat_template, require_policy_chat_template
+from rl_lora.data.sources import BadRow, NumberedRows, read_rows, report_bad_rows
 from rl_lora.tasks.base import Metric
-from rl_lora.tasks.chat import check_messages, render_chat, require_chat_template, require_policy_chat_template
 from rl_lora.tasks.scoring import Scorer, metric_scorer, reward_scorer, score_mean
-from rl_lora.tasks.sources import BadRow, NumberedRows, read_rows, report_bad_rows
+from rl_lora.utils.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # datasets and torch load only when the task is used, not when its data is checked
     from datasets import Dataset
@@ -197,7 +197,7 @@ class DatasetTask:
             self.check()
         if self._rendered is None:
             self._rendered = [self._render(tokenizer, r["prompt"], self._held) for r in self._held.rows]
-        from rl_lora.evaluation import greedy_completions
+        from rl_lora.tasks.evaluation import greedy_completions
 
         tokens = self.data.eval_max_new_tokens or max_new_tokens or DPO_EVAL_TOKENS
         completions = greedy_completions(model, tokenizer, self._rendered, tokens)

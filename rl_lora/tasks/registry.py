@@ -11,14 +11,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from rl_lora.config import RecipeConfig
-from rl_lora.errors import ConfigError
-from rl_lora.plugins import PluginKind, resolve
+from rl_lora.config.schema import RecipeConfig
 from rl_lora.tasks.base import Metric
+from rl_lora.utils.errors import ConfigError
+from rl_lora.utils.plugins import PluginKind, resolve
 
 ENTRY_POINT_GROUP = "rl_lora.tasks"
 BUILTIN_TASKS = {
-    "arithmetic": "rl_lora.tasks.arithmetic:make_task",
+    "arithmetic": "rl_lora.tasks.arithmetic.task:make_task",
     "dataset": "rl_lora.tasks.dataset:make_task",
 }
 TASK_PLUGINS = PluginKind("task", ENTRY_POINT_GROUP, BUILTIN_TASKS, ConfigError)

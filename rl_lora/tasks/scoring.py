@@ -6,9 +6,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from rl_lora.config import MetricSpec, RewardFunctionSpec
-from rl_lora.errors import RewardError
-from rl_lora.rewards import check_columns, check_keywords, check_scores, resolve_reward
+from rl_lora.config.schema import MetricSpec, RewardFunctionSpec
+from rl_lora.tasks.rewards import check_columns, check_keywords, check_scores, resolve_reward
+from rl_lora.utils.errors import RewardError
 
 # (prompts, completions, columns) -> one score (or None) per completion
 Scorer = Callable[[list[str], list[str], dict[str, list[Any]]], list[float | None]]

@@ -12,7 +12,7 @@ _STEP = os.environ.get("RL_LORA_TEST_KILL_AFTER_STEP")
 if _STEP:
     import signal
 
-    from rl_lora import checkpoint
+    from rl_lora.training import checkpoint
 
     _seal = checkpoint.seal
 

@@ -1,0 +1,54 @@
+"""What can be checked of a run in a second or two, before the heavy libraries load.
+
+``rl-lora run`` calls ``precheck`` right after the recipe validates and before it imports the trainers
+(torch, transformers, TRL, DeepSpeed take ~10 s to import on 2 cores): the reward and metric plug-ins by
+name, the task and its data files, the preference files row by row, the ``trl:`` options (read from
+TRL's source). The runner checks all of it again with the model's tokenizer at hand (prompt lengths, chat
+templates); this pass only makes the common mistakes fail fast. Nothing is written.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rl_lora.config.schema import BUILTIN_PREFERENCES, LEARNED_PREFIX, RecipeConfig
+
+if TYPE_CHECKING:
+    from rl_lora.data.preferences import RowCheck
+
+
+def precheck(config: RecipeConfig) -> None:
+    """Raise the first user error (USER_ERRORS) a run of ``config`` would raise on its inputs, loading no model."""
+    from rl_lora.config.trl_options import precheck_trl
+    from rl_lora.tasks.rewards import check_keywords, resolve_reward
+
+    precheck_trl(config)
+    from rl_lora.training.run_dir import check_output_dir
+
+    check_output_dir(Path(config.logging.output_dir))
+    if config.algorithm in ("grpo", "ppo"):
+        for f in config.reward.functions:
+            if not f.name.startswith(LEARNED_PREFIX):  # a learned reward loads a model: left to the runner
+                check_keywords(f.name, resolve_reward(f.name), f.kwargs)
+    needs_task = config.algorithm in ("grpo", "ppo", "dpo") or config.preferences_source == BUILTIN_PREFERENCES
+    if needs_task and config.data.task == "dataset":  # the built-in task has no files; plug-ins run in the runner
+        from rl_lora.tasks.registry import make_task
+
+        make_task(config).check()
+    if config.algorithm in ("dpo", "reward") and config.preferences_source != BUILTIN_PREFERENCES:
+        from rl_lora.data.preferences import read_preference_file
+
+        read_preference_file(config.preferences_source, light_prompt_limit(config), config.data.split,
+                             config.data.subset)
+        if config.algorithm == "reward" and config.data.eval_preferences is not None:
+            read_preference_file(config.data.eval_preferences, split=config.data.split, subset=config.data.subset)
+
+
+def light_prompt_limit(config: RecipeConfig) -> RowCheck | None:
+    """The preference prompt-length check with a token counter read by ``tokenizers`` alone (no transformers),
+    for policies whose folder has a tokenizer.json; None otherwise (the runner checks with the full tokenizer)."""
+    from rl_lora.data.preferences import prompt_limit_check
+    from rl_lora.models.tokenizer_files import light_tokenizer_and_context
+
+    return prompt_limit_check(config, light_tokenizer_and_context(config.model))

@@ -1,1 +1,0 @@
-"""Trainers: thin wiring around TRL where TRL has the algorithm."""

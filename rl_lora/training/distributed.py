@@ -1,0 +1,148 @@
+"""Several processes: launching through torchrun, the DeepSpeed config derived from the recipe, ranks.
+
+``rl-lora run RECIPE --nproc N`` re-runs the same command under ``torch.distributed.run`` (torchrun)
+with N processes per node; ``--nnodes``, ``--node-rank``, ``--master-addr`` and ``--master-port`` spread
+it over machines. The DeepSpeed config is derived from the recipe's ``distributed:`` section and
+``train:`` section, so batch sizes cannot disagree: the "auto" fields are filled by transformers from
+the same TrainingArguments the trainer uses, and ``train_batch_size`` is left out (an "auto" there
+tripped DeepSpeed's batch check on CPU, see docs/findings.md's environment notes).
+
+Only the main process (global rank 0) writes the run folder, metrics and W&B; every process runs the
+evaluations, because under ZeRO-3 each forward pass gathers parameters from all of them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from rl_lora.config.schema import DistributedSpec
+from rl_lora.utils.errors import ConfigError
+
+LAUNCHED_ENV = "RL_LORA_LAUNCHED"  # set in the processes torchrun starts, so they do not launch again
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def deepspeed_config(spec: DistributedSpec) -> dict[str, Any] | None:
+    """The DeepSpeed config for ``spec``, or None when the recipe does not use DeepSpeed."""
+    if spec.zero_stage is None:
+        return None
+    zero: dict[str, Any] = {"stage": spec.zero_stage}
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if spec.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if spec.zero_stage == 3:
+        # Consolidate the partitioned weights when saving, so a full-parameter model loads with
+        # from_pretrained and an adapter is never saved empty.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # Parameters under this many elements stay whole on every process. DeepSpeed's default, 1e5,
+        # kept every weight of the 0.87M built-in model whole on every process; "auto" lets transformers
+        # fill in 10 x hidden_size, its own choice for Trainer users (1,280 for the built-in model).
+        zero["stage3_param_persistence_threshold"] = "auto"
+        share_zero3_fp32_master_weights()
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def share_zero3_fp32_master_weights() -> None:
+    """Let ZeRO-3 update fp32 weights in place instead of keeping a second fp32 copy of this process's slice.
+
+    DeepSpeed 0.19.8 means to skip that copy when the partitioned weights already have the master
+    dtype and device (runtime/zero/stage3.py, ``_create_fp32_partitions``: "we don't need another copy
+    of the weights"), but it compares a tensor's ``torch.device`` with the device's *name*, a str, which
+    is never equal: fp32 training kept two fp32 copies of every slice, and per-process parameter +
+    optimizer bytes at 2 processes were 0.67x ZeRO-0's instead of 0.5x (docs/distributed.md). This
+    makes only that comparison work; bf16/fp16 weights still get their fp32 master copy, and with
+    ``offload_optimizer`` DeepSpeed's own offload branch runs first, as before. Idempotent.
+    """
+    import torch
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    create = getattr(Stage3, "_create_fp32_partitions", None)
+    if create is None or getattr(create, "_rl_lora_shares_fp32", False):
+        return
+
+    def create_fp32_partitions(self: Any) -> None:
+        name = self.device
+        if isinstance(name, str) and not self.offload_optimizer:
+            self.device = torch.device(name)
+        try:
+            create(self)
+        finally:
+            self.device = name
+
+    create_fp32_partitions._rl_lora_shares_fp32 = True  # type: ignore[attr-defined]
+    Stage3._create_fp32_partitions = create_fp32_partitions
+
+
+def per_device_batch(batch_size: int, grad_accum: int) -> int:
+    """Completions (or pairs) per process per micro-step, from the recipe's global batch."""
+    share = world_size() * grad_accum
+    if batch_size % share:
+        raise ConfigError(
+            f"train.batch_size ({batch_size}) must divide evenly over {world_size()} processes x "
+            f"distributed.gradient_accumulation ({grad_accum})"
+        )
+    return batch_size // share
+
+
+def launch_command(nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int,
+                   cli_args: list[str]) -> list[str]:
+    """The torchrun command that runs ``rl_lora.cli`` with ``cli_args`` in every process."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc_per_node={nproc}", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
+        f"--master_addr={master_addr}", f"--master_port={master_port}",
+        "-m", "rl_lora.cli", *cli_args,
+    ]
+
+
+RUN_DIR_ENV = "RL_LORA_RUN_DIR"  # the run folder the launcher made, shared by every process it starts
+
+
+def rank_report(model: Any, global_step: int) -> dict[str, Any]:
+    """This process's view at the end: optimizer steps and a hash of every trainable parameter
+    (gathered first under ZeRO-3, where each process holds only a slice)."""
+    import hashlib
+
+    import torch
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    digest = hashlib.sha256()
+    gather = _gathered([p for _, p in params])
+    with gather, torch.no_grad():
+        for name, p in params:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+        sizes = {n: int(p.numel()) for n, p in params}
+    return {"rank": rank(), "global_step": global_step, "trainable_hash": digest.hexdigest()[:16],
+            "empty_trainable": [n for n, size in sizes.items() if size == 0]}
+
+
+def _gathered(params: list[Any]) -> Any:
+    from contextlib import nullcontext
+
+    if not any(hasattr(p, "ds_id") for p in params):  # not partitioned by ZeRO-3
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
