@@ -245,3 +245,23 @@ def test_the_dataset_tasks_own_keys_are_refused_elsewhere() -> None:
     with pytest.raises(ConfigError, match="data.eval_source and data.eval_split both"):
         validate({"data": {"task": "dataset", "source": "x.jsonl", "eval_source": "y.jsonl", "eval_split": "test"}})
     assert isinstance(make_task(validate({"data": {"task": "dataset", "source": "x.jsonl"}})), DatasetTask)
+
+
+def test_two_rewards_with_one_name_are_held_out_under_two_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``a.py:score`` and ``b.py:score`` are both 'score': numbered in the recipe's order, with a warning that
+    says which is which, so neither's held-out figure overwrites the other's."""
+    import rl_lora.tasks.evaluation
+
+    (tmp_path / "a.py").write_text("def score(prompts, completions, **_):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "b.py").write_text("def score(prompts, completions, **_):\n    return [0.25] * len(completions)\n")
+    raw = _dataset_raw(tmp_path, _jsonl(tmp_path / "d.jsonl", ROWS))
+    raw["reward"]["functions"] = [{"name": f"{tmp_path / 'a.py'}:score"}, {"name": f"{tmp_path / 'b.py'}:score"}]
+    task = make_task(validate(raw))
+    with pytest.warns(UserWarning, match=r"2 rewards are named 'score'; held out as: '.*a.py:score' as "
+                                         r"held_out_reward/score_1, '.*b.py:score' as held_out_reward/score_2"):
+        task.check()
+    monkeypatch.setattr(rl_lora.tasks.evaluation, "greedy_completions",
+                        lambda model, tokenizer, prompts, tokens: ["1"] * len(prompts))
+    figures = task.evaluate(None, None, 4)
+    assert figures["held_out_reward/score_1"] == 1.0 and figures["held_out_reward/score_2"] == 0.25
+    assert "held_out_reward/score" not in figures and figures["held_out_reward"] == 1.25

@@ -16,6 +16,7 @@ weighted sum) and with ``data.metrics`` (each under its label). The headline met
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -176,7 +177,8 @@ class DatasetTask:
     def _find_scorers(self, columns: list[str]) -> list[tuple[str, Scorer]]:
         available = [c for c in columns if c != "prompt"]
         source = self.data.source
-        scorers = [(f"{HELD_OUT_REWARD}/{spec_key(f)}", reward_scorer(f, available, source)) for f in self.rewards]
+        keys = held_out_reward_keys(self.rewards)
+        scorers = [(key, reward_scorer(f, available, source)) for key, f in zip(keys, self.rewards, strict=True)]
         labels = [m.key for m in self.data.metrics]
         duplicate = next((k for k in labels if labels.count(k) > 1), None)
         if duplicate:
@@ -227,6 +229,28 @@ def spec_key(spec: RewardFunctionSpec) -> str:
     if spec.name.startswith("learned:"):
         return "learned"
     return spec.name.rpartition(":")[2] or spec.name
+
+
+def held_out_reward_keys(specs: list[RewardFunctionSpec]) -> list[str]:
+    """Each reward's held-out key, ``held_out_reward/<name>`` (``spec_key``). Rewards that share a name
+    (``a.py:score`` and ``b.py:score``, two ``learned:`` rewards) are numbered in the recipe's order
+    (``score_1``, ``score_2``) with a warning saying which is which, so none overwrites another."""
+    names = [spec_key(f) for f in specs]
+    keys = list(names)
+    for name in dict.fromkeys(names):
+        same = [i for i, n in enumerate(names) if n == name]
+        if len(same) < 2:
+            continue
+        for number, i in enumerate(same, 1):
+            keys[i] = f"{name}_{number}"
+        told = ", ".join(f"'{specs[i].name}' as {HELD_OUT_REWARD}/{keys[i]}" for i in same)
+        warnings.warn(f"reward.functions: {len(same)} rewards are named '{name}'; held out as: {told}",
+                      stacklevel=3)
+    clash = next((k for k in keys if keys.count(k) > 1), None)
+    if clash is not None:
+        raise ConfigError(f"reward.functions: two rewards would be held out as '{HELD_OUT_REWARD}/{clash}' "
+                          "(rename one of the functions)")
+    return [f"{HELD_OUT_REWARD}/{k}" for k in keys]
 
 
 def make_task(config: RecipeConfig) -> DatasetTask:
