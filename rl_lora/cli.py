@@ -130,6 +130,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from rl_lora.estimate.lr_rule import resolve_lr
+    from rl_lora.launch.precheck import precheck
     from rl_lora.study.pipeline import is_pipeline, load_pipeline
 
     if is_pipeline(read_recipe_file(args.recipe)):  # every stage validated with its overrides; nothing loads
@@ -140,6 +141,7 @@ def _validate(args: argparse.Namespace) -> int:
         print(f"# pipeline '{pipeline.name}': {len(pipeline.stages)} stages valid")
         return 0
     config = load_recipe(args.recipe, args.overrides)
+    precheck(config)  # what `rl-lora run` checks before any model loads: `trl:` options, plug-ins, data files
     lr = resolve_lr(config.train.lr, config.lora, config.train.steps)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
     print(f"# resolved lr: {lr.lr:g} ({lr.reason})")

@@ -135,3 +135,14 @@ def test_a_self_hosted_wandb_login_counts_as_online(tmp_path, monkeypatch) -> No
     assert wandb_host() == "api.wandb.ai" and wandb_mode() == "offline"  # logged in elsewhere only
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org:8443")
     assert wandb_host() == "wandb.example.org" and wandb_mode() == "online"
+
+
+def test_validate_runs_the_precheck_run_runs(tmp_path: Path) -> None:
+    """A misspelled `trl:` key is refused by `validate` with the line `run` gives, and nothing is written."""
+    recipe = tmp_path / "r.yaml"
+    raw = tiny_raw(tmp_path / "runs")
+    raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "dpo"}
+    recipe.write_text(yaml.safe_dump(raw))
+    lines = [_one_line_error(_cli(command, str(recipe), "trl.loss_typ=sigmoid")) for command in ("validate", "run")]
+    assert lines[0] == lines[1] and "did you mean 'trl.loss_type'?" in lines[0]
+    assert not (tmp_path / "runs").exists()

@@ -1,8 +1,8 @@
 """What can be checked of a run in a second or two, before the heavy libraries load.
 
-``rl-lora run`` calls ``precheck`` right after the recipe validates and before it imports the trainers
-(torch, transformers, TRL, DeepSpeed take ~10 s to import on 2 cores): the reward and metric plug-ins by
-name, the task and its data files, the preference files row by row, the ``trl:`` options (read from
+``rl-lora run`` and ``rl-lora validate`` call ``precheck`` right after the recipe validates (``run`` before it
+imports the trainers: torch, transformers, TRL, DeepSpeed take ~10 s to import on 2 cores): the reward and
+metric plug-ins by name, the task and its data files, the preference files row by row, the ``trl:`` options (read from
 TRL's source). The runner checks all of it again with the model's tokenizer at hand (prompt lengths, chat
 templates); this pass only makes the common mistakes fail fast. Nothing is written.
 """
