@@ -3,6 +3,7 @@ as the uninterrupted run and ends with a bit-identical adapter (CPU, fp32)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -126,3 +127,27 @@ def test_a_run_killed_after_its_final_checkpoint_is_finished_by_resume(tmp_path:
     a, b = (json.loads((tmp_path / "runs" / r / "summary.json").read_text()) for r in ("whole", "cut"))
     for key in ("start_accuracy", "final_accuracy", "best_accuracy", "final_reward", "trained_steps"):
         assert a[key] == b[key], key
+
+
+@pytest.mark.slow
+def test_resume_with_keep_best_keeps_the_best_steps_policy(tmp_path: Path) -> None:
+    """guard.keep_best, killed after the step-4 checkpoint and resumed: the resumed guard takes its best
+    evaluation from the reloaded records without saving, so best/ holds what the uninterrupted run saved
+    there (the best step's policy, not the policy at the resume) and summary.json names the same step."""
+    raw = yaml.safe_load(_recipe(tmp_path, train={"eval_every": 2}).read_text())
+    raw["guard"] = {"keep_best": True}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    whole = _cli("run", str(recipe), "logging.run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    cut = tmp_path / "runs" / "cut"
+    kill_after_checkpoint(recipe, cut, 4)
+    resumed = _cli("run", str(recipe), "--resume", str(cut))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (json.loads((tmp_path / "runs" / r / "summary.json").read_text()) for r in ("whole", "cut"))
+    assert a["best_saved"]["step"] == a["best_accuracy_step"] <= 4  # the case: a best before the checkpoint
+    assert b["best_saved"]["step"] == b["best_accuracy_step"] == a["best_accuracy_step"]
+    best = "best/adapter_model.safetensors"
+    digest = [hashlib.sha256((tmp_path / "runs" / r / best).read_bytes()).hexdigest() for r in ("whole", "cut")]
+    assert digest[0] == digest[1]
+    assert json.loads((cut / "best" / "best_step.json").read_text())["step"] == a["best_accuracy_step"]

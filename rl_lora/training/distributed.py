@@ -35,6 +35,20 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def from_main(values: list[int]) -> list[int]:
+    """The main process's ``values`` on every process (a broadcast from global rank 0, which every process
+    must call at the same point); ``values`` as they are in a single process."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return [int(v) for v in tensor.tolist()]
+
+
 def deepspeed_config(spec: DistributedSpec) -> dict[str, Any] | None:
     """The DeepSpeed config for ``spec``, or None when the recipe does not use DeepSpeed."""
     if spec.zero_stage is None:

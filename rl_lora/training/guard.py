@@ -15,6 +15,8 @@ reward model's training accuracy.
 
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +27,12 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from rl_lora.config.schema import GuardSpec
 from rl_lora.tasks.base import Metric
+from rl_lora.training.distributed import from_main
+from rl_lora.utils.errors import CheckpointError
 
 PROXY = {"grpo": "reward", "ppo": "reward", "dpo": "rewards/margins", "reward": "accuracy"}
 PROXY_WINDOW = 10  # logged steps averaged for the proxy's level (one step is noisy)
+BEST_MARKER = "best_step.json"  # in best/: the evaluation whose policy it holds, read back on resume
 
 
 def metric_drop(metric: Metric, best: float, now: float) -> float:
@@ -55,6 +60,8 @@ class OverOptimizationGuard(TrainerCallback):
         self._best: tuple[int, float] | None = None
         self._streak: list[int] = []  # evaluations in a row showing the proxy up and the metric down
         self._checked = 0  # records already looked at
+        self._saved_step: int | None = None  # the evaluation whose policy best/ holds
+        self._restore()
 
     # -- figures -----------------------------------------------------------------------------------
     def _proxy_level(self, upto_step: int) -> float | None:
@@ -77,9 +84,28 @@ class OverOptimizationGuard(TrainerCallback):
         return streak
 
     # -- the callback ------------------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
+        # The tracker has just logged the step-0 evaluation: if it is the best, best/ gets the policy it was of,
+        # not the one after the first step.
+        self.on_log(args, state, control)
+
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        found_best = self._scan(announce=True)
+        keeping = self.spec.keep_best and self.save_best is not None and self.best_dir is not None
+        stop = bool(self.events) and self.spec.action == "stop"
+        # Under several processes each one evaluates on its own; the main process's figures decide for all.
+        save, stop = (bool(flag) for flag in from_main([int(found_best and keeping), int(stop)]))
+        if save:
+            self._save()
+        if stop:
+            control.should_training_stop = True
+
+    def _scan(self, announce: bool) -> bool:
+        """Take in the records logged since the last call; whether one of them is a new best evaluation."""
         new, self._checked = self.records[self._checked:], len(self.records)
         key = f"eval/{self.metric.name}"
+        found_best = False
         for record in new:
             if record.get(key) is None:
                 continue
@@ -87,20 +113,58 @@ class OverOptimizationGuard(TrainerCallback):
             if self._best is None or self.metric.better(value, self._best[1]):
                 self._best = (step, value)
                 self._streak = []
-                if self.spec.keep_best and self.save_best is not None and self.best_dir is not None:
-                    self.save_best(self.best_dir)
+                found_best = True
                 continue
-            self._check_overoptimization(step, value)
+            self._check_overoptimization(step, value, announce)
         if self.kl_budget is not None and self._kl_streak() >= self.spec.kl_patience and not any(
                 e["kind"] == "kl_over_budget" for e in self.events):
             last = self.records[-1]
             self._event({"kind": "kl_over_budget", "step": last["step"],
                          "kl": last.get("kl_per_completion", last.get("kl")), "kl_budget": self.kl_budget,
-                         "proxy": self.proxy, "proxy_now": last.get(self.proxy)})
-        if self.events and self.spec.action == "stop":
-            control.should_training_stop = True
+                         "proxy": self.proxy, "proxy_now": last.get(self.proxy)}, announce)
+        return found_best
 
-    def _check_overoptimization(self, step: int, value: float) -> None:
+    def _restore(self) -> None:
+        """A resumed run: the best evaluation, streak and events from the records the tracker reloaded, saving
+        nothing (the policy now is not the policy of those evaluations). ``best/`` is kept when its marker names
+        the restored best step; otherwise (saved past the checkpoint resumed from, or unmarked) it is removed."""
+        if not self.records:
+            return
+        self._scan(announce=False)
+        if not (self.spec.keep_best and self.best_dir is not None and self.best_dir.exists()):
+            return
+        marker = self.best_dir / BEST_MARKER
+        try:
+            held = json.loads(marker.read_text())["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            held = None
+        if self._best is not None and held == self._best[0]:
+            self._saved_step = held
+        elif self.main:
+            shutil.rmtree(self.best_dir, ignore_errors=True)
+            tqdm.write(f"rl-lora: removed {self.best_dir}: it held the policy of step {held}, not of the best "
+                       f"evaluation before the checkpoint resumed from; it is saved again at the next best")
+
+    def _save(self) -> None:
+        """The policy now to ``best/`` (main process); the others wait for it to be complete."""
+        assert self._best is not None and self.save_best is not None and self.best_dir is not None
+        failed: BaseException | None = None
+        if self.main:
+            try:
+                self.save_best(self.best_dir)
+                (self.best_dir / BEST_MARKER).write_text(json.dumps({"step": self._best[0],
+                                                                     self.metric.name: self._best[1]}))
+                self._saved_step = self._best[0]
+            except Exception as exc:  # told to the other processes before it is raised, so none waits on it
+                failed = exc
+        [main_failed] = from_main([int(failed is not None)])  # the barrier: none goes on before best/ is whole
+        if failed is not None:
+            raise failed
+        if main_failed:
+            raise CheckpointError(f"the main process could not save the best policy to '{self.best_dir}'")
+        self._saved_step = self._best[0]
+
+    def _check_overoptimization(self, step: int, value: float, announce: bool = True) -> None:
         best_step, best = self._best
         proxy_then, proxy_now = self._proxy_level(best_step), self._proxy_level(step)
         fell = metric_drop(self.metric, best, value) > drop_margin(self.spec, best)
@@ -115,11 +179,11 @@ class OverOptimizationGuard(TrainerCallback):
         self._event({"kind": "proxy_up_metric_down", "step": step, "first_seen": self._streak[0],
                      "metric": self.metric.name, "value": value,
                      "best": best, "best_step": best_step, "proxy": self.proxy, "proxy_then": proxy_then,
-                     "proxy_now": proxy_now, "kl": last.get("kl_per_completion", last.get("kl"))})
+                     "proxy_now": proxy_now, "kl": last.get("kl_per_completion", last.get("kl"))}, announce)
 
-    def _event(self, event: dict[str, Any]) -> None:
+    def _event(self, event: dict[str, Any], announce: bool = True) -> None:
         self.events.append(event)
-        if not self.main:
+        if not self.main or not announce:  # a resumed run's events were printed when they happened
             return
         e = event
         if e["kind"] == "proxy_up_metric_down":
@@ -135,6 +199,6 @@ class OverOptimizationGuard(TrainerCallback):
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"overoptimization": self.events or None}
-        if self.spec.keep_best and self._best is not None:
+        if self.spec.keep_best and self._best is not None and self._saved_step == self._best[0]:
             out["best_saved"] = {"step": self._best[0], self.metric.name: self._best[1], "path": str(self.best_dir)}
         return out
