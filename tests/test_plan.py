@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from rl_lora.estimate.plan import (
 from rl_lora.estimate.plan_text import plan_lines
 from rl_lora.launch.runner import run_recipe
 from rl_lora.utils.errors import ConfigError, ModelError
-from tests_support import save_tiny_moe, tiny_raw
+from tests_support import free_port, save_tiny_moe, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = REPO / "docs" / "plan_shapes"
@@ -89,11 +88,6 @@ def test_planned_qlora_bytes_equal_what_a_run_logs(tmp_path: Path) -> None:
 # -- several processes: DeepSpeed ZeRO over gloo ---------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
@@ -113,7 +107,7 @@ def test_planned_bytes_per_process_equal_what_zero_runs_log(tmp_path: Path, algo
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     env.pop("RL_LORA_LAUNCHED", None)
     proc = subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), "logging.run_name=z", "--nproc",
-                           "2", "--master-port", str(_free_port())], cwd=REPO, env=env, capture_output=True,
+                           "2", "--master-port", str(free_port())], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     logged = _first_step(tmp_path / "runs" / "z")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,23 +24,13 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests_support import tiny_raw
+from tests_support import free_port, subprocess_env, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 LORA_PARAMS = 10_240  # rank 1 on every linear of the built-in model's 4 layers, one adapter
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("RL_LORA_LAUNCHED", None)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _recipe(tmp: Path, stage: int, rank: int | str = 1, **train: int) -> Path:
@@ -72,8 +61,8 @@ def _check_run(run: Path, ranks: int) -> None:
 
 def _run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--nproc", "2",
-                           "--master-port", str(_free_port())],
-                          cwd=REPO, env=env or _env(), capture_output=True, text=True, timeout=600)
+                           "--master-port", str(free_port())],
+                          cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -124,7 +113,7 @@ def test_ppo_resume_with_two_processes_reproduces_the_run(tmp_path: Path, stage:
     assert whole.returncode == 0, whole.stderr[-4000:]
 
     cut = tmp_path / "runs" / "cut"
-    kill_env = {**_env(), "RL_LORA_TEST_KILL_AFTER_STEP": "2",
+    kill_env = {**subprocess_env(), "RL_LORA_TEST_KILL_AFTER_STEP": "2",
                 "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "kill_hook"), str(REPO / "tests")])}
     killed = _run(recipe, "logging.run_name=cut", env=kill_env)
     assert killed.returncode != 0, "the run finished: the kill hook did not fire"
@@ -184,8 +173,9 @@ def test_ppo_zero3_refuses_to_save_non_finite_weights_on_every_rank(tmp_path: Pa
     run_dir = tmp_path / "runs" / "nan"
     run_dir.mkdir(parents=True)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", str(tmp_path / "script.py"), str(recipe), str(tmp_path)],
-                          cwd=REPO, env={**_env(), "RL_LORA_RUN_DIR": str(run_dir)}, capture_output=True, text=True,
+                           f"--master_port={free_port()}", str(tmp_path / "script.py"), str(recipe), str(tmp_path)],
+                          cwd=REPO, env={**subprocess_env(), "RL_LORA_RUN_DIR": str(run_dir)},
+                          capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for rank in (0, 1):

@@ -6,7 +6,6 @@ weights, and everything but the weights loads with torch.load(weights_only=True)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from rl_lora.algorithms.ppo import checkpoint as ppo_checkpoint
 from rl_lora.config.schema import validate
 from rl_lora.launch.runner import prepare_run
 from rl_lora.utils.errors import CheckpointError
-from tests_support import kill_after_checkpoint, tiny_raw
+from tests_support import kill_after_checkpoint, subprocess_env, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 # Every figure PPO logs that depends on the weights, the data position or the RNG streams.
@@ -38,12 +37,9 @@ def _raw(output_dir: Path) -> dict:
     return raw
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rl_lora.cli", *args], cwd=REPO, env=_env(),
+    return subprocess.run([sys.executable, "-m", "rl_lora.cli", *args], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
 
 

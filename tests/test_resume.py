@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests_support import kill_after_checkpoint, tiny_raw
+from tests_support import kill_after_checkpoint, subprocess_env, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 COMPARED = ("loss", "reward", "lr", "grad_norm")
 
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled"}
 
 
 def _recipe(tmp: Path, train: dict | None = None, algorithm: str = "grpo") -> Path:
@@ -35,7 +31,7 @@ def _recipe(tmp: Path, train: dict | None = None, algorithm: str = "grpo") -> Pa
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rl_lora.cli", *args], cwd=REPO, env=_env(),
+    return subprocess.run([sys.executable, "-m", "rl_lora.cli", *args], cwd=REPO, env=subprocess_env(threads=None),
                           capture_output=True, text=True, timeout=timeout)
 
 

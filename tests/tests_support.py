@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 
@@ -90,3 +92,21 @@ def save_tiny_chat_model(folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def subprocess_env(threads: int | None = 1) -> dict[str, str]:
+    """The environment for an ``rl-lora`` child process in a test: this folder importable (its kill hooks and
+    helpers), W&B off, ``threads`` OpenMP threads (None: as inherited), not marked as already launched."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "WANDB_MODE": "disabled"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.pop("RL_LORA_LAUNCHED", None)
+    return env
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now. The kernel picks it from its ephemeral range; the launcher
+    binds it a moment later (a small window, unlike a fixed port shared by every session on the machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rl_lora.utils.errors import DataError
+from rl_lora.utils.errors import DataError, first_line
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MAX_REPORTED = 10  # bad rows listed in one error
@@ -139,7 +139,7 @@ def _hub_rows(name: str, split: str, subset: str | None) -> NumberedRows:
     try:
         loaded = load_dataset(name, subset, split=split)
     except Exception as exc:  # offline, unknown name, missing config or split: one line, naming the dataset
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(
             f"dataset '{name}' is not a local file or folder, and loading it from the hub failed (a hub dataset "
             f"needs the hub; download it and save_to_disk, or point data.source at a file): {first[:300]}"

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rl_lora.utils.errors import ModelError
+from rl_lora.utils.errors import ModelError, first_line
 from rl_lora.utils.files import build_folder_atomically, cache_root, sha256_file
 
 if TYPE_CHECKING:
@@ -107,8 +107,8 @@ def read_config(policy: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except (OSError, ValueError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.policy '{policy}': cannot read the config of GGUF '{path}': {first_line}") from exc
+        raise ModelError(f"model.policy '{policy}': cannot read the config of GGUF '{path}': "
+                         f"{first_line(exc)}") from exc
 
 
 def resolve_gguf(policy: str, progress: bool = True) -> Path:
@@ -133,12 +133,13 @@ def convert(path: Path, folder: Path, policy: str) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.policy '{policy}': transformers cannot read GGUF file '{path}': {first_line}") from exc
+        raise ModelError(f"model.policy '{policy}': transformers cannot read GGUF file '{path}': "
+                         f"{first_line(exc)}") from exc
     # The weights are plain fp32 tensors now, but the model still carries the GGUF quantizer, and
     # save_pretrained refuses a "quantized" model as not serialisable: forget the quantisation.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # (plain attributes set through nn.Module.__setattr__, which torch types for tensors and modules only)
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:

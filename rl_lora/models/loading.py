@@ -24,7 +24,7 @@ from transformers import (
 from rl_lora.config.schema import DataSpec, ModelSpec
 from rl_lora.models.gguf import cached_copy, require_gguf_reader, resolve_gguf
 from rl_lora.models.policies import classify
-from rl_lora.utils.errors import ConfigError, ModelError
+from rl_lora.utils.errors import ConfigError, ModelError, first_line
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,8 +59,7 @@ def load_policy(
             source, dtype=_DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code, **quantization_kwargs(spec)
         )
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
+        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line(exc)}") from exc
     if spec.quantization != "none":
         keep_4bit_layers_differentiable(model)
     return model, tokenizer, source
@@ -77,7 +76,8 @@ def keep_4bit_layers_differentiable(model: PreTrainedModel) -> int:
     """
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
+        # bitsandbytes' flag, a plain attribute; torch types nn.Module.__setattr__ for tensors and modules only
+        layer.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     return len(layers)
 
 
@@ -114,8 +114,7 @@ def _read_tokenizer(spec: ModelSpec, source: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line}") from exc
+        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded: {first_line(exc)}") from exc
 
 
 def policy_tokenizer_and_context(spec: ModelSpec) -> tuple[PreTrainedTokenizerBase, int | None] | None:
@@ -161,8 +160,8 @@ def load_reward_backbone(spec: ModelSpec, source: str, pad_token_id: int) -> Pre
             source, num_labels=1, dtype=_DTYPES[spec.dtype], trust_remote_code=spec.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded as a reward model: {first_line}") from exc
+        raise ModelError(f"model.policy '{spec.policy}' cannot be loaded as a reward model: "
+                         f"{first_line(exc)}") from exc
     # The head reads the last non-pad token, so the model must know the pad id.
     model.config.pad_token_id = pad_token_id
     return model

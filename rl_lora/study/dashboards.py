@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from rl_lora.study.report import REWARD_SMOOTHING, TRAINING_CURVES, Run, headline_metric, load_runs
-from rl_lora.utils.errors import DashboardError
+from rl_lora.utils.errors import DashboardError, first_line
 
 SPEC_FILE = "wandb_dashboards.json"
 EXTRA_HINT = "pip install wandb-workspaces==0.4.13 (the 'dashboards' extra)"
@@ -313,10 +313,6 @@ def build_report(spec: dict[str, Any], entity: str) -> Any:
 # -- publishing --------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def sync_command(sweep_dir: Path, entity: str | None = None, project: str | None = None) -> str | None:
     """`wandb sync` over the sweep's offline run folders (into ENTITY/PROJECT when given); None when there are
@@ -338,7 +334,7 @@ def publish(spec: dict[str, Any], sweep_dir: Path, api: Any = None) -> list[str]
         api = api or wandb.Api()
         api.viewer  # noqa: B018 -- fails here, with the server's reason, when the key is missing or refused
     except Exception as exc:
-        raise DashboardError(f"W&B: not logged in ({_first_line(exc)}): run `wandb login`") from None
+        raise DashboardError(f"W&B: not logged in ({first_line(exc)}): run `wandb login`") from None
     entity = spec["entity"] or api.default_entity
     path = f"{entity}/{spec['project']}"
     try:
@@ -346,7 +342,7 @@ def publish(spec: dict[str, Any], sweep_dir: Path, api: Any = None) -> list[str]
         found = len(api.runs(path, filters={"group": spec["group"]}, per_page=1))
     except Exception as exc:
         raise DashboardError(
-            f"W&B: no project '{path}' (no such entity or project, or no access: {_first_line(exc)}); {sync}"
+            f"W&B: no project '{path}' (no such entity or project, or no access: {first_line(exc)}); {sync}"
         ) from None
     if not found:
         raise DashboardError(f"W&B project '{path}' has no runs of group '{spec['group']}': {sync}")
@@ -355,7 +351,7 @@ def publish(spec: dict[str, Any], sweep_dir: Path, api: Any = None) -> list[str]
         report = build_report(spec, entity).save()
         return [f"W&B workspace: {workspace.url}", f"W&B report: {report.url}"]
     except Exception as exc:
-        raise DashboardError(f"W&B refused the dashboards for '{path}': {_first_line(exc)}") from None
+        raise DashboardError(f"W&B refused the dashboards for '{path}': {first_line(exc)}") from None
 
 
 def dashboards(sweep_dir: Path, entity: str | None = None, project: str | None = None) -> list[str]:

@@ -32,5 +32,11 @@ class DashboardError(RlLoraError):
     """A W&B dashboard that cannot be published: no login, no such entity or project, the extra missing."""
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, for a one-line error that wraps it (its type's name where it says nothing)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # What the command line reports in one line, without a traceback.
 USER_ERRORS = (RlLoraError, RewardError)
