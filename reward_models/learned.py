@@ -19,10 +19,16 @@ import functools
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BatchEncoding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from reward_models.protocol import RewardError
 
@@ -33,7 +39,9 @@ def reward_ids(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: Any)
     """Token ids of one (prompt, completion) the way TRL's RewardTrainer tokenises a preference side."""
     if isinstance(prompt, list):  # conversational: lists of {"role", "content"} messages
         messages = prompt + (completion if isinstance(completion, list) else [completion])
-        return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        # return_dict=True: a BatchEncoding (transformers types the return as the union of every mode's)
+        encoded = cast(BatchEncoding, tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True))
+        return list(encoded["input_ids"])
     text = prompt + completion
     eos = tokenizer.eos_token
     if eos and not text.endswith(eos):

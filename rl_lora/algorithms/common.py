@@ -5,7 +5,7 @@ check and load of the rollout algorithms (GRPO, PPO). The contract itself is rl_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -13,7 +13,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rl_lora.algorithms.contract import Loaded, parameter_figures
-from rl_lora.config.schema import GrpoRecipe, PpoRecipe, RecipeConfig
+from rl_lora.config.schema import DpoRecipe, GrpoRecipe, PpoRecipe, RecipeConfig, RewardRecipe
 from rl_lora.config.trl_options import check_trl_keys
 from rl_lora.models.loading import load_policy
 from rl_lora.tasks.registry import make_task
@@ -76,14 +76,17 @@ def quiet(trainer: Any) -> Any:
     return trainer
 
 
-def trl_config(config_cls: type, config: RecipeConfig, ours: dict[str, Any]) -> Any:
+TrlRecipe = GrpoRecipe | DpoRecipe | RewardRecipe  # the recipes with a ``trl:`` section (PPO is rl-lora's own)
+
+
+def trl_config(config_cls: type, config: TrlRecipe, ours: dict[str, Any]) -> Any:
     """``config_cls(**ours, **config.trl)``: the recipe's ``trl`` options on top of what rl-lora sets, after
     checking each is a field of ``config_cls`` and not one rl-lora sets from the recipe (ConfigError)."""
     check_trl_options(config_cls, config)
     return config_cls(**{**ours, **config.trl})  # e.g. gradient_checkpointing: rl-lora's default, the user's choice
 
 
-def check_trl_options(config_cls: type, config: RecipeConfig) -> None:
+def check_trl_options(config_cls: type, config: TrlRecipe) -> None:
     import dataclasses
 
     check_trl_keys(config, frozenset(f.name for f in dataclasses.fields(config_cls)), config_cls.__name__)
@@ -98,6 +101,22 @@ def checked_task(config: RecipeConfig) -> tuple[Any, dict[str, Any]]:
 
 class TrlTrainerHandle:
     """The TrainerHandle (rl_lora/algorithms/contract.py) of a transformers Trainer subclass, mixed in first."""
+
+    if TYPE_CHECKING:  # what the mixin uses of the transformers Trainer it is mixed into
+        # transformers types it ``PreTrainedModel | nn.Module | None`` (invariant: a mixin cannot narrow it),
+        # though a built trainer always holds its policy (PEFT's wrapper for an adapter run).
+        model: Any
+        state: TrainerState
+        is_deepspeed_enabled: bool
+
+        def add_callback(self, callback: TrainerCallback | type[TrainerCallback]) -> None: ...
+
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None: ...
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None: ...
+
+        def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+                  ignore_keys_for_eval: list[str] | None = None) -> Any: ...
 
     def reference_model(self) -> nn.Module | None:
         """The separate frozen reference, if the trainer holds one (DPO and GRPO's ``ref_model``)."""

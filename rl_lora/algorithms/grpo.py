@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.grpo_trainer import RewardFunc
 
 from rl_lora.adapters.lora import keep_adapters_fp32, peft_config
 from rl_lora.adapters.rollout import merged_adapters
@@ -105,9 +106,10 @@ class Grpo:
         return load_rollout(config, checked, progress, config.grpo.max_completion_length)
 
     def build(self, config: GrpoRecipe, loaded: Loaded, lr: float, output_dir: Path) -> MergedRolloutGRPOTrainer:
+        rewards: list[RewardFunc] = list(trainer_rewards(config.reward.functions))
         trainer = MergedRolloutGRPOTrainer(
             model=loaded.model,
-            reward_funcs=trainer_rewards(config.reward.functions),
+            reward_funcs=rewards,
             args=grpo_args(config, lr, output_dir),
             train_dataset=loaded.train_dataset,
             processing_class=loaded.tokenizer,

@@ -13,7 +13,7 @@ import argparse
 import sys
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, TypeGuard, Union, get_args, get_origin
 
 import annotated_types
 import yaml
@@ -28,7 +28,7 @@ BEGIN = ("<!-- The key table is generated from the field descriptions in rl_lora
 END = "<!-- end of the generated key table -->"
 
 
-def _is_section(annotation: Any) -> bool:
+def _is_section(annotation: Any) -> TypeGuard[type[BaseModel]]:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
@@ -99,7 +99,8 @@ def recipe_rows() -> list[tuple[str, str, str, str]]:
     """The rows of every algorithm's recipe, each key once: the shared keys (``RecipeConfig``'s, whose
     ``algorithm`` lists them all), then each algorithm's own, each beside the rest of its section."""
     sections: dict[str, dict[str, tuple[str, str, str, str]]] = {}
-    for recipe in (RecipeConfig, *RECIPES.values()):
+    recipes: list[type[RecipeConfig]] = [RecipeConfig, *RECIPES.values()]
+    for recipe in recipes:
         for row in key_rows(recipe):
             sections.setdefault(row[0].strip("`").split(".")[0], {}).setdefault(row[0], row)
     return [row for rows in sections.values() for row in rows.values()]

@@ -162,7 +162,7 @@ def batch_arms(config: RecipeConfig, batch_sizes: list[int]) -> list[tuple[int |
         return [(None, None, None)]
     base_batch, base_steps = config.train.batch_size, config.train.steps
     episodes = base_batch * base_steps
-    out = []
+    out: list[tuple[int | None, int | None, int | None]] = []
     for size in batch_sizes:
         if episodes % size:
             raise ConfigError(f"--batch-sizes: {size} does not divide the recipe's {episodes:,} episodes "
@@ -205,7 +205,11 @@ def plan_arms(
                 arm_rank = rank
                 if counter is not None and layer_set != targets[0]:
                     reference = counter(int(rank), targets[0])
-                    arm_rank = matched_rank(lambda r, s=layer_set: counter(r, s), reference)
+
+                    def count_on_set(r: int, s: str = layer_set, count: Callable[[int, str], int] = counter) -> int:
+                        return count(r, s)
+
+                    arm_rank = matched_rank(count_on_set, reference)
                 arms.append(replace(base, rank=arm_rank, targets=layer_set, targets_label=target_label(layer_set)))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
@@ -231,7 +235,7 @@ def points_for(
 ) -> list[SweepPoint]:
     """Runs of ``arms`` x ``seeds``: at each LR of its grid (``grids``), at a chosen LR per arm (``lrs``, by
     arm name), or at the LR the recipe and the rule give (neither)."""
-    points = []
+    points: list[SweepPoint] = []
     for arm in arms:
         center = rule_lr(config, arm)
         if grids is not None:

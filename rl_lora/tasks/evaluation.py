@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 
 @torch.no_grad()
 def greedy_completions(
-    model: PreTrainedModel,
+    model: Any,  # a causal LM or PEFT's wrapper of one: transformers 5's PreTrainedModel declares no generate
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
     max_new_tokens: int,

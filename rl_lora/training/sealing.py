@@ -41,6 +41,7 @@ class SealCheckpoints(TrainerCallback):
                 model: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
+        assert args.output_dir is not None  # TrainingArguments fills in a default output_dir
         staging = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not staging.is_dir():
             raise CheckpointError(f"transformers wrote no checkpoint at '{staging}'")

@@ -25,7 +25,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_folder_atomically(target: Path, build: Callable[[Path], None]) -> Path:
+def build_folder_atomically(target: Path, build: Callable[[Path], object]) -> Path:
     """Run ``build(staging)`` in a hidden folder beside ``target``, then rename it to ``target``.
 
     A reader sees either no ``target`` or a complete one; an interrupted build leaves only a

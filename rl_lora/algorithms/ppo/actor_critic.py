@@ -59,6 +59,12 @@ class ActorCritic(nn.Module):
     ``forward(role, ...)`` picks the pass, and every pass goes through the engine.
     """
 
+    # The PeftModel holding both adapters (shared) or the causal LM itself (full): PEFT's adapter switches
+    # and transformers' forward keywords are used on it, which nn.Module does not declare.
+    policy: Any
+    critic_backbone: nn.Module | None
+    reference: nn.Module | None  # kept out of the submodules (see __init__)
+
     def __init__(self, policy: nn.Module, value_head: nn.Linear, critic_backbone: nn.Module | None = None,
                  reference: nn.Module | None = None, value_adapter_params: list[nn.Parameter] | None = None) -> None:
         super().__init__()
@@ -110,7 +116,7 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def reference_logits(self, inputs: dict[str, Tensor], keep: int) -> Tensor:
         """Logits under the reference: the adapters switched off (shared), or the frozen copy."""
-        if not self.shared:
+        if self.reference is not None:  # separate (full); shared has no copy
             return self.reference(**inputs, logits_to_keep=keep).logits
         try:
             with self.policy.disable_adapter():
@@ -120,7 +126,7 @@ class ActorCritic(nn.Module):
 
     def values(self, inputs: dict[str, Tensor]) -> Tensor:
         """V(s) at every position: the value head on the critic's last hidden state, (B, L)."""
-        if not self.shared:
+        if self.critic_backbone is not None:  # separate (full)
             hidden = self.critic_backbone(**inputs).last_hidden_state
             return self.value_head(hidden.float()).squeeze(-1)
         # get_base_model() is the causal LM carrying the LoRA layers; its .base_model is the decoder
@@ -145,6 +151,7 @@ def build_actor_critic(model: PreTrainedModel, lora: LoraSpec) -> ActorCritic:
         return ActorCritic(model.requires_grad_(True), value_head, critic_backbone, reference)
     # The configs are built before PEFT wraps the model: an MoE config lists the model's own parameter names.
     policy_config, value_config = peft_config(lora, model=model), peft_config(lora, model=model)
+    assert policy_config is not None and value_config is not None  # None only for lora.rank: full (above)
     policy = get_peft_model(model, policy_config, adapter_name=POLICY_ADAPTER)
     before = {id(p) for p in policy.parameters()}
     policy.add_adapter(VALUE_ADAPTER, value_config)  # a fresh config: PEFT resolves targets in place

@@ -43,14 +43,14 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DeepSpeedPlugin, gather_object
 from datasets import Dataset
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase, TrainerCallback, get_scheduler
+from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
 from rl_lora.adapters.rollout import merged_adapters
@@ -167,7 +167,8 @@ def zero3_local_values(p: Tensor, rank: int) -> Tensor:
     if part is None:
         return p
     size = part.numel()
-    return part.view(-1).narrow(0, 0, max(0, min(size, p.ds_numel - rank * size)))
+    # ds_numel: the whole parameter's size, set by DeepSpeed's ZeRO-3 beside ds_tensor (not in torch's stubs)
+    return part.view(-1).narrow(0, 0, max(0, min(size, p.ds_numel - rank * size)))  # type: ignore[attr-defined]
 
 
 class PPOTrainer:
@@ -227,6 +228,11 @@ class PPOTrainer:
     def model(self) -> nn.Module:
         return self.ac.policy
 
+    @property
+    def _callback_args(self) -> TrainingArguments:
+        """``args`` as transformers' CallbackHandler types them: PpoArguments has the fields its callbacks read."""
+        return cast(TrainingArguments, self.args)
+
     # -- the TrainerHandle (rl_lora/algorithms/contract.py) --------------------------------------
     @property
     def global_step(self) -> int:
@@ -243,7 +249,7 @@ class PPOTrainer:
         if self.is_deepspeed_enabled:
             self.save_model(str(folder))
         else:
-            self.model.save_pretrained(str(folder))
+            self.ac.policy.save_pretrained(str(folder))
 
     def restore(self, checkpoint: Path, step: int) -> None:
         self._prepare()
@@ -294,7 +300,7 @@ class PPOTrainer:
         # ZeRO-3 where each process holds only a slice of every weight.
         merge = self.spec.merge_rollouts and not self._zero3()
         with merged_adapters(self.model) if merge else nullcontext():
-            out_B_L = self.model.generate(
+            out_B_L = self.ac.policy.generate(
                 **batch, do_sample=True, temperature=self.spec.temperature, top_k=0, top_p=1.0,
                 max_new_tokens=self.spec.max_completion_length, synced_gpus=self._zero3() and self.processes > 1,
                 pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
@@ -453,7 +459,7 @@ class PPOTrainer:
         pending: list[dict[str, float]] = []
         if resume_from_checkpoint:
             pending = self._load_checkpoint(Path(resume_from_checkpoint))
-        h, args = self.callback_handler, self.args
+        h, args = self.callback_handler, self._callback_args
         self.control = h.on_train_begin(args, self.state, self.control)
         for step in range(self.state.global_step + 1, args.max_steps + 1):
             pending.append(self.step())
@@ -499,7 +505,7 @@ class PPOTrainer:
             return
         if self.state.is_world_process_zero:
             ppo_checkpoint.write(staging, self.ac, self.optimizer, self.lr_scheduler, state)
-        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_save(self._callback_args, self.state, self.control)
 
     def _non_finite_anywhere(self) -> list[str]:
         """Trainable parameters holding NaN or inf in any process's share (a ZeRO-3 partition is checked
@@ -524,7 +530,7 @@ class PPOTrainer:
         ppo_checkpoint.write_shard(staging, self.engine, self.lr_scheduler, state, self.rank,
                                    self.accelerator.is_main_process)
         self.accelerator.wait_for_everyone()
-        self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+        self.control = self.callback_handler.on_save(self._callback_args, self.state, self.control)
         self.accelerator.wait_for_everyone()
 
     def _load_checkpoint(self, folder: Path) -> list[dict[str, float]]:
@@ -555,7 +561,7 @@ class PPOTrainer:
             gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         with gather:
             if self.accelerator.is_main_process:
-                self.model.save_pretrained(output_dir)
+                self.ac.policy.save_pretrained(output_dir)
         self.accelerator.wait_for_everyone()
 
 

@@ -152,9 +152,12 @@ def _rebuild(warmup_steps: int | None, write: bool) -> int:
     """Rebuild the shipped model here and compare it with the shipped one; ``write`` replaces the shipped folder."""
     name = BUILTIN_NAMES[0]
     shipped = shipped_build(name)
-    if warmup_steps is None and shipped is None:
+    if warmup_steps is not None:
+        steps = warmup_steps
+    elif shipped is not None:
+        steps = shipped["warmup_steps"]
+    else:
         raise SystemExit("no shipped build to rebuild: give --warmup-steps")
-    steps = warmup_steps if warmup_steps is not None else shipped["warmup_steps"]
     data = DataSpec(**shipped["data"]) if shipped else DataSpec()
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-rebuild-"))
     info = build(folder, steps, data, progress=True)

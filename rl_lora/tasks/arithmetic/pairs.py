@@ -30,9 +30,8 @@ PAIR_FIELDS = ("task", "min_operand", "max_operand", "eval_size", "split_seed", 
 
 @torch.no_grad()
 def sample_completions(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int, max_new_tokens: int,
-    seed: int,
-) -> list[list[str]]:
+    model: Any, tokenizer: PreTrainedTokenizerBase, prompts: list[str], n: int, max_new_tokens: int, seed: int,
+) -> list[list[str]]:  # model: a causal LM (transformers 5's PreTrainedModel declares no generate)
     """``n`` completions per prompt, sampled at temperature 1 (no top-k/top-p): the policy as it is."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -7,6 +7,7 @@ target). Deterministic for a given seed and thread count.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -19,8 +20,11 @@ IGNORE = -100
 class Example(Protocol):
     """A supervised example: the prompt (context) and the answer (the target), e.g. an arithmetic Problem."""
 
-    prompt: str
-    answer: str
+    @property
+    def prompt(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...  # read-only, so a frozen dataclass (Problem) is an Example
 
 
 def _batch(
@@ -48,7 +52,7 @@ def _batch(
 def supervised_warmup(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    problems: list[Example],
+    problems: Sequence[Example],
     steps: int,
     batch_size: int = 64,
     lr: float = 1e-3,
