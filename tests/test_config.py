@@ -152,3 +152,37 @@ def test_trl_options_reach_the_trainer_config(tmp_path: Path) -> None:
     assert args.gradient_checkpointing is True and args.logging_first_step is True
     with pytest.raises(ConfigError, match="PPO is rl-lora's own trainer"):
         validate({"algorithm": "ppo", "trl": {"optim": "sgd"}})
+
+
+def test_trl_cannot_override_what_the_builders_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TRL options the three builders set are exactly RECIPE_OWNED's keys and TRL_DEFAULTS (so the table
+    the light precheck reads cannot fall behind the builders), and a ``trl:`` key rl-lora sets (bf16,
+    disable_tqdm, dataloader_num_workers among them) is refused by the precheck and by the builder."""
+    import rl_lora.algorithms.common as common
+    from rl_lora.algorithms.dpo import dpo_args
+    from rl_lora.algorithms.grpo import grpo_args
+    from rl_lora.algorithms.reward_model import reward_args
+    from rl_lora.config.trl_options import RECIPE_OWNED, TRL_DEFAULTS, check_builder_options, precheck_trl
+
+    seen: dict[str, set[str]] = {}
+    check = common.check_builder_options
+
+    def record(ours: dict, builder: str) -> None:
+        seen[builder] = set(ours)
+        check(ours, builder)
+
+    monkeypatch.setattr(common, "check_builder_options", record)
+    builders = {"grpo": grpo_args, "dpo": dpo_args, "reward": reward_args}
+    for algorithm, build in builders.items():
+        build(validate({"algorithm": algorithm, "train": {"save_every": 2}}), 1e-3, tmp_path)
+    assert set(seen) == {"GRPOConfig's builder", "DPOConfig's builder", "RewardConfig's builder"}
+    assert set().union(*seen.values()) == set(RECIPE_OWNED) | TRL_DEFAULTS
+    with pytest.raises(RuntimeError, match=r"sets TRL options \['new_option'\] that .* RECIPE_OWNED"):
+        check_builder_options(["learning_rate", "new_option"], "a builder")
+    for algorithm, build in builders.items():
+        for key, value in (("bf16", True), ("disable_tqdm", False), ("dataloader_num_workers", 2)):
+            config = validate({"algorithm": algorithm, "trl": {key: value}})
+            with pytest.raises(ConfigError, match=f"trl.{key}: rl-lora sets it from the recipe's"):
+                precheck_trl(config)
+            with pytest.raises(ConfigError, match=f"trl.{key}: rl-lora sets it"):
+                build(config, 1e-3, tmp_path)

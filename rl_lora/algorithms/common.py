@@ -14,7 +14,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from rl_lora.algorithms.contract import Loaded, parameter_figures
 from rl_lora.config.schema import DpoRecipe, GrpoRecipe, PpoRecipe, RecipeConfig, RewardRecipe
-from rl_lora.config.trl_options import check_trl_keys
+from rl_lora.config.trl_options import check_builder_options, check_trl_keys
 from rl_lora.models.loading import load_policy
 from rl_lora.tasks.registry import make_task
 from rl_lora.training.distributed import deepspeed_config, is_main, per_device_batch
@@ -83,6 +83,7 @@ def trl_config(config_cls: type, config: TrlRecipe, ours: dict[str, Any]) -> Any
     """``config_cls(**ours, **config.trl)``: the recipe's ``trl`` options on top of what rl-lora sets, after
     checking each is a field of ``config_cls`` and not one rl-lora sets from the recipe (ConfigError)."""
     check_trl_options(config_cls, config)
+    check_builder_options(ours, f"{config_cls.__name__}'s builder")  # a trl: key can override only TRL_DEFAULTS
     return config_cls(**{**ours, **config.trl})  # e.g. gradient_checkpointing: rl-lora's default, the user's choice
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -113,4 +114,18 @@ RECIPE_OWNED = {
     "reward_weights": "reward.functions[].weight", "loss_weights": "dpo.loss_weights",
     "max_length": "dpo.max_length / reward_model.max_length",
     "center_rewards_coefficient": "reward_model.center_rewards_coefficient", "use_cpu": "the machine",
+    "bf16": "model.dtype (bf16 autocast on a GPU only)", "disable_tqdm": "logging.progress",
+    "dataloader_num_workers": "data (held in memory: 0 workers)",
 }
+# Options the trainer builders (rl_lora/algorithms/) set as defaults that a recipe's ``trl:`` may change. Every
+# other option a builder sets must be in RECIPE_OWNED: ``check_builder_options`` holds the builders to this.
+TRL_DEFAULTS = frozenset({"gradient_checkpointing"})
+
+
+def check_builder_options(ours: Iterable[str], builder: str) -> None:
+    """An option a trainer builder sets that neither RECIPE_OWNED nor TRL_DEFAULTS lists: a ``trl:`` key could
+    silently override it, so the builder is refused (a bug of rl-lora's, caught by its tests)."""
+    unlisted = sorted(set(ours) - set(RECIPE_OWNED) - TRL_DEFAULTS)
+    if unlisted:
+        raise RuntimeError(f"{builder} sets TRL options {unlisted} that rl_lora/config/trl_options.py's RECIPE_OWNED "
+                           "does not list: add them there (or to TRL_DEFAULTS if trl: may change them)")
