@@ -251,3 +251,37 @@ def test_resume_with_two_processes_reproduces_the_adapter(lora_runs: Callable[[i
     same = json.loads((tmp / "runs" / "whole" / "ranks" / "rank0.json").read_text())["trainable_hash"]
     assert json.loads((cut / "ranks" / "rank0.json").read_text())["trainable_hash"] == same
     assert json.loads((cut / "ranks" / "rank1.json").read_text())["trainable_hash"] == same
+
+
+def test_the_main_process_decides_keep_best_and_stop_without_deepspeed(tmp_path: Path) -> None:
+    """guard.keep_best and guard.action: stop on 2 processes without DeepSpeed, their held-out figures made to
+    disagree (tests/scripted_task.py): process 0 sees its best at step 1 and over-optimization at step 3,
+    process 1 a new best at every step and nothing wrong. Both follow process 0: every process stops at step 3,
+    and best/ holds step 1's policy (the step-1 checkpoint's adapter), the step summary.json names."""
+    scripts = [[0.5, 0.6, 0.6, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]]
+    raw = tiny_raw(tmp_path / "runs", data={"task": "scripted_task:make_task", "task_kwargs": {"scripts": scripts}},
+                   reward={"functions": [{"name": "scripted_task:rising"}]},
+                   train={"steps": 6, "batch_size": 16, "threads": 1, "eval_every": 1, "save_every": 1,
+                          "keep_last": 10},
+                   guard={"action": "stop", "keep_best": True, "patience": 1})
+    recipe = tmp_path / "guard.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen(_command(recipe, "logging.run_name=guard", "--nproc", "2"), cwd=REPO, env=_env(),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:  # processes that decided differently wait on each other for good
+        _kill_tree(proc.pid)
+        proc.communicate()
+        pytest.fail("the 2-process run with guard.action: stop hung")
+    assert proc.returncode == 0, err[-4000:]
+    run = tmp_path / "runs" / "guard"
+    reports = [json.loads((run / "ranks" / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["global_step"] for r in reports] == [3, 3]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trained_steps"] == 3 and summary["overoptimization"][0]["step"] == 3
+    assert summary["best_saved"]["step"] == summary["best_accuracy_step"] == 1
+    best = load_file(run / "best" / "adapter_model.safetensors")
+    at_step_1 = load_file(run / "checkpoints" / "step_000001" / "adapter_model.safetensors")
+    assert best.keys() == at_step_1.keys() and all(best[k].equal(at_step_1[k]) for k in best)
+    assert (out + err).count("over-optimization at step 3") == 1  # said once, by the main process
