@@ -45,12 +45,21 @@ def test_the_sums_data_is_what_its_script_makes() -> None:
 
 
 def test_every_shipped_recipe_and_pipeline_validates_offline() -> None:
-    from rl_lora.study.pipeline import load_pipeline
+    """Every YAML file under recipes/ (at any depth) is a recipe or a pipeline, and validates; loads nothing
+    (no model, no data, no hub). Fails on an empty or moved recipes/ folder, not only on a bad file."""
+    from rl_lora.config.schema import read_recipe_file
+    from rl_lora.study.pipeline import is_pipeline, load_pipeline
 
-    for recipe in sorted((REPO / "recipes").glob("*.yaml")):
-        load_recipe(recipe)  # loads nothing: no model, no data, no hub
-    for pipeline in sorted((REPO / "recipes" / "pipelines").glob("*.yaml")):
-        load_pipeline(pipeline)  # every stage with its overrides
+    files = sorted((REPO / "recipes").rglob("*.yaml"))
+    pipelines = [f for f in files if is_pipeline(read_recipe_file(f))]
+    recipes = [f for f in files if f not in pipelines]
+    algorithms = {load_recipe(f).algorithm for f in recipes}
+    assert algorithms == {"grpo", "ppo", "dpo", "reward"}, f"shipped recipes cover {sorted(algorithms)}"
+    assert [load_recipe(f).name for f in recipes] == [f.stem for f in recipes]  # a run folder is named after it
+    assert pipelines, "no pipeline under recipes/"
+    for pipeline in pipelines:
+        stages = load_pipeline(pipeline).stages  # every stage with its overrides
+        assert len(stages) >= 2 and all(stage.recipe in recipes for stage in stages), pipeline
 
 
 def test_gsm8k_scoring_reads_the_number_after_the_marks() -> None:

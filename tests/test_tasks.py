@@ -135,18 +135,32 @@ def test_held_out_rows_are_never_trained_on_and_capped(tmp_path: Path) -> None:
     assert other.check() == {"train_prompts": 30, "held_out_prompts": 3}
 
 
-def test_evaluation_scores_greedy_completions_with_rewards_and_metrics(tmp_path: Path) -> None:
+def test_evaluation_scores_greedy_completions_with_rewards_and_metrics(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rl_lora.tasks.evaluation
     from rl_lora.models.loading import load_policy
 
-    config = validate(_dataset_raw(tmp_path, _jsonl(tmp_path / "d.jsonl", ROWS)))
+    raw = _dataset_raw(tmp_path, _jsonl(tmp_path / "d.jsonl", ROWS))
+    raw["reward"]["functions"][0]["weight"] = 0.5
+    config = validate(raw)
     task = make_task(config)
     task.check()
     model, tokenizer, _ = load_policy(config.model, config.data, progress=False)
     figures = task.evaluate(model, tokenizer, 4)
     assert set(figures) == {"exact_match", "held_out_reward", "held_out_reward/digits"}
     assert task.metric.name == "exact_match" and task.metric.higher_is_better
-    assert figures["held_out_reward"] == figures["held_out_reward/digits"]  # one reward, weight 1
     assert all(0.0 <= v <= 1.0 for v in figures.values())
+    # Completions chosen here, so each figure is a number worked out by hand: the metric and the reward each
+    # score their own held-out row's answer, and the reward's weight is applied.
+    answers = [r["answer"] for r in task._held.rows]
+    assert len(answers) == 6 and all(len(a) == 2 for a in answers)
+    given = [answers[0], answers[1] + "\nx", answers[2][0], "", "", "x"]  # right, right first line, 1 of 2 digits
+    monkeypatch.setattr(rl_lora.tasks.evaluation, "greedy_completions",
+                        lambda model, tokenizer, prompts, tokens: given if prompts == task._rendered else None)
+    figures = task.evaluate(model, tokenizer, 4)
+    assert figures["exact_match"] == pytest.approx(2 / 6)
+    assert figures["held_out_reward/digits"] == pytest.approx(2.5 / 6)
+    assert figures["held_out_reward"] == pytest.approx(0.5 * 2.5 / 6)
 
 
 def test_a_reward_needing_a_missing_column_is_refused_before_training(tmp_path: Path) -> None:
