@@ -10,11 +10,11 @@ from transformers import TrainerControl
 
 from rl_lora.config.schema import GuardSpec, validate
 from rl_lora.launch.runner import run_recipe
-from rl_lora.tasks.base import Metric
+from rl_lora.tasks.base import RATE, Metric
 from rl_lora.training.guard import OverOptimizationGuard
 from tests_support import tiny_raw
 
-ACCURACY = Metric("accuracy")
+ACCURACY = Metric("accuracy", unit=RATE)
 
 
 def _feed(guard: OverOptimizationGuard, records: list[dict], rows: list[dict]) -> TrainerControl:

@@ -16,13 +16,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from datasets import Dataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from rl_lora.tasks.base import Metric
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -42,8 +45,8 @@ class TrainerHandle(Protocol):
     """The runner's whole view of a built trainer (TRL's, through common.TrlTrainerHandle, or rl-lora's PPO)."""
 
     @property
-    def model(self) -> nn.Module:
-        """The policy being trained: what evaluation and saving use."""
+    def model(self) -> PreTrainedModel | PeftModel:
+        """The policy being trained (PEFT's wrapper for an adapter run): what evaluation and saving use."""
         ...
 
     @property
@@ -80,8 +83,11 @@ class Algorithm(Protocol[Checked]):
     """One algorithm's steps; ``Checked`` is what its ``check`` hands its ``load``."""
 
     name: str  # the recipe's ``algorithm``
-    # summary.json key -> logged key, averaged over the last logged steps (one step is noisy)
-    final_metrics: Mapping[str, str]
+
+    @property
+    def final_metrics(self) -> Mapping[str, str]:
+        """summary.json key -> logged key, averaged over the last logged steps (one step is noisy)."""
+        ...
 
     def check(self, config: Any) -> Checked: ...
 

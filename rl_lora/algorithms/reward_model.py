@@ -14,6 +14,7 @@ strictly higher, scored exactly as a recipe's ``learned:<folder>`` reward will s
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,17 @@ from rl_lora.algorithms.preference_data import check_chat_template, policy_pairs
 from rl_lora.config.schema import BUILTIN_PREFERENCES, RewardRecipe
 from rl_lora.data.preferences import split_rows
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
-from rl_lora.tasks.base import Metric
+from rl_lora.tasks.base import RATE, Metric
 from rl_lora.training.nonfinite import NonFiniteGuard
 
 HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
 CALIBRATION_BINS = 10
 PAIRWISE_ACCURACY = Metric("pairwise_accuracy", True,
-                           "pairwise accuracy on held-out preference pairs (chosen scored above rejected)")
+                           "pairwise accuracy on held-out preference pairs (chosen scored above rejected)", unit=RATE)
+# The other held-out figures: in [0, 1] or centred on 0, but not rates (their changes read in their own units).
+CALIBRATION_ERROR = Metric("calibration_error", False,
+                           "expected calibration error of sigmoid(margin) on held-out pairs", unit="ECE")
+MEAN_MARGIN = Metric("mean_margin", True, "mean reward margin (chosen - rejected) on held-out pairs", unit="logits")
 
 Pairs = list[dict[str, Any]]
 Checked = tuple[Any, tuple[Pairs, Pairs] | None]
@@ -122,11 +127,12 @@ def load(config: RewardRecipe, checked: Checked, progress: bool) -> Loaded:
     def evaluate(m: Any) -> dict[str, float]:
         margins = pairwise_margins(m, tokenizer, held_pairs) if held_pairs else []
         accuracy = sum(x > 0 for x in margins) / len(margins) if margins else float("nan")
-        return {PAIRWISE_ACCURACY.name: accuracy, "calibration_error": calibration_error(margins),
-                "mean_margin": sum(margins) / len(margins) if margins else float("nan")}
+        return {PAIRWISE_ACCURACY.name: accuracy, CALIBRATION_ERROR.name: calibration_error(margins),
+                MEAN_MARGIN.name: sum(margins) / len(margins) if margins else float("nan")}
 
     info = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_pairs)}
-    return Loaded(model, tokenizer, source, Dataset.from_list(train_pairs), evaluate, PAIRWISE_ACCURACY, info)
+    metric = replace(PAIRWISE_ACCURACY, resolution=1 / len(held_pairs)) if held_pairs else PAIRWISE_ACCURACY
+    return Loaded(model, tokenizer, source, Dataset.from_list(train_pairs), evaluate, metric, info)
 
 
 def reward_args(config: RewardRecipe, lr: float, output_dir: Path) -> RewardConfig:

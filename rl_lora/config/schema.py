@@ -206,12 +206,15 @@ BUILTIN_PREFERENCES = "builtin"
 class MetricSpec(_Section):
     """A held-out metric for a dataset task: a function with the reward signature, averaged over the held-out
     prompts' greedy completions. ``name`` is found like a reward's (built-in, module:function, file.py:function,
-    entry point); ``label`` is the key it is logged under (default: the function's name)."""
+    entry point); ``label`` is the key it is logged under (default: the function's name); ``unit`` declares
+    its scale: ``rate`` for a fraction in [0, 1] (margins in points), else the name of its units (not declared:
+    units without a name, never a rate)."""
 
     name: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
     higher_is_better: bool = True
+    unit: str | None = None
 
     @property
     def key(self) -> str:
@@ -272,7 +275,8 @@ class DataSpec(_Section):
         "trained on)"))
     metrics: list[MetricSpec] = Field(default_factory=list, description=(
         "`dataset` task: functions with the reward signature averaged over held-out greedy completions; the first "
-        "is the headline metric (else `held_out_reward`)"))
+        "is the headline metric (else `held_out_reward`, in units `reward`); `unit: rate` declares a fraction in "
+        "[0, 1] (margins in points), another string names its units"))
     # -- shared --------------------------------------------------------------------------------------
     eval_size: int = Field(default=300, ge=1, description=(
         "arithmetic: held-out problems, never trained on; dataset: at most this many held-out prompts evaluated"))
@@ -453,9 +457,10 @@ class GuardSpec(_Section):
     reference leaving its budget (rl_lora/training/guard.py). Checked at every held-out evaluation."""
 
     margin: float = Field(default=0.05, gt=0, description=(
-        "over-optimization: the headline held-out metric this far below its best (points of a [0, 1] metric, else "
-        "a fraction of the best) while the training proxy (reward; DPO margin; reward-model training accuracy) is "
-        "above its level then ([reliability.md](reliability.md#reward-over-optimization))"))
+        "over-optimization: the headline held-out metric this far below its best (points of a metric whose declared "
+        "unit is `rate`, else a fraction of how far training moved it, best - first evaluation) while the "
+        "training proxy (reward; DPO margin; reward-model training accuracy) is above its level then "
+        "([reliability.md](reliability.md#reward-over-optimization))"))
     patience: int = Field(default=2, ge=1, description=(
         "held-out evaluations in a row that must show it (one evaluation of a few dozen prompts is noisy: "
         "[tasks.md](tasks.md) shows a reported dip that recovered)"))

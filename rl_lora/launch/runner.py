@@ -45,8 +45,8 @@ from rl_lora.utils.errors import CheckpointError, ConfigError
 from rl_lora.utils.library_warnings import route_library_warnings
 
 FINAL_REWARD_WINDOW = 10  # final reward = mean over the last 10 logged steps (one step is noisy)
-# A run whose headline metric ends this far below its best evaluation says so (points of a [0, 1] metric;
-# for other metrics, this fraction of the best value's size).
+# A run whose headline metric ends this far below its best evaluation says so (points of a metric declared a
+# rate; for a metric with units, this fraction of how far training moved it: Metric.margin_in_units).
 FELL_BACK_MARGIN = 0.05
 
 ALGORITHMS: dict[str, Algorithm[Any]] = {a.name: a for a in (grpo.ALGORITHM, ppo.ALGORITHM, dpo.ALGORITHM,
@@ -286,7 +286,8 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
             "batch_size": c.train.batch_size, "steps": c.train.steps, "lr": run.lr.lr, "lr_reason": run.lr.reason,
         },
         "headline metric": {"held_out_metric": run.metric.description, "headline_metric": run.metric.name,
-                            "higher_is_better": run.metric.higher_is_better},
+                            "higher_is_better": run.metric.higher_is_better, "headline_unit": run.metric.unit,
+                            "headline_resolution": run.metric.resolution},
         "first evaluation": {f"start_{k}": v for k, v in run.tracker.start_eval.items()},
         "last evaluation": {f"final_{k}": v for k, v in run.tracker.last_eval.items()},
         "last steps' means": _final_means(run.tracker.records, run.algorithm.final_metrics),
@@ -308,7 +309,8 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
     summary["fell_back"] = fell_back(summary, run.metric)
     write_json_atomic(run.run_dir / "summary.json", summary)
     sync = run.sink.finish(summary) if run.sink is not None else None
-    _print_summary(summary, run.run_dir, list(run.tracker.last_eval), list(run.algorithm.final_metrics), sync)
+    _print_summary(summary, run.run_dir, list(run.tracker.last_eval), list(run.algorithm.final_metrics), sync,
+                   run.metric)
     if summary["fell_back"]:
         m = run.metric.name
         print(f"note: held-out {m.replace('_', ' ')} ended at {summary[f'final_{m}']:.3f}, below its best "
@@ -318,12 +320,12 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
 
 
 def fell_back(summary: dict[str, Any], metric: Metric) -> bool:
-    """Whether the headline metric's last evaluation is worse than its best by more than FELL_BACK_MARGIN
-    (absolute for a metric in [0, 1], relative to the best value's size otherwise)."""
+    """Whether the headline metric's last evaluation is worse than its best by more than FELL_BACK_MARGIN, in
+    the metric's declared unit (absolute for a rate; for units, a fraction of how far training moved it)."""
     final, best = summary.get(f"final_{metric.name}"), summary.get(f"best_{metric.name}")
     if final is None or best is None or not math.isfinite(final) or not math.isfinite(best):
         return False
-    margin = FELL_BACK_MARGIN if 0.0 <= best <= 1.0 else FELL_BACK_MARGIN * abs(best)
+    margin = metric.margin_in_units(FELL_BACK_MARGIN, best, summary.get(f"start_{metric.name}"))
     loss = best - final if metric.higher_is_better else final - best
     return loss > margin
 
@@ -386,13 +388,14 @@ def _disk_full_message(run_dir: Path, exc: OSError) -> str:
 
 
 def _print_summary(
-    s: dict[str, Any], run_dir: Path, eval_keys: list[str], final_keys: list[str], sync: str | None
+    s: dict[str, Any], run_dir: Path, eval_keys: list[str], final_keys: list[str], sync: str | None,
+    metric: Metric,
 ) -> None:
     lines = []
     for key in eval_keys:
         start, final = s[f"start_{key}"], s[f"final_{key}"]
-        in_unit = 0.0 <= start <= 1.0 and 0.0 <= final <= 1.0  # a rate: its change reads best in points
-        change = f"{100 * (final - start):+.1f} points" if in_unit else f"{final - start:+.4g}"
+        # the declared unit, never a guess from the values: points for a rate headline, raw units otherwise
+        change = metric.format_change(final - start) if key == metric.name else f"{final - start:+.4g}"
         headline = " (headline)" if key == s["headline_metric"] and len(eval_keys) > 1 else ""
         lines.append(f"{held_out_label(key)}{headline}: {start:.3f} -> {final:.3f} ({change})")
     for key in final_keys:

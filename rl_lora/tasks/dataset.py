@@ -134,9 +134,11 @@ class DatasetTask:
                               "completions by: name at least one function in data.metrics")
         first = self.data.metrics[0] if self.data.metrics else None
         self.metric = (
-            Metric(first.key, first.higher_is_better, f"mean of {first.name} over held-out greedy completions")
+            Metric(first.key, first.higher_is_better, f"mean of {first.name} over held-out greedy completions",
+                   unit=first.unit)
             if first else
-            Metric(HELD_OUT_REWARD, True, "weighted sum of the recipe's rewards over held-out greedy completions")
+            Metric(HELD_OUT_REWARD, True, "weighted sum of the recipe's rewards over held-out greedy completions",
+                   unit="reward")
         )
         self._train: PromptRows | None = None
         self._held: PromptRows | None = None

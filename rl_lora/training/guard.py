@@ -40,9 +40,10 @@ def metric_drop(metric: Metric, best: float, now: float) -> float:
     return best - now if metric.higher_is_better else now - best
 
 
-def drop_margin(spec: GuardSpec, best: float) -> float:
-    """The margin in the metric's units: absolute for a metric in [0, 1], relative to |best| otherwise."""
-    return spec.margin if 0.0 <= best <= 1.0 else spec.margin * abs(best)
+def drop_margin(spec: GuardSpec, metric: Metric, best: float, start: float | None = None) -> float:
+    """``guard.margin`` in the metric's units, by its declared unit (``Metric.margin_in_units``): absolute for a
+    rate, a fraction of how far training moved it (best - first evaluation) for a metric with units."""
+    return metric.margin_in_units(spec.margin, best, start)
 
 
 class OverOptimizationGuard(TrainerCallback):
@@ -167,7 +168,9 @@ class OverOptimizationGuard(TrainerCallback):
     def _check_overoptimization(self, step: int, value: float, announce: bool = True) -> None:
         best_step, best = self._best
         proxy_then, proxy_now = self._proxy_level(best_step), self._proxy_level(step)
-        fell = metric_drop(self.metric, best, value) > drop_margin(self.spec, best)
+        key = f"eval/{self.metric.name}"
+        start = next((r[key] for r in self.records if r.get(key) is not None), None)  # the first evaluation
+        fell = metric_drop(self.metric, best, value) > drop_margin(self.spec, self.metric, best, start)
         # The metric fell without the proxy rising: not over-optimization (the end-of-run note covers it).
         rose = proxy_then is not None and proxy_now is not None and proxy_now > proxy_then
         self._streak = [*self._streak, step] if fell and rose else []

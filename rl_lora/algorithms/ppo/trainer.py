@@ -43,14 +43,14 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DeepSpeedPlugin, gather_object
 from datasets import Dataset
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_callback import CallbackHandler, TrainerControl, TrainerState
 
 from rl_lora.adapters.rollout import merged_adapters
@@ -68,6 +68,9 @@ from rl_lora.tasks.rewards import trainer_rewards
 from rl_lora.training.distributed import deepspeed_config
 from rl_lora.training.sealing import non_finite_parameters
 from rl_lora.utils.errors import CheckpointError, ConfigError, RlLoraError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ class PPOTrainer:
             self.ac.reference.to(self.accelerator.device)
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> PreTrainedModel | PeftModel:
         return self.ac.policy
 
     @property

@@ -5,6 +5,7 @@ the reward model's built-in preference pairs (rl_lora/tasks/arithmetic/pairs.py)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from datasets import Dataset
@@ -19,9 +20,9 @@ from rl_lora.tasks.arithmetic.problems import (
     split,
     to_dataset,
 )
-from rl_lora.tasks.base import Metric
+from rl_lora.tasks.base import RATE, Metric
 
-ACCURACY = Metric("accuracy", True, "greedy exact-answer accuracy on the held-out problems")
+ACCURACY = Metric("accuracy", True, "greedy exact-answer accuracy on the held-out problems", unit=RATE)
 
 
 class ArithmeticTask:
@@ -31,6 +32,8 @@ class ArithmeticTask:
 
     def __init__(self, config: RecipeConfig) -> None:
         self.spec = config.data
+        # every held-out problem counts 1/eval_size (split() refuses an eval_size that leaves no training data)
+        self.metric = replace(ACCURACY, resolution=1 / self.spec.eval_size)
         self._split: tuple[list[Problem], list[Problem]] | None = None
         self._rendered: list[Problem] | None = None
 
