@@ -83,11 +83,15 @@ def sweep(recipe: str | Path, *, ranks: str = "1,4,16,full", seeds: str | None =
           lr_points: int = 5, lr_step: float = 2.0, selection_seeds: str = "1,2", select_last: int = 2,
           margin: float | None = None, targets: Sequence[str] | None = None, match_params: bool = False,
           batch_sizes: str | None = None, overrides: Sequence[str] = (), name: str | None = None,
-          output_dir: str | Path = "sweeps", jobs: int = 1, lr_multipliers: str | None = None) -> tuple[Path, Outcome]:
+          output_dir: str | Path = "sweeps", jobs: int = 1, lr_multipliers: str | None = None,
+          ray: str | None = None, devices: str | None = None) -> tuple[Path, Outcome]:
     """Run a sweep (each method at its own best LR when ``lrs`` is given) and return its folder and outcome.
 
     The arguments take the same text as ``rl-lora sweep``'s options (docs/sweeps.md): ``ranks="1,16,full"``,
     ``lrs="auto"``, ``seeds="3,4,5,6"``. A restarted sweep finishes only what is missing.
+
+    ``ray``: run every run as a Ray task (docs/cluster.md): ``"auto"`` or a cluster's ``"HOST:PORT"``, or
+    ``"local"`` for a local Ray instance; ``devices``: devices per run by method (``"full=4,lora=1"``).
     """
     from rl_lora.study.sweep import SweepSpec, run_sweep
     from rl_lora.study.sweep_plan import LrGrids, parse_lr_grids, parse_numbers, parse_ranks, plan_arms
@@ -106,7 +110,15 @@ def sweep(recipe: str | Path, *, ranks: str = "1,4,16,full", seeds: str | None =
     selection = parse_numbers("--selection-seeds", selection_seeds, int, positive=False) if grids else []
     spec = SweepSpec(seed_list, grids, selection, select_last, margin)
     sweep_dir = Path(output_dir) / (name or config.name)
-    return sweep_dir, run_sweep(Path(recipe), arms, spec, sweep_dir, list(overrides), jobs=jobs)
+    launcher = None
+    if ray is not None:  # Ray is imported only here (the optional extra rl-lora[ray])
+        from rl_lora.study.ray_launcher import RayLauncher
+
+        spec.check()  # before the cluster is contacted
+        launcher = RayLauncher(Path(recipe), list(overrides), sweep_dir, arms, ray, devices, jobs)
+    elif devices:
+        raise ConfigError(f"--devices {devices}: devices per run are for a sweep on Ray; add --ray [ADDRESS]")
+    return sweep_dir, run_sweep(Path(recipe), arms, spec, sweep_dir, list(overrides), jobs=jobs, launcher=launcher)
 
 
 def report(sweep_dir: str | Path, threshold: float | None = None) -> Path:

@@ -4,6 +4,7 @@
     rl-lora run PIPELINE [--resume PIPELINE_DIR]          (a file with stages:, rl_lora/study/pipeline.py)
     rl-lora validate RECIPE [key.path=value ...]
     rl-lora sweep RECIPE --ranks 1,16,full [--lrs auto --selection-seeds 1,2] --seeds 3,4,5,6 [--jobs 2] [key=value ...]
+    rl-lora sweep RECIPE ... --ray [ADDRESS] [--devices full=4,lora=1]   (every run a Ray task: docs/cluster.md)
     rl-lora report SWEEP_DIR [--wandb [--entity ENTITY] [--project PROJECT]]
     rl-lora capacity RECIPE [key.path=value ...]
     rl-lora plan RECIPE [key.path=value ...] [--devices N] [--device-memory 80GB] [--prompt-tokens N]
@@ -84,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
                       help="batch sizes at the recipe's number of episodes (steps scale inversely)")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at once (one per GPU; on CPU the cores are split between them)")
+    cluster = p.add_argument_group("on a Ray cluster (docs/cluster.md; pip install 'rl-lora[ray]')")
+    cluster.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                         help="every run a Ray task on the cluster at ADDRESS (HOST:PORT, or 'auto'); with no "
+                              "address, a local Ray instance")
+    cluster.add_argument("--devices", default=None,
+                         help="devices per run by method, e.g. full=4,lora=1 (GPUs, or CPU slots on a CPU "
+                              "cluster; default 1 each); a run with more than 1 is started with --nproc")
     p.add_argument("--name", default=None, help="sweep name (default: the recipe's name)")
     p.add_argument("--output-dir", default="sweeps", help="where sweep folders go")
     p.add_argument("--threshold", type=float, default=None,
@@ -109,7 +117,8 @@ def _sweep(args: argparse.Namespace) -> int:
         args.recipe, ranks=args.ranks, seeds=args.seeds, lrs=args.lrs, lr_points=args.lr_points,
         lr_step=args.lr_step, selection_seeds=args.selection_seeds, select_last=args.select_last, margin=args.margin,
         targets=targets, match_params=args.match_params, batch_sizes=args.batch_sizes, overrides=args.overrides,
-        name=args.name, output_dir=args.output_dir, jobs=args.jobs, lr_multipliers=args.lr_multipliers)
+        name=args.name, output_dir=args.output_dir, jobs=args.jobs, lr_multipliers=args.lr_multipliers,
+        ray=args.ray, devices=args.devices)
     print(f"sweep {sweep_dir}: {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
           f"{len(outcome.failed)} failed" + (f" ({', '.join(outcome.failed)})" if outcome.failed else ""))
     if outcome.finished or outcome.skipped:

@@ -267,13 +267,14 @@ def select_lrs(runs_dir: Path, points: list[SweepPoint], select_last: int) -> di
 
 def run_sweep(
     recipe: Path, arms: list[Arm], spec: SweepSpec, sweep_dir: Path, overrides: list[str] | None = None,
-    jobs: int = 1, progress: bool = True,
+    jobs: int = 1, progress: bool = True, launcher: Launcher | None = None,
 ) -> Outcome:
     """Run the sweep's phases; returns the names of finished, skipped and failed runs."""
     overrides = overrides or []
     spec.check()
     config = load_recipe(recipe, overrides)  # validate once, before the first process starts
-    launcher = Launcher(recipe, overrides, sweep_dir, jobs, progress)
+    # ``launcher``: another way to start runs with the same reuse rules (rl_lora/study/ray_launcher.py: on Ray)
+    launcher = launcher or Launcher(recipe, overrides, sweep_dir, jobs, progress)
     selection = points_for(config, arms, spec.selection_seeds, spec.grids, phase="selection") if spec.grids else []
     manifest = {
         "recipe": str(recipe), "overrides": overrides, "group": sweep_dir.name,

@@ -1,0 +1,205 @@
+"""Sweeps on Ray (rl_lora/study/ray_launcher.py) on a real 3-node Ray cluster started by the test on this
+machine: a head with no CPU slots and two 1-slot worker nodes, each node on its own loopback address
+(127.0.0.2-4; Ray rewrites 127.0.0.1 itself to the machine's network address, so it cannot be used), and
+the test checks that every node Ray registered is on the loopback range. Every subprocess has a timeout,
+and the fixture's finalizer stops every Ray process it started.
+
+Needs the extra (pip install 'rl-lora[ray]'; CI installs it)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rl_lora.study.ray_launcher import parse_devices, storage_problem
+from rl_lora.study.sweep_plan import Arm
+from rl_lora.utils.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "grpo_arithmetic.yaml"
+HEAD_IP, WORKER_IPS = "127.0.0.2", ("127.0.0.3", "127.0.0.4")
+# Tiny runs of the shipped recipe: 4 steps of 16 completions, a checkpoint every 2 steps, one thread each.
+TINY = ["train.steps=4", "train.eval_every=2", "train.save_every=2", "train.batch_size=16",
+        "grpo.num_generations=4", "data.eval_size=20", "train.threads=1", "logging.wandb=false"]
+# Per-step figures that must agree between two runs of one point (not timings or memory).
+COMPARED = ("loss", "grad_norm", "reward", "reward_std", "entropy", "eval/accuracy", "rewards/exact_answer/mean")
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rl_lora.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def _ok(result: subprocess.CompletedProcess, sweep_dir: Path) -> None:
+    failures = sweep_dir / "failures.jsonl"
+    assert result.returncode == 0, (failures.read_text() if failures.is_file() else "") + result.stderr[-3000:]
+
+
+def _figures(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: row[k] for k in ("step", *COMPARED) if k in row} for row in rows]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HEAD_IP, 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[object, str]]:
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    started = time.perf_counter()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "node_ip_address": HEAD_IP, "include_dashboard": False})
+    try:
+        for ip in WORKER_IPS:
+            cluster.add_node(num_cpus=1, node_ip_address=ip)
+        ray.init(address=cluster.address, _node_ip_address=HEAD_IP, log_to_driver=False, logging_level="WARNING")
+        cluster.wait_for_nodes(timeout=120)
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 3
+        assert cluster.address.split(":")[0] == HEAD_IP
+        for node in nodes:  # every node registered, and so every connection to it, on the loopback range
+            assert ipaddress.ip_address(node["NodeManagerAddress"]).is_loopback, node["NodeManagerAddress"]
+        assert time.perf_counter() - started < 180
+        yield cluster, cluster.address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_devices_parsing() -> None:
+    arms = [Arm(1), Arm(16), Arm("full")]
+    assert parse_devices("full=4,lora=1", arms) == {"full": 4, "lora": 1}
+    assert parse_devices("r16=2", arms) == {"r16": 2}
+    with pytest.raises(ConfigError, match="no method 'fulll'.*full, lora, r1, r16"):
+        parse_devices("fulll=2", arms)
+    with pytest.raises(ConfigError, match="--devices 'full=0'"):
+        parse_devices("full=0", arms)
+
+
+def test_storage_check(tmp_path: Path) -> None:
+    assert storage_problem(tmp_path, "127.0.0.3") is None
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
+    assert "does not see the sweep folder" in storage_problem(tmp_path / "elsewhere", "127.0.0.3")
+
+
+def test_ray_not_installed(tmp_path: Path) -> None:
+    fake = tmp_path / "no_ray"
+    (fake / "ray").mkdir(parents=True)
+    (fake / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    result = _cli("sweep", str(RECIPE), "--ranks", "1", "--seeds", "1", "--ray", "--output-dir", str(tmp_path / "o"),
+                  *TINY, env={"PYTHONPATH": str(fake)}, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "rl-lora: error: --ray: Ray is not installed in this environment; pip install 'rl-lora[ray]'"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_input_is_one_line_before_any_run(cluster: tuple[object, str], tmp_path: Path) -> None:
+    _, address = cluster
+    out = tmp_path / "o"
+    base = ["sweep", str(RECIPE), "--ranks", "1,full", "--seeds", "1", "--output-dir", str(out), *TINY]
+    cases = [
+        (["--ray", address, "--devices", "lora=1,ful=2"], "--devices 'ful=2': no method 'ful' in this sweep"),
+        (["--ray", address, "--devices", "full=2"],
+         "--devices full=2: the largest node of this Ray cluster offers 1 CPU slot(s)"),
+        (["--ray", f"{HEAD_IP}:{_free_port()}"], "no Ray cluster answers there"),
+    ]
+    for extra, expected in cases:
+        started = time.perf_counter()
+        result = _cli(*base, *extra, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], (extra, result.stderr[-2000:])
+        assert time.perf_counter() - started < 60  # the interpreter's start-up under load, not Ray's retries
+        assert not out.exists(), extra  # nothing written
+
+
+@pytest.mark.slow
+def test_ray_sweep_equals_local_jobs_1(cluster: tuple[object, str], tmp_path: Path) -> None:
+    """2 methods x 2 LRs x 1 selection seed, then 1 confirmation seed at each best LR: the Ray sweep on the
+    two worker nodes gives, run for run, the local --jobs 1 sweep's per-step figures, LR choice and report."""
+    _, address = cluster
+    sweep = ["sweep", str(RECIPE), "--ranks", "1,full", "--lrs", "full=1e-4,3e-4;lora=1e-3,3e-3",
+             "--selection-seeds", "1", "--seeds", "2", "--name", "s", *TINY]
+    local = _cli(*sweep, "--output-dir", str(tmp_path / "local"))
+    _ok(local, tmp_path / "local" / "s")
+    on_ray = _cli(*sweep, "--output-dir", str(tmp_path / "ray"), "--ray", address)
+    _ok(on_ray, tmp_path / "ray" / "s")
+    assert "6 finished, 0 already done, 0 failed" in on_ray.stdout
+
+    local_runs, ray_runs = tmp_path / "local" / "s" / "runs", tmp_path / "ray" / "s" / "runs"
+    names = sorted(p.parent.name for p in local_runs.glob("*/summary.json"))
+    assert len(names) == 6 and names == sorted(p.parent.name for p in ray_runs.glob("*/summary.json"))
+    for name in names:
+        assert _figures(ray_runs / name) == _figures(local_runs / name), name
+    placed = {json.loads((ray_runs / f"{n}.ray.json").read_text())["node"] for n in names}
+    assert placed <= set(WORKER_IPS)  # on the worker nodes (the head offers no slot)
+    assert json.loads((tmp_path / "ray" / "s" / "selection.json").read_text()) == \
+        json.loads((tmp_path / "local" / "s" / "selection.json").read_text())
+    verdicts = [(tmp_path / d / "s" / "report.md").read_text().split("\n## ")[1] for d in ("local", "ray")]
+    assert verdicts[0] == verdicts[1]
+
+
+@pytest.mark.slow
+def test_lost_node_resumes_from_checkpoint(cluster: tuple[object, str], tmp_path: Path) -> None:
+    """The run's node is removed right after its step-2 checkpoint: Ray retries the task on the other node,
+    the run continues from that checkpoint and ends with an uninterrupted run's figures. Runs last: it leaves
+    one worker node."""
+    handle, address = cluster
+    sweep = ["sweep", str(RECIPE), "--ranks", "1", "--seeds", "1", "--name", "s", *TINY]
+    reference = _cli(*sweep, "--output-dir", str(tmp_path / "reference"))
+    _ok(reference, tmp_path / "reference" / "s")
+
+    marker = tmp_path / "paused"
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "pause_hook"), os.environ.get("PYTHONPATH", "")]),
+           "RL_LORA_TEST_PAUSE_AFTER_STEP": "2", "RL_LORA_TEST_PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "rl_lora.cli", *sweep, "--output-dir", str(tmp_path / "ray"),
+                             "--ray", address], cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        timeline = {"start": time.perf_counter()}
+        deadline = time.time() + 300
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert marker.exists(), "the run never reached its step-2 checkpoint"
+        timeline["checkpoint 2 sealed"] = time.perf_counter()
+        runs = tmp_path / "ray" / "s" / "runs"
+        name = next(p.name for p in runs.iterdir() if p.is_dir())
+        node_ip = json.loads((runs / f"{name}.ray.json").read_text())["node"]
+        victim = next(n for n in handle.worker_nodes if n.node_ip_address == node_ip)
+        handle.remove_node(victim, allow_graceful=False)
+        timeline["node removed"] = time.perf_counter()
+        out, err = proc.communicate(timeout=300)
+        timeline["sweep done"] = time.perf_counter()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    assert "1 finished, 0 already done, 0 failed" in out
+    placement = json.loads((runs / f"{name}.ray.json").read_text())
+    assert placement["resumed"] and placement["node"] != node_ip
+    assert json.loads((runs / name / "summary.json").read_text())["resumed_from_step"] == 2
+    assert _figures(runs / name) == _figures(tmp_path / "reference" / "s" / "runs" / name)
+    assert not _alive(int(marker.read_text()))  # the first attempt's process died with its node
+    print("timeline (s):", {k: round(v - timeline["start"], 1) for k, v in timeline.items()})
