@@ -96,6 +96,8 @@ def file_in_the_way(tmp: Path) -> tuple[dict, list[str]]:
 LONG_PROMPT = "1+" * 40 + "1="  # 82 characters: past the built-in model's 64-token context
 PROMPTS = [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 30)]
 USER = [{"role": "user", "content": "1+1="}]
+CHAT_PAIRS = [{"prompt": USER, "chosen": [{"role": "assistant", "content": "2"}],
+               "rejected": [{"role": "assistant", "content": "3"}]}] * 10
 
 
 def prompts(tmp: Path, rows: list | bytes, name: str = "prompts.jsonl", reward: str = "exact_answer",
@@ -181,6 +183,8 @@ CASES = [
     Case("prompts-chat-without-template", lambda t: (prompts(t, [{"prompt": USER, "answer": "2"}] * 10), []),
          ["dataset '{tmp}/prompts.jsonl' is conversational", "'builtin:arithmetic-tiny' has no chat template",
           "use a chat/instruct model, or give the prompts as plain strings"]),
+    Case("preferences-chat-without-template", lambda t: (preference(t, "dpo", CHAT_PAIRS), []),
+         ["dataset '{tmp}/prefs.jsonl' is conversational", "'builtin:arithmetic-tiny' has no chat template"]),
     Case("prompts-reward-needs-missing-column",
          lambda t: (prompts(t, [{"prompt": "1+1=", "solution": "2"}] * 10), []),
          ["reward 'exact_answer' needs column 'answer', which dataset '{tmp}/prompts.jsonl' does not have "
@@ -264,6 +268,19 @@ def test_bad_input_fails_in_one_line_and_leaves_earlier_runs_alone(
         assert "rl-lora: run folder" not in err and "trainable params" not in err, err
         assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["earlier"]
     assert _hashes(earlier) == before
+
+
+def test_conversational_pairs_without_a_chat_template_are_refused_before_the_heavy_imports(tmp_path: Path) -> None:
+    """As fast as the other refusals of bad rows (bench/bad_input_latency.py): the precheck refuses from the
+    policy's tokenizer files, in a process that has imported neither torch nor transformers."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps(preference(tmp_path, "dpo", CHAT_PAIRS)))
+    script = ("import sys\nfrom rl_lora.cli import main\ncode = main(['run', sys.argv[1]])\n"
+              "print(code, [m for m in ('torch', 'transformers', 'trl') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", script, str(recipe)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.stdout.split("\n")[-2] == "2 []", proc.stdout + proc.stderr
+    assert "'builtin:arithmetic-tiny' has no chat template" in proc.stderr
 
 
 # -- a tokenizer without a pad token: handled, not refused --------------------------------------

@@ -36,6 +36,15 @@ def require_chat_template(tokenizer: Any, source: str, dataset: str) -> None:
     )
 
 
+def refuse_if_files_lack_chat_template(model: Any, dataset: str) -> None:
+    """The light half of ``require_policy_chat_template``, for the precheck: refuses where the policy's tokenizer
+    files say it has no chat template, importing nothing heavy; where they do not say, the runner checks."""
+    from rl_lora.models.tokenizer_files import light_has_chat_template
+
+    if light_has_chat_template(model) is False:
+        require_chat_template(None, model.policy, dataset)
+
+
 def require_policy_chat_template(model: Any, dataset: str) -> None:
     """``require_chat_template`` for a recipe's policy (``model``: its ModelSpec), from the tokenizer files alone,
     before any weights load; skipped where the tokenizer cannot be had without them (GGUF). A policy folder

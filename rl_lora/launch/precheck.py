@@ -37,12 +37,17 @@ def precheck(config: RecipeConfig) -> None:
 
         make_task(config).check()
     if config.algorithm in ("dpo", "reward") and config.preferences_source != BUILTIN_PREFERENCES:
-        from rl_lora.data.preferences import read_preference_file
+        from rl_lora.data.chat import refuse_if_files_lack_chat_template
+        from rl_lora.data.preferences import is_conversational, read_preference_file
 
-        read_preference_file(config.preferences_source, light_prompt_limit(config), config.data.split,
-                             config.data.subset)
+        sources = [config.preferences_source]
         if config.algorithm == "reward" and config.data.eval_preferences is not None:
-            read_preference_file(config.data.eval_preferences, split=config.data.split, subset=config.data.subset)
+            sources.append(config.data.eval_preferences)
+        for i, source in enumerate(sources):
+            rows = read_preference_file(source, light_prompt_limit(config) if i == 0 else None, config.data.split,
+                                        config.data.subset)
+            if is_conversational(rows):  # refused here, not after the heavy imports
+                refuse_if_files_lack_chat_template(config.model, source)
 
 
 def light_prompt_limit(config: RecipeConfig) -> RowCheck | None:
