@@ -7,7 +7,13 @@ best evaluation while the training proxy is above what it was then (at ``guard.p
 row), or when the KL to the reference has
 stayed above its budget, it records an event (step, proxy, metric, KL) in summary.json
 (``overoptimization``), prints it, and with ``guard.action: stop`` ends the run there. With
-``guard.keep_best`` it saves the policy of the best evaluation to ``<run>/best/``.
+``guard.keep_best`` it saves the policy of the best evaluation to ``<run>/best/`` (``best_step.json`` names
+its step).
+
+A resumed run's guard takes its best evaluation, streak and events from the records reloaded up to the
+checkpoint, saving nothing: ``best/`` is kept when it holds that best step's policy, removed otherwise.
+Under several processes every one evaluates, and the main process's figures decide for all: whether to
+save (it alone writes ``best/``; the others wait until it is complete) and whether to stop.
 
 The proxy is what each algorithm optimizes: the training reward (GRPO, PPO), the DPO reward margin, the
 reward model's training accuracy.
