@@ -100,6 +100,21 @@ class Algorithm(Protocol[Checked]):
         ...
 
 
+
+@dataclass
+class PairwiseAlgorithm:
+    """An ``Algorithm`` trained on preference pairs through one of TRL's trainers (DPO, reward models):
+    no rewards and no KL controller, so only its name, its final metrics and its three steps differ."""
+
+    name: str
+    final_metrics: Mapping[str, str]
+    check: Callable[[Any], Any]
+    load: Callable[[Any, Any, bool], Loaded]
+    build: Callable[[Any, Loaded, float, Path], TrainerHandle]
+
+    def kl_budget(self, config: Any) -> float | None:
+        return None
+
 def parameter_figures(trainer: TrainerHandle, reference: nn.Module | None) -> dict[str, int | float]:
     """Trainable and total parameters of the policy, and the bytes of a separate ``reference``."""
     from rl_lora.adapters.lora import count_parameters

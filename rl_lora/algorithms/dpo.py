@@ -30,7 +30,7 @@ from rl_lora.algorithms.common import (
     shared_training_args,
     trl_config,
 )
-from rl_lora.algorithms.contract import Loaded
+from rl_lora.algorithms.contract import Loaded, PairwiseAlgorithm
 from rl_lora.algorithms.preference_data import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 from rl_lora.config.schema import BUILTIN_PREFERENCES, DpoRecipe
 from rl_lora.models.loading import load_policy
@@ -106,17 +106,7 @@ def build_dpo_trainer(config: DpoRecipe, loaded: Loaded, lr: float, output_dir: 
     return quiet(trainer)
 
 
-class Dpo:
-    """DPO's steps (rl_lora/algorithms/contract.py's Algorithm)."""
-
-    name = "dpo"
-    final_metrics = {"final_margin": "rewards/margins", "final_train_accuracy": "rewards/accuracies"}
-    check = staticmethod(check_preferences)
-    load = staticmethod(load)
-    build = staticmethod(build_dpo_trainer)
-
-    def kl_budget(self, config: DpoRecipe) -> float | None:
-        return None
-
-
-ALGORITHM = Dpo()
+ALGORITHM = PairwiseAlgorithm(
+    "dpo", {"final_margin": "rewards/margins", "final_train_accuracy": "rewards/accuracies"},
+    check_preferences, load, build_dpo_trainer,
+)

@@ -33,7 +33,7 @@ from rl_lora.algorithms.common import (
     shared_training_args,
     trl_config,
 )
-from rl_lora.algorithms.contract import Loaded
+from rl_lora.algorithms.contract import Loaded, PairwiseAlgorithm
 from rl_lora.algorithms.preference_data import check_chat_template, policy_pairs, read_preferences, require_task_pairs
 from rl_lora.config.schema import BUILTIN_PREFERENCES, RewardRecipe
 from rl_lora.data.preferences import split_rows
@@ -157,17 +157,7 @@ def build_reward_trainer(config: RewardRecipe, loaded: Loaded, lr: float, output
     return quiet(trainer)
 
 
-class RewardModel:
-    """Reward-model training's steps (rl_lora/algorithms/contract.py's Algorithm)."""
-
-    name = "reward"
-    final_metrics = {"final_train_accuracy": "accuracy", "final_margin": "margin"}
-    check = staticmethod(check_preferences)
-    load = staticmethod(load)
-    build = staticmethod(build_reward_trainer)
-
-    def kl_budget(self, config: RewardRecipe) -> float | None:
-        return None
-
-
-ALGORITHM = RewardModel()
+ALGORITHM = PairwiseAlgorithm(
+    "reward", {"final_train_accuracy": "accuracy", "final_margin": "margin"},
+    check_preferences, load, build_reward_trainer,
+)
