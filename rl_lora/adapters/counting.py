@@ -8,7 +8,9 @@ memory and no download of weights. MoE experts are counted by PEFT's own formula
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -222,3 +224,73 @@ def adapter_parameter_count(
     if not linears and not targeted_experts(moe.layout, targets):
         targeted_shapes(shapes, targets)  # raises, naming what is available
     return rank * sum(d_in + d_out for d_in, d_out in linears.values()) + experts
+
+
+# --- other PEFT adapter types (lora.adapter) -------------------------------------------------------
+
+
+def _peft_default(adapter: str, option: str) -> Any:
+    """PEFT's own default for ``option`` of ``adapter``'s config class (the count follows PEFT, not a copy)."""
+    import dataclasses
+
+    import peft
+
+    from rl_lora.config.adapter_options import ADAPTER_TYPES
+
+    fields = {f.name: f for f in dataclasses.fields(getattr(peft, ADAPTER_TYPES[adapter].peft_class))}
+    return fields[option].default
+
+
+def adapter_type_parameter_count(
+    shapes: dict[str, tuple[int, int]],
+    adapter: str,
+    rank: int,
+    targets: str | list[str],
+    options: Mapping[str, Any] | None = None,
+) -> int:
+    """Trainable parameters of PEFT's ``adapter`` type on the targeted linears, by PEFT 0.21.2's layer shapes.
+
+    - lora: r (d_in + d_out) per layer; dora adds a magnitude per output feature (d_out);
+    - vera: the shared projections are frozen buffers; per layer lambda_d (r) and lambda_b (d_out);
+    - tinylora: one vector of ``u`` values per group of layers, ``round(n (1 - weight_tying))`` groups (at
+      least 1) for n targeted layers (peft/tuners/tinylora/model.py); the SVD factors are frozen buffers;
+    - miss: a (r x d_out) block per layer; ``init_weights: bat`` (d_out // r) r x r, ``mini`` r x mini_r.
+    """
+    options = dict(options or {})
+    if rank < 1:
+        raise ConfigError(f"lora.rank must be >= 1, got {rank}")
+    selected = targeted_shapes(shapes, targets)
+    outs = [d_out for _, d_out in selected.values()]
+    if adapter == "lora":
+        return lora_parameter_count(shapes, rank, targets)
+    if adapter == "dora":
+        return lora_parameter_count(shapes, rank, targets) + sum(outs)
+    if adapter == "vera":
+        return sum(rank + d_out for d_out in outs)
+    if adapter == "tinylora":
+        u = int(options.get("u", _peft_default("tinylora", "u")))
+        tying = float(options.get("weight_tying", _peft_default("tinylora", "weight_tying")))
+        return u * max(1, round(len(selected) * (1.0 - tying)))
+    if adapter == "miss":
+        mode = options.get("init_weights", _peft_default("miss", "init_weights"))
+        if mode == "bat":
+            return sum((d_out // rank) * rank * rank for d_out in outs)
+        if mode == "mini":
+            return rank * int(options.get("mini_r", _peft_default("miss", "mini_r"))) * len(outs)
+        return rank * sum(outs)
+    raise ConfigError(f"lora.adapter '{adapter}': no parameter count for it")
+
+
+def check_fused_experts(adapter: str, layout: MoeLayout | None, targets: str | list[str]) -> None:
+    """Refuse an adapter type PEFT cannot put on the fused MoE experts ``targets`` selects (LoRA only can)."""
+    from rl_lora.config.adapter_options import ADAPTER_TYPES
+
+    if layout is None or ADAPTER_TYPES[adapter].fused_experts:
+        return
+    experts = targeted_experts(layout, targets)
+    if experts:
+        raise ConfigError(
+            f"lora.adapter {adapter}: PEFT 0.21.2 cannot put it on fused MoE experts ({sorted(experts)[0]}, ...: only "
+            "LoRA has target_parameters, and it refuses use_dora); set lora.adapter: lora, or lora.targets: "
+            "attention to adapt the attention linears only"
+        )

@@ -13,11 +13,12 @@ import re
 import warnings
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftConfig
 from torch import nn
 
 from rl_lora.adapters.counting import (
     MoeLayout,
+    check_fused_experts,
     expert_rank_multiple,
     model_linear_shapes,
     moe_layout,
@@ -26,6 +27,7 @@ from rl_lora.adapters.counting import (
     targeted_shapes,
 )
 from rl_lora.adapters.targets import TARGET_SETS, resolve_targets
+from rl_lora.config.adapter_options import ADAPTER_TYPES
 from rl_lora.config.schema import LoraSpec
 from rl_lora.utils.errors import ConfigError
 
@@ -43,8 +45,9 @@ warnings.filterwarnings(
 )
 
 
-def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", model: nn.Module | None = None) -> LoraConfig | None:
-    """PEFT's LoraConfig for ``spec``, or None for the full-parameter baseline.
+def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", model: nn.Module | None = None) -> PeftConfig | None:
+    """PEFT's config for ``spec`` (a LoraConfig, or another type's with ``lora.adapter``), or None for the
+    full-parameter baseline.
 
     alpha is fixed (32 by default) rather than scaled with rank: with alpha/r scaling the optimal LR
     barely depends on rank (docs/findings.md, claim 5). B starts at zero, so a fresh adapter leaves
@@ -57,6 +60,8 @@ def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", model: nn.Module |
     if spec.is_full:
         return None
     layout = moe_layout(model) if model is not None else None
+    if spec.adapter != "lora":
+        return _other_config(spec, task_type, model, layout)
     if layout is None:
         if model is not None and spec.train_router:
             raise ConfigError("lora.train_router is set but the model has no MoE router: remove it")
@@ -69,6 +74,35 @@ def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", model: nn.Module |
             task_type=task_type,
         )
     return _moe_config(spec, task_type, model, layout)
+
+
+def _other_config(spec: LoraSpec, task_type: str, model: nn.Module | None, layout: MoeLayout | None) -> PeftConfig:
+    """PEFT's config of another adapter type (lora.adapter) on the same layers a LoRA would take.
+
+    ``lora.rank`` is the type's ``r``, ``lora.dropout`` its dropout; ``lora.adapter_options`` pass as they are
+    (checked against the class with the recipe). On an MoE model only its linears can take the type
+    (rl_lora/adapters/counting.py check_fused_experts).
+    """
+    import peft
+
+    kind = ADAPTER_TYPES[spec.adapter]
+    check_fused_experts(spec.adapter, layout, spec.targets)
+    if layout is not None and model is not None:
+        linears = targeted_shapes(model_linear_shapes(model), spec.targets)
+        if task_type == "SEQ_CLS":
+            linears = {name: shape for name, shape in linears.items() if name.rsplit(".", 1)[-1] != "score"}
+        targets: str | list[str] = sorted(linears)
+    else:
+        targets = _dense_targets(spec.targets, model)
+    options: dict[str, object] = {"r": int(spec.rank), "target_modules": targets, kind.dropout_field: spec.dropout,
+                                  "task_type": task_type, **kind.fixed, **spec.adapter_options}
+    if spec.adapter == "dora":
+        options.update(lora_alpha=spec.alpha, bias="none")
+    try:
+        return getattr(peft, kind.peft_class)(**options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"lora.adapter_options {spec.adapter_options}: PEFT's {kind.peft_class} refuses them "
+                          f"({str(exc).splitlines()[0]})") from None
 
 
 def _dense_targets(targets: str | list[str], model: nn.Module | None) -> str | list[str]:

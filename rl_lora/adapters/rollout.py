@@ -13,14 +13,16 @@ writing the new tensor once. Building ``B @ A`` first and adding it (three passe
 size of W, two of them fresh allocations) cost 3x as long: 35.6 ms against 11.4 ms for the fold
 and the restore of the 56 adapted layers of the 28M benchmark shape on 2 CPU cores, paid once per
 generation call.
-``fan_in_fan_out`` layers (weights stored transposed) take PEFT's own delta; DoRA layers, whose
-merge also rescales W, are left unmerged (rl-lora itself never makes them).
+``fan_in_fan_out`` layers (weights stored transposed) take PEFT's own delta. Only plain LoRA is folded:
+DoRA layers (whose merge also rescales W) and the other adapter types (``lora.adapter``: VeRA, TinyLoRA,
+MiSS) generate through their unmerged PEFT layers, and the first rollout says so once on stderr.
 
 Not used under DeepSpeed ZeRO-3, where weights are partitioned across ranks (the trainer skips it).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,6 +57,21 @@ def _adapted_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
     return found
 
 
+def _say_unmerged_once(model: nn.Module, merged: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """One stderr line, the first time ``model`` generates with adapter layers this module cannot fold."""
+    if model.__dict__.get("_rl_lora_unmerged_said"):
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    folded = {id(layer) for _, _, layer in merged}
+    kinds = sorted({"dora" if any(getattr(m, "use_dora", {}).values()) else type(m).__module__.split(".")[-2]
+                    for m in model.modules() if isinstance(m, BaseTunerLayer) and id(m) not in folded})
+    model.__dict__["_rl_lora_unmerged_said"] = True
+    if kinds:
+        print(f"rl-lora: rollouts run with unmerged {', '.join(kinds)} adapter layers (merged rollouts fold plain "
+              "LoRA only)", file=sys.stderr, flush=True)
+
+
 @contextmanager
 def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, ``model`` computes base + adapter with plain linear layers.
@@ -63,6 +80,8 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     matrix per adapted layer, for the duration of the block.
     """
     layers = _adapted_linears(model) if hasattr(model, "disable_adapter") else []
+    if hasattr(model, "disable_adapter"):
+        _say_unmerged_once(model, layers)
     weights: list[tuple[nn.Parameter, torch.Tensor]] = []
     modules: list[tuple[nn.Module, str, nn.Module]] = []
     try:

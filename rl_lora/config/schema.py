@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rl_lora.config.adapter_options import ADAPTER_TYPES, DEFAULT_ADAPTER, check_adapter, check_adapter_options
 from rl_lora.utils.errors import ConfigError
 
 
@@ -47,11 +48,22 @@ class ModelSpec(_Section):
 
 
 class LoraSpec(_Section):
-    """The adapter. ``rank: full`` trains every parameter instead (the baseline)."""
+    """The adapter. ``rank: full`` trains every parameter instead (the baseline). ``adapter`` chooses the PEFT
+    adapter type (rl_lora/config/adapter_options.py, docs/adapters.md); LoRA is the default."""
 
+    adapter: str = Field(default=DEFAULT_ADAPTER, description=(
+        "the PEFT adapter type: `lora`, `dora` (LoRA with a trained magnitude per output feature), `vera` (frozen "
+        "shared random projections, trained scaling vectors), `tinylora` (a few trained values through the frozen "
+        "SVD of each weight), `miss` ([adapters.md](adapters.md)); ignored with `rank: full`"))
     rank: int | Literal["full"] = Field(default=1, description=(
-        "adapter rank (≥ 1); `full` trains every parameter (the baseline)"))
-    alpha: float = Field(default=32.0, gt=0, description="fixed, not scaled with rank (findings claim 5)")
+        "adapter rank (≥ 1), PEFT's `r` of the adapter type; `full` trains every parameter (the baseline); "
+        "unset with another `adapter`: that type's PEFT default (`vera` 256, `tinylora` 2, `miss` 64)"))
+    adapter_options: dict[str, Any] = Field(default_factory=dict, description=(
+        "further options of the type's PEFT config class (`LoraConfig`, `VeraConfig`, `TinyLoraConfig`, "
+        "`MissConfig`), e.g. `{u: 13, weight_tying: 1.0}` for a 13-parameter TinyLoRA; checked against the class "
+        "before anything loads, options rl-lora sets from recipe keys are refused with the key to use"))
+    alpha: float = Field(default=32.0, gt=0, description=(
+        "fixed, not scaled with rank (findings claim 5); `lora` and `dora` only"))
     targets: str | list[str] = Field(default="all-linear", description=(
         "`all-linear`: every linear layer of attention and MLP (not the output head); `attention` or `mlp`: every "
         "linear inside an attention or MLP block (MoE experts included); or a list of module names like "
@@ -74,9 +86,44 @@ class LoraSpec(_Section):
             raise ValueError("rank must be >= 1, or 'full' for the full-parameter baseline")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_default_rank(cls, data: Any) -> Any:
+        # An adapter type chosen without a rank gets its PEFT default (VeRA's r is 256, not LoRA's 1).
+        if isinstance(data, dict) and "rank" not in data and data.get("adapter") in ADAPTER_TYPES:
+            return {**data, "rank": ADAPTER_TYPES[data["adapter"]].default_rank}
+        return data
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, value: str) -> str:
+        try:
+            return check_adapter(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
+
+    @model_validator(mode="after")
+    def _adapter_options_exist(self) -> LoraSpec:
+        try:
+            check_adapter_options(self.adapter, self.adapter_options)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if self.adapter not in ("lora", "dora") and self.alpha != 32.0:
+            raise ValueError(f"lora.alpha {self.alpha:g}: scales lora and dora only; lora.adapter {self.adapter} has "
+                             "no alpha (remove lora.alpha)")
+        if self.adapter != "lora" and (self.expert_rank is not None or self.train_router):
+            raise ValueError(f"lora.expert_rank / lora.train_router: MoE experts take lora.adapter lora only "
+                             f"(PEFT 0.21.2), not {self.adapter}")
+        return self
+
     @property
     def is_full(self) -> bool:
         return self.rank == "full"
+
+    @property
+    def method(self) -> str:
+        """The run's method label: ``full``, ``lora-r1``, ``vera-r256``, ``tinylora-r2``."""
+        return "full" if self.is_full else f"{self.adapter}-r{self.rank}"
 
 
 class GrpoSpec(_Section):
@@ -533,6 +580,15 @@ class RecipeConfig(_Section):
                 f"model.quantization {self.model.quantization} freezes the base in 4 bits: it needs a LoRA "
                 "(set lora.rank to a number) or model.quantization: none for the full-parameter baseline"
             )
+        if not ADAPTER_TYPES[self.lora.adapter].quantized_base:
+            raise ValueError(
+                f"model.quantization {self.model.quantization}: PEFT 0.21.2 cannot put lora.adapter "
+                f"{self.lora.adapter} on a 4-bit base (it takes the SVD of the stored weight, which holds packed "
+                "4-bit codes): set model.quantization: none or lora.adapter: lora, dora, vera or miss"
+            )
+        if self.lora.adapter == "miss" and self.lora.adapter_options.get("init_weights") == "bat":
+            raise ValueError(f"model.quantization {self.model.quantization}: PEFT 0.21.2 refuses MiSS's "
+                             "init_weights bat on a 4-bit base: use another lora.adapter_options.init_weights")
         if self.distributed.zero_stage is not None:
             raise ValueError(
                 f"model.quantization {self.model.quantization} is not tested under DeepSpeed here: set "

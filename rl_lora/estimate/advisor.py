@@ -22,6 +22,8 @@ from transformers import AutoConfig
 from rl_lora.adapters.counting import (
     MoeLayout,
     MoePlan,
+    adapter_type_parameter_count,
+    check_fused_experts,
     meta_model,
     model_linear_shapes,
     model_parameter_count,
@@ -31,12 +33,14 @@ from rl_lora.adapters.counting import (
     targeted_shapes,
 )
 from rl_lora.adapters.targets import ALL_LINEAR, ATTENTION_PARTS, MLP_NAMES, MLP_PARTS
+from rl_lora.config.adapter_options import ADAPTER_TYPES
 from rl_lora.config.schema import BUILTIN_PREFERENCES, RecipeConfig
 from rl_lora.estimate.capacity import (
     BITS_PER_PARAM,
     CLEAR_MARGIN,
     SMALLEST_LABEL,
     CapacityEstimate,
+    adapter_estimate,
     estimate,
     full_estimate,
     margin_text,
@@ -221,7 +225,25 @@ def recipe_capacity(config: RecipeConfig, policy: PolicyShapes | None = None) ->
     bits, _ = recipe_data_bits(config)
     if config.lora.is_full:
         return full_estimate(policy.linears, config.lora.targets, bits, moe)
+    if config.lora.adapter != "lora":
+        check_fused_experts(config.lora.adapter, policy.moe, config.lora.targets)
+        linears = targeted_shapes(policy.linears, config.lora.targets) if moe is None else _maybe_targeted(
+            policy.linears, config)
+        return adapter_estimate(linears, config.lora.adapter, int(config.lora.rank), ALL_LINEAR,
+                                config.lora.adapter_options, bits)
     return estimate(policy.linears, int(config.lora.rank), config.lora.targets, bits, moe)
+
+
+def check_adapter_fits(config: RecipeConfig) -> None:
+    """Refuse, before the model loads, an adapter type PEFT cannot put on the recipe's policy (fused MoE experts
+    take LoRA only). Silent where the policy's shapes cannot be read here (the adapter's build checks again)."""
+    if config.lora.is_full or config.lora.adapter == "lora":
+        return
+    try:
+        policy = policy_shapes(config)
+    except ModelError:
+        return
+    check_fused_experts(config.lora.adapter, policy.moe, config.lora.targets)
 
 
 def module_kind(name: str) -> ModuleKind:
@@ -326,16 +348,26 @@ def _below_capacity(config: RecipeConfig, policy: PolicyShapes) -> Advice | None
     # Below the data's size, bits grow linearly with steps: the longest run this adapter holds.
     max_steps = math.floor(est.capacity_bits / data_bits_per_step(config))
     fewer = f"train.steps to <= {max_steps}" if max_steps >= 1 else "train.batch_size"
-    if est.smallest_sufficient_rank is None:
+    if config.lora.adapter != "lora":
+        fix = (f"a larger adapter (lora.rank, lora.adapter_options), LoRA from rank {est.smallest_sufficient_rank} "
+               f"(estimate), lora.rank full, or lower {fewer}")
+    elif est.smallest_sufficient_rank is None:
         fix = f"no LoRA rank holds it: set lora.rank to full, or lower {fewer}"
     else:
         fix = f"set lora.rank to >= {est.smallest_sufficient_rank}, or lower {fewer}"
     return Advice(
         BELOW_CAPACITY,
-        f"rank-{config.lora.rank} LoRA holds ~{est.capacity_bits:,.0f} bits, {margin_text(est.margin)} the "
+        f"{_adapter_words(config)} holds ~{est.capacity_bits:,.0f} bits, {margin_text(est.margin)} the "
         f"~{est.data_bits:,.0f} bits of data ({how}): likely too small, rough as both figures are; past capacity "
         f"LoRA learns more slowly (docs/findings.md claims 1-2): {fix}",
     )
+
+
+def _adapter_words(config: RecipeConfig) -> str:
+    """'rank-1 LoRA', or 'vera rank 256' for another adapter type."""
+    if config.lora.adapter == "lora":
+        return f"rank-{config.lora.rank} LoRA"
+    return f"{config.lora.adapter} rank-{config.lora.rank} adapter"
 
 
 def check_recipe(config: RecipeConfig, policy: PolicyShapes | None = None) -> list[Advice]:
@@ -414,6 +446,18 @@ def capacity_lines(config: RecipeConfig) -> list[str]:
     if config.lora.is_full:
         method, counted = "full-parameter", "full weights (targeted)"
         smallest_label = "smallest LoRA rank with capacity >= data (estimate; to compare)"
+    elif config.lora.adapter != "lora":
+        options = ", ".join(f"{k} {v}" for k, v in config.lora.adapter_options.items())
+        kind = (f"DoRA (LoraConfig use_dora) rank {config.lora.rank}, alpha {config.lora.alpha:g}"
+                if config.lora.adapter == "dora" else f"{ADAPTER_TYPES[config.lora.adapter].peft_class} rank "
+                f"{config.lora.rank}")
+        method = kind + (f", {options}" if options else "")
+        counted = f"{config.lora.adapter} parameters"
+        by_kind = _by_kind_text(_type_by_kind(config, linears)) if config.lora.adapter != "tinylora" else (
+            f"{est.lora_params // _tinylora_u(config):,} trained vector(s) of u={_tinylora_u(config)} values over "
+            f"{len(linears)} linears (lora.adapter_options.weight_tying "
+            f"{config.lora.adapter_options.get('weight_tying', 0.0)})")
+        smallest_label = "smallest LoRA rank with capacity >= data (estimate; to compare)"
     else:
         method, counted = f"LoRA rank {config.lora.rank}, alpha {config.lora.alpha:g}", "LoRA parameters"
         smallest_label = SMALLEST_LABEL
@@ -434,6 +478,27 @@ def capacity_lines(config: RecipeConfig) -> list[str]:
     advice = check_recipe(config, policy)
     lines += [f"advice:   {a}" for a in advice] or ["advice:   none"]
     return lines
+
+
+def _tinylora_u(config: RecipeConfig) -> int:
+    from peft import TinyLoraConfig
+
+    return int(config.lora.adapter_options.get("u", TinyLoraConfig.u))
+
+
+def _type_by_kind(config: RecipeConfig, linears: Shapes) -> dict[ModuleKind, tuple[int, int]]:
+    """params_by_kind for another adapter type; none for TinyLoRA, whose groups of layers share one vector."""
+    if config.lora.adapter == "tinylora":
+        return {}
+    by_kind: dict[ModuleKind, tuple[int, int]] = {}
+    kinds: tuple[ModuleKind, ...] = ("attention", "mlp", "other")
+    for kind in kinds:
+        part = {name: shape for name, shape in linears.items() if module_kind(name) == kind}
+        if part:
+            count = adapter_type_parameter_count(part, config.lora.adapter, int(config.lora.rank), ALL_LINEAR,
+                                                 config.lora.adapter_options)
+            by_kind[kind] = (count, len(part))
+    return by_kind
 
 
 def _maybe_targeted(shapes: Shapes, config: RecipeConfig) -> Shapes:

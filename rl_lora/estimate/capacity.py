@@ -7,12 +7,14 @@ weighs them against the data's bits.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from rl_lora.adapters.counting import (
     MoePlan,
     adapter_parameter_count,
+    adapter_type_parameter_count,
     full_parameter_count,
     lora_parameter_count,
     selected_linears,
@@ -187,3 +189,31 @@ def full_estimate(
         "capacity is not a limit"
     )
     return CapacityEstimate(weights, capacity_bits, data_bits, verdict, lora.smallest_sufficient_rank, full=True)
+
+
+def adapter_estimate(
+    shapes: dict[str, tuple[int, int]],
+    adapter: str,
+    rank: int,
+    targets: str | list[str],
+    options: Mapping[str, Any],
+    data_bits: float,
+) -> CapacityEstimate:
+    """The estimate for another PEFT adapter type (``lora.adapter``): its exact trainable count
+    (rl_lora/adapters/counting.py) at the same bits per parameter; the smallest sufficient LoRA rank is reported
+    to compare. Bits per parameter were measured for LoRA and full fine-tuning: for other types the figure is a
+    guess, and the verdict says so."""
+    params = adapter_type_parameter_count(shapes, adapter, rank, targets, options)
+    capacity_bits = BITS_PER_PARAM * params
+    lora = estimate(shapes, 1, targets, data_bits)
+    margin = capacity_margin(capacity_bits, data_bits)
+    figures = (f"{adapter} rank {rank}: {params:,} trainable, capacity {capacity_bits:,.0f} bits vs data "
+               f"~{data_bits:,.0f} bits ({margin_text(margin)}; {BITS_PER_PARAM:g} bits per parameter is LoRA's "
+               "figure, a guess for this type)")
+    if margin >= CLEAR_MARGIN:
+        verdict = f"{figures}: capacity is unlikely to limit it"
+    elif margin > 1 / CLEAR_MARGIN:
+        verdict = f"{figures}: too close to call; a sweep against full decides"
+    else:
+        verdict = f"{figures}: likely too small for the data"
+    return CapacityEstimate(params, capacity_bits, data_bits, verdict, lora.smallest_sufficient_rank)

@@ -39,6 +39,8 @@ from torch import nn
 from rl_lora.adapters.counting import (
     MoeLayout,
     MoePlan,
+    adapter_type_parameter_count,
+    check_fused_experts,
     expert_rank_multiple,
     meta_model,
     model_linear_shapes,
@@ -47,6 +49,8 @@ from rl_lora.adapters.counting import (
     targeted_experts,
     targeted_shapes,
 )
+from rl_lora.adapters.targets import ALL_LINEAR
+from rl_lora.config.adapter_options import ADAPTER_TYPES
 from rl_lora.config.schema import RecipeConfig
 from rl_lora.utils.errors import ConfigError, ModelError
 
@@ -81,8 +85,8 @@ ARITHMETIC_PROMPT_EXTRA = 3
 DEFAULT_PROMPT_TOKENS = 256
 
 # The rows of rl-lora plan's table, in this order (labels of ``parts``).
-PART_ORDER = ("policy weights", "LoRA adapter", "score head copy", "value adapter", "value head", "critic copy",
-              "reference copy")
+PART_ORDER = ("policy weights", "LoRA adapter", *(f"{t} adapter" for t in ADAPTER_TYPES if t != "lora"),
+              "score head copy", "value adapter", "value head", "critic copy", "reference copy")
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 10**9, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -296,6 +300,21 @@ def adapter_sizes(facts: ModelFacts, rank: int, targets: str | list[str], moe: M
     return tuple(sizes)
 
 
+def adapter_type_sizes(facts: ModelFacts, config: RecipeConfig, rank: int) -> tuple[int, ...]:
+    """Elements of each trainable tensor of another adapter type (``lora.adapter``), per targeted linear; TinyLoRA's
+    shared vectors once each. Frozen buffers (VeRA's projections, TinyLoRA's SVD factors) are not counted."""
+    lora = config.lora
+    check_fused_experts(lora.adapter, facts.moe, lora.targets)
+    linears = _targeted_linears(facts, lora.targets)
+    if lora.adapter == "tinylora":
+        total = adapter_type_parameter_count(linears, "tinylora", rank, ALL_LINEAR, lora.adapter_options)
+        groups = adapter_type_parameter_count(linears, "tinylora", rank, ALL_LINEAR,
+                                              {**lora.adapter_options, "u": 1})
+        return (total // groups,) * groups
+    return tuple(adapter_type_parameter_count({name: shape}, lora.adapter, rank, ALL_LINEAR, lora.adapter_options)
+                 for name, shape in linears.items())
+
+
 @dataclass(frozen=True)
 class Precision:
     """How the run stores each kind of tensor (rl_lora/algorithms/common.py, PEFT, DeepSpeed).
@@ -336,8 +355,12 @@ def parts(facts: ModelFacts, config: RecipeConfig, rank: Method) -> list[Part]:
     out = [_policy_part(facts, config, p, trainable=full)]
     if not full:
         moe = MoePlan(facts.moe, lora.expert_rank, lora.train_router) if facts.moe is not None else None
-        sizes = adapter_sizes(facts, int(rank), lora.targets, moe)
-        out.append(Part("LoRA adapter", sizes, p.adapters, True, (0,) * len(sizes)))
+        if lora.adapter == "lora":
+            sizes = adapter_sizes(facts, int(rank), lora.targets, moe)
+        else:
+            sizes = adapter_type_sizes(facts, config, int(rank))
+        label = "LoRA adapter" if lora.adapter == "lora" else f"{lora.adapter} adapter"
+        out.append(Part(label, sizes, p.adapters, True, (0,) * len(sizes)))
         if algo == "reward":  # PEFT's modules_to_save: a trainable copy of the score head beside the original
             score = tuple(facts.params[n] for n in facts.params if n.startswith("score."))
             out.append(Part("score head copy", score, p.adapters, True, (0,) * len(score)))
@@ -603,6 +626,8 @@ def merged_copy_bytes(facts: ModelFacts, config: RecipeConfig, method: Method, l
     merging = (algo == "grpo" and config.grpo.merge_rollouts) or (algo == "ppo" and config.ppo.merge_rollouts)
     if method == "full" or not merging or layout.zero_stage == 3 or config.model.quantization != "none":
         return 0
+    if config.lora.adapter != "lora":  # other adapter types generate unmerged
+        return 0
     weights = sum(d_in * d_out for d_in, d_out in _targeted_linears(facts, config.lora.targets).values())
     return weights * precision(config).weights
 
@@ -643,10 +668,13 @@ class MethodPlan:
     breakdown: Breakdown
     flops_per_step: float
     smallest: dict[tuple[int | None, bool], int | None]  # (ZeRO stage, checkpointing) -> devices, None: none fit
+    adapter: str = "lora"  # lora.adapter of a non-full method
 
     @property
     def label(self) -> str:
-        return "full" if self.method == "full" else f"LoRA r{self.method}"
+        if self.method == "full":
+            return "full"
+        return f"LoRA r{self.method}" if self.adapter == "lora" else f"{self.adapter} r{self.method}"
 
 
 @dataclass(frozen=True)
@@ -757,5 +785,5 @@ def make_plan(config: RecipeConfig, devices: int = 1, device_memory: int = 80 * 
         flops = workload(method_config, devices, prompt_tokens).trained_tokens * flops_per_token(
             facts, method_config, method)
         methods.append(MethodPlan(method, breakdown(facts, method_config, method, layout, prompt_tokens), flops,
-                                  smallest))
+                                  smallest, config.lora.adapter))
     return Plan(config, facts, layout, device_memory, workload(config, devices, prompt_tokens), methods)

@@ -30,6 +30,7 @@ from rl_lora.algorithms import dpo, grpo, reward_model
 from rl_lora.algorithms.contract import Algorithm, TrainerHandle
 from rl_lora.algorithms.ppo import trainer as ppo
 from rl_lora.config.schema import RecipeConfig
+from rl_lora.estimate.advisor import check_adapter_fits
 from rl_lora.estimate.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.models.loading import check_policy
 from rl_lora.tasks.base import Metric
@@ -166,12 +167,13 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     algorithm = algorithm_for(config)
     checked = algorithm.check(config)  # rewards, preference files, trl options: fail before any model loads
     check_policy(config.model)  # a GGUF policy's missing package or reader, likewise
+    check_adapter_fits(config)  # an adapter type PEFT cannot put on this policy (MoE experts), likewise
     advice = _advise(config)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     run_dir, resume_from = _open_run_dir(config, resume, resuming)
     route_library_warnings(run_dir)  # deprecations and notices of the libraries: <run>/warnings.log
-    method = "full" if config.lora.is_full else f"lora-r{config.lora.rank}"
+    method = config.lora.method  # full, lora-r1, vera-r256, ...
     lr = resolve_lr(config.train.lr, config.lora, config.train.steps)
     _say(f"rl-lora: {config.name} | {config.algorithm} | {method} | lr {lr.lr:g} ({lr.reason})")
     _say(f"rl-lora: run folder {run_dir}")
@@ -283,6 +285,7 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
         "recipe": {
             "recipe": c.name, "algorithm": c.algorithm, "method": run.method, "rank": c.lora.rank, "seed": c.train.seed,
             "lora_targets": "all" if c.lora.is_full else target_label(c.lora.targets),
+            "adapter": "full" if c.lora.is_full else c.lora.adapter,
             "batch_size": c.train.batch_size, "steps": c.train.steps, "lr": run.lr.lr, "lr_reason": run.lr.reason,
         },
         "headline metric": {"held_out_metric": run.metric.description, "headline_metric": run.metric.name,

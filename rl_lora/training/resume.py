@@ -23,7 +23,9 @@ from rl_lora.utils.errors import CheckpointError, ConfigError
 
 # Changing any of these makes the saved weights and optimizer state meaningless for the new recipe.
 MUST_MATCH = ("algorithm", "model.policy", "model.warmup_steps", "model.dtype", "lora.rank", "lora.alpha",
-              "lora.targets", "train.batch_size", "train.seed")
+              "lora.targets", "lora.adapter", "lora.adapter_options", "train.batch_size", "train.seed")
+# Keys a run folder written before they existed lacks: it ran with these values.
+ABSENT_MEANS = {"lora.adapter": "lora", "lora.adapter_options": {}}
 
 
 def _get(tree: dict[str, Any], dotted: str) -> Any:
@@ -61,8 +63,8 @@ def check_compatible(run_dir: Path, config: RecipeConfig) -> None:
         raise CheckpointError(f"cannot resume '{run_dir}': it has no config.yaml")
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
     now = config.to_dict()
-    changed = [f"{k} was {_get(saved, k)!r}, now {_get(now, k)!r}"
-               for k in MUST_MATCH if _get(saved, k) != _get(now, k)]
+    before = {k: ABSENT_MEANS.get(k) if _get(saved, k) is None else _get(saved, k) for k in MUST_MATCH}
+    changed = [f"{k} was {before[k]!r}, now {_get(now, k)!r}" for k in MUST_MATCH if before[k] != _get(now, k)]
     if changed:
         raise ConfigError(f"cannot resume '{run_dir}': the recipe changed ({'; '.join(changed)})")
 

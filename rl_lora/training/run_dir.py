@@ -18,6 +18,8 @@ from rl_lora.utils.errors import CheckpointError
 
 def default_run_name(config: RecipeConfig) -> str:
     rank = "full" if config.lora.is_full else f"r{config.lora.rank}"
+    if not config.lora.is_full and config.lora.adapter != "lora":
+        rank = f"{config.lora.adapter}-{rank}"
     return f"{config.name}-{rank}-s{config.train.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
