@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,34 +28,22 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from reward_models.learned import LearnedReward
-from tests_support import tiny_raw
+from tests_support import free_port, subprocess_env, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
 BUILTIN_PARAMS = 865_920  # the built-in causal model's parameters (fp32)
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("RL_LORA_LAUNCHED", None)
-    return env
-
-
-def _free_port() -> int:
-    """A port nothing listens on now. The kernel picks it from its ephemeral range; the launcher binds it
-    a moment later (a small window, unlike a fixed port shared by every session on the machine)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(recipe: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--master-port", str(_free_port())]
+    return [sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--master-port", str(free_port())]
 
 
 def _launch(recipe: Path, *args: str) -> None:
     """``rl-lora run RECIPE ARGS`` on 2 processes; fails the test with the launcher's stderr."""
-    proc = subprocess.run(_command(recipe, *args, "--nproc", "2"), cwd=REPO, env=_env(), capture_output=True,
+    proc = subprocess.run(_command(recipe, *args, "--nproc", "2"), cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -193,7 +180,7 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, 2)
     common = _command(recipe, "logging.run_name=nodes", "--nproc", "1", "--nnodes", "2", "--master-addr",
                       "127.0.0.1")
-    nodes = [subprocess.Popen([*common, "--node-rank", str(i)], cwd=REPO, env=_env(),
+    nodes = [subprocess.Popen([*common, "--node-rank", str(i)], cwd=REPO, env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     outs = [n.communicate(timeout=600) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
@@ -234,7 +221,7 @@ def test_resume_with_two_processes_reproduces_the_adapter(lora_runs: Callable[[i
     tmp = lora_runs(stage)
     recipe = tmp / "r.yaml"
     cut = tmp / "runs" / "cut"
-    proc = subprocess.Popen(_command(recipe, "logging.run_name=cut", "--nproc", "2"), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(_command(recipe, "logging.run_name=cut", "--nproc", "2"), cwd=REPO, env=subprocess_env(),
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (cut / "checkpoints" / "step_000002" / "manifest.json").exists():
@@ -266,7 +253,7 @@ def test_the_main_process_decides_keep_best_and_stop_without_deepspeed(tmp_path:
                    guard={"action": "stop", "keep_best": True, "patience": 1})
     recipe = tmp_path / "guard.yaml"
     recipe.write_text(yaml.safe_dump(raw))
-    proc = subprocess.Popen(_command(recipe, "logging.run_name=guard", "--nproc", "2"), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(_command(recipe, "logging.run_name=guard", "--nproc", "2"), cwd=REPO, env=subprocess_env(),
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=300)
