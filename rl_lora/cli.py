@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     grid.add_argument("--select-last", type=int, default=2,
                       help="a selection run's score: the mean of its last N evaluations")
     p.add_argument("--margin", type=float, default=None,
-                   help="equivalence margin in the headline metric's units (default 0.05 for rates in [0, 1])")
+                   help="equivalence margin in the headline metric's declared unit, registered before the runs "
+                        "(default: 0.05, 5 points, for a rate; 5%% of how far training moved full's score otherwise)")
     axes = p.add_argument_group("more axes")
     axes.add_argument("--targets", default=None, help="layer sets to compare: all-linear, attention, mlp, ...")
     axes.add_argument("--match-params", action="store_true",

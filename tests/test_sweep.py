@@ -3,6 +3,7 @@ is computed from the logged figures (plots, table, verdicts)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -97,6 +98,18 @@ def test_killed_sweep_resumes_only_missing_runs_and_reports(tmp_path: Path) -> N
                 assert needle in data, (run.name, needle)
     summaries = [json.loads(p.read_text()) for p in runs.glob("*/summary.json")]
     assert {s["method"] for s in summaries} == {"lora-r1", "full"}
+
+    # the records (rl_lora/study/records.py): both sweeps' manifests kept, sweep.json the first's, every run's score
+    manifests = sorted((sweep / "manifests").glob("sweep-*.json"))
+    assert len(manifests) == 2
+    first_manifest = json.loads(manifests[0].read_text())
+    assert json.loads((sweep / "sweep.json").read_text()) == first_manifest  # never overwritten by the second
+    assert first_manifest["command"][1:3] == ["sweep", str(recipe)] and first_manifest["versions"]["torch"]
+    assert first_manifest["utc"].endswith("Z") and "git" in first_manifest
+    with (sweep / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["run"] for r in rows) == sorted(p.name for p in runs.iterdir() if p.is_dir())
+    assert {r["status"] for r in rows} == {"finished"} and all(float(r["score"]) >= 0 for r in rows)
 
 
 def test_report_needs_finished_runs(tmp_path: Path) -> None:

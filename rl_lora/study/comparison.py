@@ -105,18 +105,34 @@ class Gap:
         return None if self.low is None or self.high is None else (self.high - self.low) / 2
 
 
-def welch_gap(method: list[float], full: list[float], level: float = LEVEL) -> Gap:
-    """The gap of means and its Welch-Satterthwaite t interval at ``level`` (two-sided)."""
+def welch_gap(method: list[float], full: list[float], level: float = LEVEL, floor_sd: float | None = None) -> Gap:
+    """The gap of means and its Welch-Satterthwaite t interval at ``level`` (two-sided).
+
+    ``floor_sd``: each side's standard deviation is taken as at least this (the metric's resolution: seeds that
+    all scored the same could still differ by one step of it), so seeds without spread give an interval of
+    non-zero width instead of a point. Without a floor, no spread on either side gives a zero-width interval.
+    """
     gap = statistics.fmean(method) - statistics.fmean(full)
     if len(method) < 2 or len(full) < 2:
         return Gap(gap, None, None, len(method), len(full))
-    va, vb = statistics.variance(method) / len(method), statistics.variance(full) / len(full)
+    floor = floor_sd or 0.0
+    va = max(statistics.variance(method), floor**2) / len(method)
+    vb = max(statistics.variance(full), floor**2) / len(full)
     se = math.sqrt(va + vb)
     if se == 0:
         return Gap(gap, gap, gap, len(method), len(full))
     df = (va + vb) ** 2 / (va**2 / (len(method) - 1) + vb**2 / (len(full) - 1))
     half = t_quantile(0.5 + level / 2, df) * se
     return Gap(gap, gap - half, gap + half, len(method), len(full))
+
+
+def equivalence_bound(gap: Gap) -> float | None:
+    """The smallest margin the gap's interval would pass as "within ±m of full": max(|low|, |high|) (any margin
+    above it passes; the interval is TOST's, so this is the equivalence bound at 5% each side). None without an
+    interval."""
+    if gap.low is None or gap.high is None:
+        return None
+    return max(abs(gap.low), abs(gap.high))
 
 
 def seeds_to_decide(gap: Gap, margin: float) -> int | None:

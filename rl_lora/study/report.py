@@ -30,7 +30,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rl_lora.study.comparison import LEVEL  # noqa: E402
+from rl_lora.study.records import MANIFESTS, read_manifests, write_runs_csv  # noqa: E402
 from rl_lora.study.verdicts import arm_key, arm_label, collect, lr_lines, lr_plot, read_protocol, verdict_lines  # noqa: E402
+from rl_lora.tasks.base import RATE, Metric  # noqa: E402
 from rl_lora.utils.errors import RlLoraError  # noqa: E402
 
 REWARD_SMOOTHING = 20  # steps in the reward curve's rolling mean (one step's reward is noisy)
@@ -69,10 +72,17 @@ def load_runs(sweep_dir: Path) -> list[Run]:
 
 @dataclass(frozen=True)
 class Headline:
-    """The metric the sweep's runs are judged by, read from their summaries."""
+    """The metric the sweep's runs are judged by, read from their summaries, with the unit the run declared
+    (summary.json ``headline_unit``: ``rate`` or the name of its units; rl_lora.tasks.base.Metric)."""
 
     name: str
     higher_is_better: bool = True
+    unit: str | None = RATE
+    resolution: float | None = None
+
+    @property
+    def is_rate(self) -> bool:
+        return self.unit == RATE
 
     @property
     def label(self) -> str:
@@ -84,13 +94,16 @@ class Headline:
 
 
 def headline_metric(runs: list[Run]) -> Headline:
-    """The runs' common headline metric (runs from before tasks were plug-ins judged by ``accuracy``)."""
-    found = {(r.summary.get("headline_metric", "accuracy"), r.summary.get("higher_is_better", True)) for r in runs}
+    """The runs' common headline metric and its declared unit (runs from before tasks were plug-ins are judged
+    by ``accuracy``; runs from before units were declared: see Metric.from_summary)."""
+    declared = [Metric.from_summary(r.summary) for r in runs]
+    found = {(m.name, m.higher_is_better, m.unit) for m in declared}
     if len(found) > 1:
-        names = ", ".join(sorted(f"'{n}'" for n, _ in found))
+        names = ", ".join(sorted({f"'{n}' ({u or 'no unit'})" for n, _, u in found}))
         raise RlLoraError(f"the sweep's runs are judged by different metrics ({names}): one report needs one")
-    name, higher = found.pop()
-    return Headline(name, higher)
+    name, higher, unit = found.pop()
+    resolutions = [m.resolution for m in declared if m.resolution]
+    return Headline(name, higher, unit, max(resolutions) if resolutions else None)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -346,13 +359,22 @@ def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
     failed_note = (f", failed and not finished: {', '.join(unfinished)}" if unfinished else "") + (
         f", {retried} run{'s' if retried != 1 else ''} finished on a later attempt" if retried else "")
     walls = [r.summary.get("wall_seconds") or 0 for r in runs]
+    csv_path = write_runs_csv(sweep_dir)
+    manifests = read_manifests(sweep_dir)
+    unit = "a rate, in points" if metric.is_rate else f"in {metric.unit or 'its own units (none declared)'}"
     md = [
         f"# Sweep report: {sweep_dir.name}",
         "",
         f"Recipe `{any_run.get('recipe')}`, algorithm {any_run.get('algorithm')}; {len(runs)} finished runs"
         f"{failed_note}, {sum(walls) / 60:.0f} min of run time in all. Judged by {metric.label} "
-        f"({'higher' if metric.higher_is_better else 'lower'} is better).",
+        f"({'higher' if metric.higher_is_better else 'lower'} is better; {unit}). Gaps to full carry "
+        f"{int(LEVEL * 100)}% two-sided Welch t intervals: an equivalence verdict is TOST at "
+        f"{(1 - LEVEL) / 2:.0%} each side, a difference verdict a two-sided test at {1 - LEVEL:.0%}.",
         "",
+        *([f"Records: every run's score in [{csv_path.name}]({csv_path.name}); "
+           f"{len(manifests)} sweep manifest{'s' if len(manifests) != 1 else ''} "
+           f"({'`manifests/`' if (sweep_dir / MANIFESTS).is_dir() else '`sweep.json`'}).", ""]
+          if csv_path is not None else []),
         f"## Verdict: each method at its {'best' if protocol.has_grid else 'recipe'} LR",
         "",
         *verdict_lines(arms, protocol, metric),

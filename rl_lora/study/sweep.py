@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from rl_lora.config.schema import RecipeConfig, load_recipe
 from rl_lora.study.comparison import choose_lr, selection_score
+from rl_lora.study.records import register_manifest, write_runs_csv
 from rl_lora.study.sweep_plan import Arm, LrGrids, SweepPoint, log_step, points_for, rule_lr
 from rl_lora.training.run_dir import write_json_atomic
 from rl_lora.utils.errors import ConfigError, RlLoraError
@@ -288,7 +289,7 @@ def run_sweep(
     }
     for point in selection:
         launcher.check_point(point)  # every point's recipe validates before the first run
-    write_json_atomic(sweep_dir / "sweep.json", manifest)
+    register_manifest(sweep_dir, manifest)  # manifests/ keeps every sweep's; sweep.json is never overwritten
     outcome = Outcome()
     best: dict[str, float] | None = None
     if selection:
@@ -302,4 +303,5 @@ def run_sweep(
             tqdm.write(f"rl-lora: {arm}: best LR {record['best_lr']:g}{edge}")
     confirmation = points_for(config, arms, spec.seeds, lrs=best)
     outcome.merge(launcher.run(confirmation, "confirmation" if selection else "runs"))
+    write_runs_csv(sweep_dir)  # every run's score, beside the report
     return outcome

@@ -9,7 +9,6 @@ a line saying that each method ran at one untuned LR.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -19,11 +18,13 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from rl_lora.estimate.lr_rule import default_multiplier
-from rl_lora.study.comparison import LEVEL, choose_lr, selection_score, verdict, welch_gap
+from rl_lora.study.comparison import LEVEL, choose_lr, equivalence_bound, selection_score, verdict, welch_gap
+from rl_lora.study.records import read_manifests
 from rl_lora.study.sweep_plan import log_step
+from rl_lora.tasks.base import Metric
 
-DEFAULT_RATE_MARGIN = 0.05  # 5 points, for metrics that are rates in [0, 1]
-DEFAULT_RELATIVE_MARGIN = 0.05  # 5% of full's mean, for any other metric
+DEFAULT_RATE_MARGIN = 0.05  # 5 points, for metrics declared rates (Metric.unit "rate")
+DEFAULT_RELATIVE_MARGIN = 0.05  # for a metric with units: 5% of how far training moved full's score
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class Protocol:
 
 
 def read_protocol(sweep_dir: Path) -> Protocol:
-    path = sweep_dir / "sweep.json"
-    if not path.is_file():
+    """The protocol of every sweep run into the folder (rl_lora/study/records.py keeps their manifests): the
+    selection seeds, rule and margin the first registered (later sweeps may not change them), and the
+    confirmation seeds of all of them."""
+    manifests = read_manifests(sweep_dir)
+    if not manifests:
         return Protocol()
-    manifest = json.loads(path.read_text())
+    manifest = manifests[0]
     rule = manifest.get("selection_rule") or {}
-    seeds = manifest.get("seeds")
+    seeds = {s for m in manifests for s in (m.get("seeds") or [])}
     return Protocol(frozenset(manifest.get("selection_seeds") or []), frozenset(seeds) if seeds else None,
                     int(rule.get("last", 2 if manifest.get("selection_seeds") else 1)), manifest.get("margin"))
 
@@ -120,26 +124,92 @@ def collect(runs: list[Any], protocol: Protocol, metric: str, higher_is_better: 
     return sorted(arms.values(), key=lambda a: (a.is_full, 0 if a.is_full else float(a.rank), a.label))
 
 
-def _is_rate(values: list[float]) -> bool:
-    return bool(values) and all(0.0 <= v <= 1.0 for v in values)
+def resolve_margin(protocol: Protocol, metric: Any, fulls: list[ArmRuns],
+                   scores: dict[tuple[str, str, int], list[float]]) -> tuple[float | None, str]:
+    """(margin in the metric's units, where it comes from), by the metric's declared unit, never its values.
+
+    Registered (sweep.json, ``--margin``): as given, in the metric's units. Default for a rate: 5 points. Default
+    for a metric with units: 5% of how far training moved full's score (its confirmation runs' score minus their
+    first evaluation), so a metric centred on 0 gets a margin in proportion to its movement (of |full's score|
+    where no first evaluation is recorded). None when full has no score to take it from.
+    """
+    if protocol.margin is not None:
+        return protocol.margin, "registered in sweep.json before the runs"
+    if metric.is_rate:
+        return DEFAULT_RATE_MARGIN, "5 points, the default for rates"
+    finals = [v for a in fulls for v in scores[a.key]]
+    starts = [r.summary[f"start_{metric.name}"] for a in fulls for r in a.confirmed()[1]
+              if isinstance(r.summary.get(f"start_{metric.name}"), (int, float))]
+    if not finals:
+        return None, "no full-parameter score to take the default from"
+    best, start = statistics.fmean(finals), statistics.fmean(starts) if starts else None
+    margin = Metric(metric.name, metric.higher_is_better, unit=metric.unit).margin_in_units(
+        DEFAULT_RELATIVE_MARGIN, best, start)
+    moved = start is not None and best != start
+    return margin, ("5% of how far training moved full's score, the default for a metric with units" if moved
+                    else "5% of |full's score|, the default for a metric with units when full's first "
+                         "evaluation is unknown")
+
+
+def floor_sd(metric: Any) -> float | None:
+    """The spread floor of a score (rl_lora.study.comparison.welch_gap): the metric's declared resolution (a
+    rate over a fixed held-out set: 1 / its size). None when the metric declares none."""
+    return metric.resolution if getattr(metric, "resolution", None) else None
+
+
+def header_lines(metric: Any, margin_text: str, margin_source: str, what: str) -> list[str]:
+    """What the verdict table is: the score, the interval's level and the test it is, and the margin."""
+    pct = int(LEVEL * 100)
+    floor = floor_sd(metric)
+    unit = " points" if metric.is_rate else (f" {metric.unit}" if metric.unit else "")
+    scale = 100 if metric.is_rate else 1
+    floor_text = (f"Each side's seed spread is floored at the metric's resolution ({floor * scale:.2g}{unit}: one "
+                  "held-out item), so seeds that all scored the same still give an interval of non-zero width."
+                  if floor else "The metric declares no resolution, so seeds without spread give a zero-width "
+                                "interval (marked in the table).")
+    return [
+        f"Score: {metric.label}, {what}. Gap: method - full (at the same batch size). Interval: the gap's "
+        f"{pct}% two-sided Welch t interval (Welch-Satterthwaite degrees of freedom). \"within ±m of full\" is "
+        f"an equivalence test, two one-sided Welch t tests (TOST) at {(1 - LEVEL) / 2:.0%} each side; "
+        f"\"below\"/\"above full\" is a two-sided Welch t test at {1 - LEVEL:.0%} (the interval excludes 0). "
+        f"{floor_text}", "",
+        f"Margin ±{margin_text} ({margin_source}). The equivalence bound is the smallest margin an arm's interval "
+        "would pass as \"within\" (the larger end of its interval, in absolute value): a verdict is only as "
+        "strong as its bound.", "",
+    ]
+
+
+def ceiling_lines(metric: Any, margin: float, fulls: list[ArmRuns],
+                  scores: dict[tuple[str, str, int], list[float]]) -> list[str]:
+    """For a rate near its ceiling, what the margin admits measured against full's error rate."""
+    if not metric.is_rate or not metric.higher_is_better:
+        return []
+    out = []
+    for full in fulls:
+        values = scores[full.key]
+        error = 1 - statistics.fmean(values) if values else None
+        if error is None or error <= 0 or error > 0.2:
+            continue
+        where = f" at batch {full.key[2]}" if len(fulls) > 1 else ""
+        out.append(f"Near the ceiling{where}: full's error rate is {100 * error:.1f} points, so a margin of "
+                   f"{100 * margin:g} points admits up to {(error + margin) / error:.1f}x full's error rate; read "
+                   "each arm's equivalence bound against it.")
+    return [*out, ""] if out else []
 
 
 def verdict_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[str]:
-    """The best-vs-best table and the sentence that states its rules."""
+    """The best-vs-best table and the sentences that state its rules, its test and its strength.
+
+    ``metric``: the headline metric with its declared unit (``is_rate``, ``unit``, ``resolution``; see
+    rl_lora.tasks.base.Metric): a rate reads in points with a default margin of 5 points; a metric with units
+    reads in its units with a default margin of 5% of how far training moved full's score.
+    """
     scores = {a.key: [x for x in (score(r, metric.name, protocol.select_last) for r in a.confirmed()[1])
                       if x is not None] for a in arms}
     fulls = {a.key[2]: a for a in arms if a.is_full}
-    rate = _is_rate([v for values in scores.values() for v in values])
-    scale, unit = (100, " points") if rate else (1, "")
-    margin = protocol.margin
-    if margin is None:
-        full_means = [statistics.fmean(scores[a.key]) for a in fulls.values() if scores[a.key]]
-        margin = DEFAULT_RATE_MARGIN if rate else DEFAULT_RELATIVE_MARGIN * abs(
-            statistics.fmean(full_means)) if full_means else DEFAULT_RATE_MARGIN
-        margin_source = "5 points, the default for rates" if rate else "5% of full's mean, the default"
-    else:
-        margin_source = "set by --margin"
-    margin_text = f"{margin * scale:g}{unit}"
+    scale, unit = (100, " points") if metric.is_rate else (1, f" {metric.unit}" if metric.unit else "")
+    margin, margin_source = resolve_margin(protocol, metric, list(fulls.values()), scores)
+    margin_text = f"{margin * scale:.3g}{unit}" if margin is not None else "n/a"
     what = (f"the mean of each run's last {protocol.select_last} evaluations" if protocol.select_last > 1
             else "each run's final evaluation")
     lines = []
@@ -151,30 +221,37 @@ def verdict_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[
         confirming = sorted(protocol.confirmation_seeds or [])
         lines += [f"Best LRs were chosen on selection seeds {sorted(protocol.selection_seeds)}; the verdict reads "
                   f"only the confirmation seeds {confirming}.", ""]
+    pct = int(LEVEL * 100)
     lines += [
-        f"Score: {metric.label}, {what}. Gap: method - full (at the same batch size), with its Welch t "
-        f"{int(LEVEL * 100)}% interval; margin ±{margin_text} ({margin_source}).", "",
-        f"| method | LR | seeds | score (mean ± sd) | gap to full | {int(LEVEL * 100)}% interval | verdict |",
-        "|---|---|---|---|---|---|---|",
+        *header_lines(metric, margin_text, margin_source, what),
+        *(ceiling_lines(metric, margin, list(fulls.values()), scores) if margin is not None else []),
+        f"| method | LR | seeds | score (mean ± sd) | gap to full | {pct}% interval | equivalence bound | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    floor = floor_sd(metric)
     for arm in arms:
         values = scores[arm.key]
         lr, _ = arm.confirmed()
         if not values:
-            lines.append(f"| {arm.label} | {_lr(lr)} | 0 | n/a | n/a | n/a | no confirmation run finished |")
+            lines.append(f"| {arm.label} | {_lr(lr)} | 0 | n/a | n/a | n/a | n/a | no confirmation run finished |")
             continue
         sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
         head = f"| {arm.label} | {_lr(lr)} | {len(values)} | {statistics.fmean(values):.3f}{sd} |"
         full = fulls.get(arm.key[2])
         if arm.is_full:
-            lines.append(f"{head} — | — | baseline |")
+            lines.append(f"{head} — | — | — | baseline |")
         elif full is None or not scores[full.key]:
-            lines.append(f"{head} n/a | n/a | no full-parameter run at this batch size |")
+            lines.append(f"{head} n/a | n/a | n/a | no full-parameter run at this batch size |")
         else:
-            gap = welch_gap(values, scores[full.key])
-            interval = "n/a" if gap.low is None else f"[{gap.low * scale:+.1f}, {gap.high * scale:+.1f}]"
-            said = verdict(gap, margin, metric.higher_is_better, margin_text)
-            lines.append(f"{head} {gap.gap * scale:+.1f}{unit} | {interval} | {said} |")
+            gap = welch_gap(values, scores[full.key], floor_sd=floor)
+            interval = "n/a" if gap.low is None else f"[{_num(gap.low, metric, '+')}, {_num(gap.high, metric, '+')}]"
+            if gap.low is not None and gap.low == gap.high:
+                interval += " (no spread: a point)"
+            bound = equivalence_bound(gap)
+            bound_text = "n/a" if bound is None else f"±{_num(bound, metric)}{unit}"
+            said = (verdict(gap, margin, metric.higher_is_better, margin_text) if margin is not None
+                    else "no margin: register one with --margin")
+            lines.append(f"{head} {_num(gap.gap, metric, '+')}{unit} | {interval} | {bound_text} | {said} |")
     return lines
 
 
@@ -245,6 +322,11 @@ def lr_plot(arms: list[ArmRuns], protocol: Protocol, metric: Any, path: Path) ->
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _num(value: float, metric: Any, sign: str = "") -> str:
+    """A gap in the metric's declared unit: points to 0.1 for a rate, 3 significant digits otherwise."""
+    return f"{100 * value:{sign}.1f}" if metric.is_rate else f"{value:{sign}.3g}"
 
 
 def _lr(lr: float | None) -> str:
