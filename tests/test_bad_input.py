@@ -25,7 +25,7 @@ import torch
 
 from rl_lora.cli import main
 from rl_lora.training import checkpoint
-from tests_support import tiny_raw
+from tests_support import save_tiny_moe, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,6 +202,22 @@ CASES = [
          marks=[pytest.mark.skipif(ROOT, reason="root writes into a read-only folder")]),
     Case("output-dir-under-a-file", file_in_the_way,
          ["logging.output_dir '{tmp}/not-a-folder/runs'", "'{tmp}/not-a-folder' is a file, not a folder"]),
+    # Adapter types (lora.adapter): the type and its options with the recipe, what PEFT cannot put on the model
+    # before it loads (docs/adapters.md).
+    Case("adapter-type-unknown", lambda t: (grpo(t), ["lora.adapter=vrea"]),
+         ["'lora.adapter': not an adapter type rl-lora wires; did you mean 'vera'?"]),
+    Case("adapter-option-misspelt", lambda t: (grpo(t, lora={"adapter": "tinylora",
+                                                             "adapter_options": {"weight_tyng": 1.0}}), []),
+         ["lora.adapter_options.weight_tyng: not an option of PEFT's TinyLoraConfig (lora.adapter: tinylora); "
+          "did you mean 'lora.adapter_options.weight_tying'?"]),
+    Case("adapter-option-rl-lora-sets", lambda t: (grpo(t, lora={"adapter": "vera", "adapter_options": {"r": 8}}), []),
+         ["lora.adapter_options.r: rl-lora sets it from lora.rank: set that instead"]),
+    Case("adapter-on-a-4-bit-base", lambda t: (grpo(t, lora={"adapter": "tinylora"},
+                                                    model={"quantization": "nf4"}), []),
+         ["model.quantization nf4: PEFT 0.21.2 cannot put lora.adapter tinylora on a 4-bit base"]),
+    Case("adapter-on-fused-moe-experts", lambda t: (grpo(t, lora={"adapter": "vera"},
+                                                         model={"policy": str(save_tiny_moe(t / "moe"))}), []),
+         ["lora.adapter vera: PEFT 0.21.2 cannot put it on fused MoE experts", "lora.targets: attention"]),
     # Rewards fail during the first rollout, after the model loads: named with the function and the step.
     Case("reward-raises", lambda t: (grpo(t, reward={"functions": [{"name": reward_file(t, "1 / 0")}]}), []),
          ["reward '{tmp}/rewards.py:score' raised at step 0", "ZeroDivisionError"], early=False),
