@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import transformers
@@ -41,7 +41,8 @@ def linear_shapes(config: transformers.PretrainedConfig, trust_remote_code: bool
 def model_linear_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
     """linear_shapes of a built model: every ``nn.Linear`` but the output head and MoE routers."""
     # The head maps to the vocabulary; "all-linear" leaves it out, as PEFT does.
-    head = model.get_output_embeddings()
+    # a transformers model (PEFT's wrapper forwards the call), though typed as the nn.Module it is used as
+    head = cast(transformers.PreTrainedModel, model).get_output_embeddings()
     layout = moe_layout(model)
     # A router stored as an nn.Linear stays frozen unless lora.train_router (counted with the experts).
     routers = set(layout.routers) if layout is not None else set()

@@ -67,12 +67,13 @@ def peft_config(spec: LoraSpec, task_type: str = "CAUSAL_LM", model: nn.Module |
             raise ConfigError("lora.train_router is set but the model has no MoE router: remove it")
         return LoraConfig(
             r=int(spec.rank),
-            lora_alpha=spec.alpha,
+            lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it divides a float alike
             target_modules=_dense_targets(spec.targets, model),
             lora_dropout=spec.dropout,
             bias="none",
             task_type=task_type,
         )
+    assert model is not None  # a layout is only read from a model
     return _moe_config(spec, task_type, model, layout)
 
 
@@ -141,7 +142,7 @@ def _moe_config(spec: LoraSpec, task_type: str, model: nn.Module, layout: MoeLay
         parameters += sorted(f"{name}.weight" for name in layout.routers)
     return LoraConfig(
         r=rank,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT annotates int; it divides a float alike
         target_modules=sorted(linears),
         target_parameters=parameters,
         rank_pattern=ranks,

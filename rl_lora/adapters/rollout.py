@@ -25,12 +25,17 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
+# peft.tuners.lora.Linear: PEFT types its base layer and adapter dicts as plain Modules, whose weights and
+# scalings nn.Module's attribute typing cannot follow, so it is Any here.
+AdapterLayer = Any
 
-def _merged_weight(layer: nn.Module) -> torch.Tensor:
+
+def _merged_weight(layer: AdapterLayer) -> torch.Tensor:
     """W + sum of scale * B @ A over the active adapters, as a new tensor; W itself is not touched."""
     weight = layer.get_base_layer().weight.data
     merged = weight
@@ -43,7 +48,7 @@ def _merged_weight(layer: nn.Module) -> torch.Tensor:
     return merged
 
 
-def _adapted_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+def _adapted_linears(model: nn.Module) -> list[tuple[nn.Module, str, AdapterLayer]]:
     """(parent module, attribute name, LoRA layer) for every active, unmerged LoRA linear."""
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -57,7 +62,7 @@ def _adapted_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
     return found
 
 
-def _say_unmerged_once(model: nn.Module, merged: list[tuple[nn.Module, str, nn.Module]]) -> None:
+def _say_unmerged_once(model: nn.Module, merged: list[tuple[nn.Module, str, AdapterLayer]]) -> None:
     """One stderr line, the first time ``model`` generates with adapter layers this module cannot fold."""
     if model.__dict__.get("_rl_lora_unmerged_said"):
         return
@@ -83,7 +88,7 @@ def merged_adapters(model: nn.Module) -> Iterator[nn.Module]:
     if hasattr(model, "disable_adapter"):
         _say_unmerged_once(model, layers)
     weights: list[tuple[nn.Parameter, torch.Tensor]] = []
-    modules: list[tuple[nn.Module, str, nn.Module]] = []
+    modules: list[tuple[nn.Module, str, AdapterLayer]] = []
     try:
         with torch.no_grad():
             for parent, attr, layer in layers:
