@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rl_lora.config.schema import RecipeConfig, RewardFunctionSpec
+from rl_lora.config.schema import GrpoRecipe, PpoRecipe, RecipeConfig, RewardFunctionSpec
 from rl_lora.data.chat import check_messages, render_chat, require_chat_template, require_policy_chat_template
 from rl_lora.data.sources import BadRow, NumberedRows, read_rows, report_bad_rows
 from rl_lora.tasks.base import Metric
@@ -127,7 +127,7 @@ class DatasetTask:
         self.data = config.data
         # Reward functions score held-out completions only where the recipe has them (GRPO, PPO).
         self.rewards: list[RewardFunctionSpec] = (
-            list(config.reward.functions) if config.algorithm in ("grpo", "ppo") else []
+            list(config.reward.functions) if isinstance(config, (GrpoRecipe, PpoRecipe)) else []
         )
         if not self.data.metrics and not self.rewards:
             raise ConfigError(f"data.task dataset under algorithm {config.algorithm} has nothing to judge held-out "
@@ -148,20 +148,20 @@ class DatasetTask:
     # -- checks before any model loads -------------------------------------------------------------
     def check(self) -> dict[str, Any]:
         """Read and validate the rows, split off the held-out prompts, find every scoring function."""
-        d = self.data
-        train = validate_prompt_rows(read_rows(d.source, d.split, d.subset), d.source, d.prompt_column)
+        d, source = self.data, self._source
+        train = validate_prompt_rows(read_rows(source, d.split, d.subset), source, d.prompt_column)
         if d.eval_source is not None or d.eval_split is not None:
-            name = d.eval_source or d.source
+            name = d.eval_source or source
             held = validate_prompt_rows(read_rows(name, d.eval_split or d.split, d.subset), name, d.prompt_column)
             if held.conversational != train.conversational:
-                raise DataError(f"dataset '{name}': held-out prompts and training prompts ('{d.source}') are in "
+                raise DataError(f"dataset '{name}': held-out prompts and training prompts ('{source}') are in "
                                 "different formats (strings vs lists of messages)")
             if set(held.columns) != set(train.columns):
                 raise DataError(f"dataset '{name}': held-out columns {held.columns} differ from the training "
-                                f"columns {train.columns} of '{d.source}'")
+                                f"columns {train.columns} of '{source}'")
         else:
-            rows, held_rows = hold_out(train.rows, d.eval_fraction, d.split_seed, d.source)
-            train, held = PromptRows(d.source, rows, train.conversational), PromptRows(d.source, held_rows,
+            rows, held_rows = hold_out(train.rows, d.eval_fraction, d.split_seed, source)
+            train, held = PromptRows(source, rows, train.conversational), PromptRows(source, held_rows,
                                                                                       train.conversational)
         held.rows = held.rows[: d.eval_size]
         if train.conversational or d.chat_prompts:  # refused now, not after the model loads
@@ -171,14 +171,25 @@ class DatasetTask:
         return {"train_prompts": len(train.rows), "held_out_prompts": len(held.rows)}
 
     @property
-    def columns(self) -> list[str]:
-        if self._train is None:
+    def _source(self) -> str:
+        assert self.data.source is not None  # the recipe's validation requires it for data.task dataset
+        return self.data.source
+
+    def _checked(self) -> tuple[PromptRows, PromptRows, list[tuple[str, Scorer]]]:
+        """(training rows, held-out rows, scorers), checked first if not yet."""
+        if self._train is None or self._held is None or self._scorers is None:
             self.check()
-        return [c for c in self._train.columns if c != "prompt"]
+        assert self._train is not None and self._held is not None and self._scorers is not None  # set by check
+        return self._train, self._held, self._scorers
+
+    @property
+    def columns(self) -> list[str]:
+        train, _, _ = self._checked()
+        return [c for c in train.columns if c != "prompt"]
 
     def _find_scorers(self, columns: list[str]) -> list[tuple[str, Scorer]]:
         available = [c for c in columns if c != "prompt"]
-        source = self.data.source
+        source = self._source
         keys = held_out_reward_keys(self.rewards)
         scorers = [(key, reward_scorer(f, available, source)) for key, f in zip(keys, self.rewards, strict=True)]
         labels = [m.key for m in self.data.metrics]
@@ -191,24 +202,21 @@ class DatasetTask:
     def train_dataset(self, tokenizer: Any) -> Dataset:
         from datasets import Dataset
 
-        if self._train is None:
-            self.check()
-        return Dataset.from_list([{**r, "prompt": self._render(tokenizer, r["prompt"], self._train)}
-                                  for r in self._train.rows])
+        train, _, _ = self._checked()
+        return Dataset.from_list([{**r, "prompt": self._render(tokenizer, r["prompt"], train)} for r in train.rows])
 
     def evaluate(self, model: Any, tokenizer: Any, max_new_tokens: int | None) -> dict[str, float]:
-        if self._held is None:
-            self.check()
+        _, held, scorers = self._checked()
         if self._rendered is None:
-            self._rendered = [self._render(tokenizer, r["prompt"], self._held) for r in self._held.rows]
+            self._rendered = [self._render(tokenizer, r["prompt"], held) for r in held.rows]
         from rl_lora.tasks.evaluation import greedy_completions
 
         tokens = self.data.eval_max_new_tokens or max_new_tokens or DPO_EVAL_TOKENS
         completions = greedy_completions(model, tokenizer, self._rendered, tokens)
-        columns = {c: [r[c] for r in self._held.rows] for c in self._held.columns if c != "prompt"}
+        columns = {c: [r[c] for r in held.rows] for c in held.columns if c != "prompt"}
         out: dict[str, float] = {}
         total = [0.0] * len(completions)
-        for (key, scorer), spec in zip(self._scorers, [*self.rewards, *self.data.metrics], strict=True):
+        for (key, scorer), spec in zip(scorers, [*self.rewards, *self.data.metrics], strict=True):
             scores = scorer(self._rendered, completions, columns)
             out[key] = score_mean(scores)
             if isinstance(spec, RewardFunctionSpec):  # TRL sums weighted rewards, a missing score as 0
