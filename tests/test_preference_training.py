@@ -114,7 +114,40 @@ def test_dpo_from_a_preference_file(tmp_path: Path) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _, _, _, result = _train(_preference_raw(tmp_path / "runs", "dpo", data={"preferences": str(path)},
                                              train={"steps": 1}))
-    assert result.summary["train_pairs"] == 16
+    assert (result.summary["train_pairs"], result.summary["held_out_pairs"]) == (14, 2)  # a seeded tenth held out
+
+
+def test_dpo_on_user_pairs_is_judged_on_its_held_out_pairs_not_the_builtin_task(tmp_path: Path) -> None:
+    """Pairs of the user's own (not arithmetic problems, no task named): the headline is DPO's implicit-reward
+    accuracy on the held-out pairs, as TRL's DPOTrainer.evaluate computes it; no arithmetic accuracy anywhere."""
+    rows = [{"prompt": f"{a}{b}", "chosen": f"{a}", "rejected": f"{b}"} for a in range(10, 15) for b in range(20, 24)]
+    held = [{"prompt": f"{a}", "chosen": f"{a}{a}", "rejected": f"{a}0"} for a in range(30, 33)]
+    path, held_path = tmp_path / "prefs.jsonl", tmp_path / "held.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held_path.write_text("".join(json.dumps(r) + "\n" for r in held))
+    raw = _preference_raw(tmp_path / "runs", "dpo", data={"preferences": str(path), "eval_preferences": str(held_path)},
+                          train={"steps": 2, "eval_every": 1})
+    run, _, _, result = _train(raw)
+    summary = result.summary
+    assert (summary["headline_metric"], summary["headline_unit"]) == ("rewards/accuracies", "rate")
+    assert (summary["train_pairs"], summary["held_out_pairs"], summary["headline_resolution"]) == (20, 3, 1 / 3)
+    for key in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
+        assert f"start_{key}" in summary and f"final_{key}" in summary, key
+    assert summary["start_rewards/margins"] == 0.0  # step 0: the policy is its reference
+    assert not [k for k in summary if k.endswith("_accuracy") and k != "final_train_accuracy"], summary
+    records = _records(result.run_dir)
+    assert not [k for r in records for k in r if k == "eval/accuracy"]
+    assert [r["step"] for r in records if "eval/rewards/accuracies" in r] == [0, 1, 2]
+    # The figures are TRL's own: its DPOTrainer.evaluate on the same pairs gives the same values.
+    trl_figures = run.trainer.evaluate()
+    for key in ("rewards/accuracies", "rewards/margins"):
+        assert abs(trl_figures[f"eval_{key}"] - summary[f"final_{key}"]) <= 1e-5, key
+    # Without data.eval_preferences, a seeded tenth of the user's pairs is held out, never trained on.
+    config = validate({**raw, "data": {**raw["data"], "eval_preferences": None}})
+    from rl_lora.algorithms.dpo import check_preferences
+
+    _, (train, held_out), _ = check_preferences(config)
+    assert (len(train), len(held_out)) == (18, 2) and not [r for r in held_out if r in train]
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,15 @@ from rl_lora.data.preferences import (
     is_conversational,
     prompt_limit_check,
     read_preference_file,
+    split_rows,
 )
 from rl_lora.models.loading import policy_tokenizer_and_context
 from rl_lora.models.policies import classify
 from rl_lora.utils.errors import ConfigError
+
+HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
+
+Pairs = list[dict[str, Any]]
 
 
 def read_preferences(config: RecipeConfig, source: str) -> list[dict[str, Any]]:
@@ -28,6 +33,16 @@ def read_preferences(config: RecipeConfig, source: str) -> list[dict[str, Any]]:
     if is_conversational(rows):
         require_policy_chat_template(config.model, source)
     return rows
+
+
+def read_split_preferences(config: RecipeConfig, source: str) -> tuple[Pairs, Pairs]:
+    """(training, held-out) pairs of a preference source: the held-out ones from ``data.eval_preferences``, or a
+    seeded ``HELD_OUT_FRACTION`` of the source's rows (``data.split_seed``), never trained on."""
+    rows = read_preferences(config, source)
+    held = getattr(config.data, "eval_preferences", None)
+    if held is not None:
+        return rows, read_preferences(config, held)
+    return split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed)
 
 
 def require_task_pairs(task: Any, config: RecipeConfig) -> None:

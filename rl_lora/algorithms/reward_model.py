@@ -34,14 +34,17 @@ from rl_lora.algorithms.common import (
     trl_config,
 )
 from rl_lora.algorithms.contract import Loaded, PairwiseAlgorithm
-from rl_lora.algorithms.preference_data import check_chat_template, policy_pairs, read_preferences, require_task_pairs
+from rl_lora.algorithms.preference_data import (
+    check_chat_template,
+    policy_pairs,
+    read_split_preferences,
+    require_task_pairs,
+)
 from rl_lora.config.schema import BUILTIN_PREFERENCES, RewardRecipe
-from rl_lora.data.preferences import split_rows
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
 from rl_lora.tasks.base import RATE, Metric
 from rl_lora.training.nonfinite import NonFiniteGuard
 
-HELD_OUT_FRACTION = 0.1  # of a preference file, when no data.eval_preferences file is named
 CALIBRATION_BINS = 10
 PAIRWISE_ACCURACY = Metric("pairwise_accuracy", True,
                            "pairwise accuracy on held-out preference pairs (chosen scored above rejected)", unit=RATE)
@@ -67,11 +70,7 @@ def check_preferences(config: RewardRecipe) -> Checked:
         require_task_pairs(task, config)
         checked: Checked = (task, None)
     else:
-        rows = read_preferences(config, source)
-        if config.data.eval_preferences is not None:
-            checked = (None, (rows, read_preferences(config, config.data.eval_preferences)))
-        else:
-            checked = (None, split_rows(rows, HELD_OUT_FRACTION, config.data.split_seed))
+        checked = (None, read_split_preferences(config, source))
     check_trl_options(RewardConfig, config)
     return checked
 

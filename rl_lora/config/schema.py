@@ -372,6 +372,17 @@ class PreferenceDataSpec(DataSpec):
                              "data.prompt_style: plain")
         return value
 
+    eval_preferences: str | None = Field(default=None, description=(
+        "DPO / reward only: held-out pairs the run is judged on (DPO: TRL's implicit-reward accuracy and margins; "
+        "reward: pairwise accuracy); null = the built-in held-out pairs, or a seeded 10% of `data.preferences`"))
+
+    @model_validator(mode="after")
+    def _held_out_pairs_beside_a_file(self) -> PreferenceDataSpec:
+        if self.eval_preferences is not None and self.preferences_source == BUILTIN_PREFERENCES:
+            raise ValueError("data.eval_preferences needs data.preferences to name a file (the built-in pairs "
+                             "bring their own held-out pairs)")
+        return self
+
     @property
     def preferences_source(self) -> str:
         """"builtin" or the preference file the recipe trains on."""
@@ -380,17 +391,6 @@ class PreferenceDataSpec(DataSpec):
 
 class RewardDataSpec(PreferenceDataSpec):
     """The data of a reward-model recipe: the preference pairs, and optionally held-out ones."""
-
-    eval_preferences: str | None = Field(default=None, description=(
-        "reward only: held-out pairs for pairwise accuracy; null = the built-in held-out pairs, or a seeded 10% "
-        "of `data.preferences`"))
-
-    @model_validator(mode="after")
-    def _held_out_pairs_beside_a_file(self) -> RewardDataSpec:
-        if self.eval_preferences is not None and self.preferences_source == BUILTIN_PREFERENCES:
-            raise ValueError("data.eval_preferences needs data.preferences to name a file (the built-in pairs "
-                             "bring their own held-out pairs)")
-        return self
 
 
 # TRL 1.16's DPO loss names (trl/trainer/dpo_config.py).
@@ -538,8 +538,8 @@ class RecipeConfig(_Section):
     algorithm: Literal["grpo", "ppo", "dpo", "reward"] = Field(default="grpo", description=(
         "the trainer: GRPO, PPO and DPO train the policy, `reward` trains a reward model "
         "([preference.md](preference.md)); it chooses the recipe's own sections: `grpo`, `reward`, `trl` (GRPO); "
-        "`ppo`, `reward` (PPO); `dpo`, `trl`, `data.preferences` (DPO); `reward_model`, `trl`, `data.preferences`, "
-        "`data.eval_preferences` (reward)"))
+        "`ppo`, `reward` (PPO); `dpo`, `trl`, `data.preferences`, `data.eval_preferences` (DPO); `reward_model`, "
+        "`trl`, `data.preferences`, `data.eval_preferences` (reward)"))
     model: ModelSpec = Field(default_factory=ModelSpec)
     lora: LoraSpec = Field(default_factory=LoraSpec)
     data: DataSpec = Field(default_factory=DataSpec)

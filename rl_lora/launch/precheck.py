@@ -41,7 +41,7 @@ def precheck(config: RecipeConfig) -> None:
         from rl_lora.data.preferences import is_conversational, read_preference_file
 
         sources = [config.preferences_source]
-        if config.algorithm == "reward" and config.data.eval_preferences is not None:
+        if config.data.eval_preferences is not None:
             sources.append(config.data.eval_preferences)
         for i, source in enumerate(sources):
             rows = read_preference_file(source, light_prompt_limit(config) if i == 0 else None, config.data.split,
