@@ -370,8 +370,8 @@ def test_pad_equal_to_eos_keeps_the_eos_inside_the_grpo_completion_mask(no_pad_m
     assert stopped_early > 0
 
 
-def test_trl_option_names_read_from_source_equal_the_dataclass_fields() -> None:
-    """The precheck reads TRL's config classes from their source (no import of TRL): the same names."""
+def test_trl_option_names_equal_the_dataclass_fields() -> None:
+    """The precheck reads TRL's config classes' options from a snapshot (no import of TRL): the same names."""
     import dataclasses
 
     import trl
@@ -380,6 +380,32 @@ def test_trl_option_names_read_from_source_equal_the_dataclass_fields() -> None:
 
     for name in ("GRPOConfig", "DPOConfig", "RewardConfig"):
         assert option_names(name) == {f.name for f in dataclasses.fields(getattr(trl, name))}, name
+
+
+def test_peft_option_names_are_the_config_classes_own_fields() -> None:
+    """lora.adapter_options is checked against a snapshot of PEFT's config classes (no import of PEFT): the
+    fields each class declares itself, as dataclasses.fields less those of its base PeftConfig."""
+    import dataclasses
+
+    import peft
+
+    from rl_lora.config.adapter_options import ADAPTER_TYPES, option_names
+
+    inherited = {f.name for f in dataclasses.fields(peft.PeftConfig)}
+    for name, kind in ADAPTER_TYPES.items():
+        own = {f.name for f in dataclasses.fields(getattr(peft, kind.peft_class))} - inherited
+        assert option_names(name) == own, name
+
+
+def test_the_option_snapshot_is_current_and_waits_on_other_versions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """option_names.json is what the installed classes give; under another TRL the check waits for the import."""
+    from rl_lora.config import option_snapshot
+
+    assert option_snapshot.main(["--check"]) == 0, "run: python -m rl_lora.config.option_snapshot"
+    assert option_snapshot.option_names("trl", "GRPOConfig") is not None
+    monkeypatch.setattr(option_snapshot, "_installed", lambda distribution: "0.0.1")
+    assert option_snapshot.option_names("trl", "GRPOConfig") is None
+    assert option_snapshot.option_names("peft", "VeraConfig") is None
 
 
 def test_light_token_counts_equal_the_tokenizer_s() -> None:

@@ -1,9 +1,10 @@
 """The PEFT adapter types a recipe can choose (``lora.adapter``) and their own options (``lora.adapter_options``).
 
-Each type is one PEFT config class. Its options are the fields that class declares itself, read from PEFT's
-source without importing PEFT (importing it loads torch, seconds on 2 cores), so a misspelt option fails with
-the recipe, before anything loads. Options rl-lora sets from recipe keys, or that would make the trainable
-count or the layer set differ from what ``lora.targets`` says, are refused with the key to use instead.
+Each type is one PEFT config class. Its options are the fields that class declares itself, from a snapshot of
+the class (rl_lora/config/option_snapshot.py) rather than an import of PEFT (importing it loads torch,
+seconds on 2 cores), so a misspelt option fails with the recipe, before anything loads. Options rl-lora sets
+from recipe keys, or that would make the trainable count or the layer set differ from what ``lora.targets``
+says, are refused with the key to use instead.
 
 What PEFT 0.21.2 supports, read from its source (peft/tuners/<type>/model.py and layer.py):
 
@@ -17,14 +18,11 @@ What PEFT 0.21.2 supports, read from its source (peft/tuners/<type>/model.py and
 
 from __future__ import annotations
 
-import ast
 import difflib
-import functools
-import importlib.util
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from rl_lora.config.option_snapshot import option_names as snapshot_option_names
 from rl_lora.utils.errors import ConfigError
 
 
@@ -34,7 +32,6 @@ class AdapterType:
 
     name: str
     peft_class: str
-    source: str  # the class's file inside the peft package
     default_rank: int  # PEFT's default ``r`` (LoRA: rl-lora's rank 1)
     rank_meaning: str
     dropout_field: str
@@ -45,17 +42,17 @@ class AdapterType:
 
 
 ADAPTER_TYPES: dict[str, AdapterType] = {
-    "lora": AdapterType("lora", "LoraConfig", "tuners/lora/config.py", 1, "LoRA rank", "lora_dropout",
+    "lora": AdapterType("lora", "LoraConfig", 1, "LoRA rank", "lora_dropout",
                         merged_rollouts=True, fused_experts=True),
-    "dora": AdapterType("dora", "LoraConfig", "tuners/lora/config.py", 1,
+    "dora": AdapterType("dora", "LoraConfig", 1,
                         "LoRA rank (plus one trained magnitude per output feature)", "lora_dropout",
                         fixed={"use_dora": True}),
-    "vera": AdapterType("vera", "VeraConfig", "tuners/vera/config.py", 256,
+    "vera": AdapterType("vera", "VeraConfig", 256,
                         "rank of the frozen random projections shared by all layers", "vera_dropout"),
-    "tinylora": AdapterType("tinylora", "TinyLoraConfig", "tuners/tinylora/config.py", 2,
+    "tinylora": AdapterType("tinylora", "TinyLoraConfig", 2,
                             "rank of the frozen SVD of each weight (trained: `u` values per group)",
                             "tinylora_dropout", quantized_base=False),
-    "miss": AdapterType("miss", "MissConfig", "tuners/miss/config.py", 64, "MiSS block rank", "miss_dropout"),
+    "miss": AdapterType("miss", "MissConfig", 64, "MiSS block rank", "miss_dropout"),
 }
 DEFAULT_ADAPTER = "lora"
 
@@ -77,28 +74,10 @@ NOT_SUPPORTED = {
 }
 
 
-def _peft_root() -> Path | None:
-    # find_spec of "peft" alone: a dotted name would import the parent packages, and with them torch.
-    spec = importlib.util.find_spec("peft")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-@functools.cache
 def option_names(adapter: str) -> frozenset[str] | None:
-    """The fields PEFT's config class of ``adapter`` declares itself, or None if its source does not say."""
-    kind = ADAPTER_TYPES[adapter]
-    root = _peft_root()
-    path = root / kind.source if root is not None else None
-    if path is None or not path.is_file():
-        return None
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == kind.peft_class), None)
-    if node is None:
-        return None
-    return frozenset(t.target.id for t in node.body if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)
-                     and not t.target.id.startswith("_"))
+    """The fields PEFT's config class of ``adapter`` declares itself, or None where the installed PEFT is not
+    the snapshot's (rl_lora/config/option_snapshot.py)."""
+    return snapshot_option_names("peft", ADAPTER_TYPES[adapter].peft_class)
 
 
 def check_adapter(adapter: str) -> str:

@@ -1,79 +1,31 @@
-"""The option names of TRL's config classes, read from their source without importing TRL.
+"""A recipe's ``trl:`` options: checked against TRL's config class of the algorithm before TRL loads, and
+against the options rl-lora sets itself.
 
 ``rl-lora run`` checks a recipe's ``trl:`` section before the heavy libraries load (rl_lora/launch/precheck.py):
-importing TRL takes ~10 s on 2 cores, reading its config classes' source a fraction of a second. The
-classes are dataclasses, so their options are the annotated assignments of the class and its bases
-(``TrainingArguments`` from transformers). Where the source cannot be read this way (another layout in a
-future release), the answer is None and the check waits for the real import in the trainer.
+importing TRL takes ~10 s on 2 cores, so the names come from a snapshot of the classes' dataclass fields
+(rl_lora/config/option_snapshot.py). Where the installed versions are not the snapshot's, the check waits
+for the real import in the trainer.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import importlib.util
 from collections.abc import Iterable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rl_lora.config.option_snapshot import option_names as snapshot_option_names
 from rl_lora.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     from rl_lora.config.schema import RecipeConfig
 
-# The TRL config class of each algorithm that has one, and where each class and its bases live.
+# The TRL config class of each algorithm that has one.
 TRL_CLASSES = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "reward": "RewardConfig"}
-CLASS_MODULES = {
-    "GRPOConfig": "trl.trainer.grpo_config",
-    "DPOConfig": "trl.trainer.dpo_config",
-    "RewardConfig": "trl.trainer.reward_config",
-    "TrainingArguments": "transformers.training_args",  # imported by TRL as `from transformers import ...`
-}
 
 
-def _module_tree(module: str) -> ast.Module | None:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-        return None
-    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-
-
-def _find_class(module: str, name: str) -> tuple[str, ast.ClassDef] | None:
-    """(module, class node) of ``name`` as ``module`` sees it: defined there or imported from elsewhere."""
-    tree = _module_tree(module)
-    if tree is None:
-        return None
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == name:
-            return module, node
-    for node in tree.body:
-        imported = isinstance(node, ast.ImportFrom) and any(a.name == name and a.asname is None for a in node.names)
-        if imported:
-            package = module.rsplit(".", node.level)[0] if node.level else ""
-            source = ".".join(p for p in (package, node.module or "") if p)
-            found = _find_class(source, name)
-            if found is None and name in CLASS_MODULES and CLASS_MODULES[name] != module:
-                found = _find_class(CLASS_MODULES[name], name)
-            return found
-    return None
-
-
-@functools.cache
-def option_names(class_name: str, module: str | None = None) -> frozenset[str] | None:
-    """The dataclass field names of ``class_name`` and its bases, or None if the source does not say."""
-    found = _find_class(module or CLASS_MODULES.get(class_name, ""), class_name)
-    if found is None:
-        return None
-    where, node = found
-    names = {t.target.id for t in node.body if isinstance(t, ast.AnnAssign) and isinstance(t.target, ast.Name)}
-    for base in node.bases:
-        if not isinstance(base, ast.Name):
-            return None
-        inherited = option_names(base.id, where)
-        if inherited is None:
-            return None
-        names |= inherited
-    return frozenset(n for n in names if not n.startswith("_"))
+def option_names(class_name: str) -> frozenset[str] | None:
+    """The options of TRL's ``class_name`` (its fields and its bases'), or None where the installed TRL or
+    transformers is not the snapshot's (rl_lora/config/option_snapshot.py)."""
+    return snapshot_option_names("trl", class_name)
 
 
 def check_trl_keys(config: RecipeConfig, names: frozenset[str], class_name: str) -> None:
@@ -106,7 +58,8 @@ RECIPE_OWNED = {
     "warmup_steps": "train.warmup_ratio", "weight_decay": "train.weight_decay", "max_grad_norm": "train.max_grad_norm",
     "per_device_train_batch_size": "train.batch_size",
     "gradient_accumulation_steps": "distributed.gradient_accumulation",
-    "deepspeed": "distributed.*", "max_steps": "train.steps", "seed": "train.seed", "logging_steps": "train.log_every",
+    "deepspeed": "distributed.*", "ddp_timeout": "distributed.timeout", "max_steps": "train.steps",
+    "seed": "train.seed", "logging_steps": "train.log_every",
     "save_strategy": "train.save_every", "save_steps": "train.save_every", "report_to": "logging.wandb",
     "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_completion_length",
     "temperature": "grpo.temperature", "beta": "grpo.beta / dpo.beta", "epsilon": "grpo.epsilon",
