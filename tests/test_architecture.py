@@ -125,7 +125,8 @@ def test_importing_the_rewards_loads_no_library_module() -> None:
         "import sys, reward_models, reward_models.exact_answer, reward_models.shaping\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'rl_lora'))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=300)
     assert out.stdout.strip() == "[]"
 
 
@@ -136,7 +137,8 @@ def test_the_study_layer_and_the_light_checks_load_no_torch() -> None:
                "rl_lora.config.schema", "rl_lora.models.policies", "rl_lora.models.tokenizer_files",
                "rl_lora.data.preferences"]
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=300)
     assert out.stdout.strip() == "False"
 
 
@@ -144,3 +146,38 @@ def test_layers_are_documented() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text()
     missing = [name for name in LAYERS[:-2] if f"`{name}/`" not in text]
     assert not missing, f"docs/architecture.md does not describe {missing}"
+
+
+def _algorithm_branches(path: Path) -> list[int]:
+    """Lines where ``<x>.algorithm`` is compared with a literal algorithm name (== / != / in / not in)."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        reads_algorithm = any(isinstance(s, ast.Attribute) and s.attr == "algorithm" for s in sides)
+        literals = [c for s in sides for c in ast.walk(s) if isinstance(c, ast.Constant) and isinstance(c.value, str)]
+        if reads_algorithm and literals:
+            lines.append(node.lineno)
+    return lines
+
+
+def test_no_module_outside_the_algorithms_branches_on_an_algorithm_name() -> None:
+    """What an algorithm is lives in rl_lora/config/algorithms.py (a light table) and its own module under
+    rl_lora/algorithms/; everything else reads the table's facts instead of testing the name."""
+    offenders = [f"{path.relative_to(ROOT)}:{line}" for path in sorted((ROOT / "rl_lora").rglob("*.py"))
+                 if not path.is_relative_to(ROOT / "rl_lora" / "algorithms") and path.name != "algorithms.py"
+                 for line in _algorithm_branches(path)]
+    assert offenders == []
+    assert _algorithm_branches_in('if config.algorithm in ("dpo", "reward"):\n    pass\n') == [1]
+
+
+def _algorithm_branches_in(source: str) -> list[int]:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(source)
+    try:
+        return _algorithm_branches(Path(f.name))
+    finally:
+        Path(f.name).unlink()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from rl_lora.config.algorithms import ALGORITHMS
 from rl_lora.config.option_snapshot import option_names as snapshot_option_names
 from rl_lora.utils.errors import ConfigError
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from rl_lora.config.schema import RecipeConfig
 
 # The TRL config class of each algorithm that has one.
-TRL_CLASSES = {"grpo": "GRPOConfig", "dpo": "DPOConfig", "reward": "RewardConfig"}
+TRL_CLASSES = {name: info.trl_config for name, info in ALGORITHMS.items() if info.trl_config}
 
 
 def option_names(class_name: str) -> frozenset[str] | None:

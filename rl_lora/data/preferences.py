@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the rows are checked before any heavy library loads (rl_lora/launch/precheck.py)
     from transformers import PreTrainedTokenizerBase
 
+from rl_lora.config.algorithms import algorithm_info
 from rl_lora.data.chat import check_messages
 from rl_lora.data.sources import BadRow, read_rows, report_bad_rows
 from rl_lora.utils.errors import DataError
@@ -91,11 +92,15 @@ def prompt_limit_check(config: Any, found: tuple[Any, int | None] | None) -> Row
     if found is None:
         return None
     tokenizer, context = found
-    key, limit = ("dpo.max_length", config.dpo.max_length) if config.algorithm == "dpo" else (
-        "reward_model.max_length", config.reward_model.max_length)
-    if context is not None and context < limit:
-        key, limit = f"the context of model '{config.model.policy}'", context
-    return prompt_length_check(tokenizer, limit, key)
+    limits = [(f"the context of model '{config.model.policy}'", context)] if context is not None else []
+    key = algorithm_info(config.algorithm).length_key  # e.g. dpo.max_length
+    if key is not None:
+        section, field = key.split(".")
+        limits.insert(0, (key, getattr(getattr(config, section), field)))
+    if not limits:
+        return None
+    setting, limit = min(limits, key=lambda pair: pair[1])  # the trainer's limit unless the context is smaller
+    return prompt_length_check(tokenizer, limit, setting)
 
 
 def prompt_length_check(tokenizer: PreTrainedTokenizerBase, limit: int, setting: str) -> RowCheck:

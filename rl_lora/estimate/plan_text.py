@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from rl_lora.config.algorithms import algorithm_info
 from rl_lora.config.schema import RecipeConfig
 from rl_lora.estimate.plan import GB, HEADROOM, PART_ORDER, Breakdown, ModelFacts, Plan, Workload, precision
 from rl_lora.training.flops import PEAK_TFLOPS
@@ -24,6 +25,7 @@ def _size_text(n: int) -> str:
 
 def _notes(plan: Plan) -> list[str]:
     config, facts, work = plan.config, plan.facts, plan.work
+    info = algorithm_info(config.algorithm)
     notes = []
     if not facts.modelled:
         notes.append(f"note: '{facts.model_type}' is approximated: activations and KV cache are estimated as for a "
@@ -35,15 +37,15 @@ def _notes(plan: Plan) -> list[str]:
     if batch % (plan.layout.devices * config.distributed.gradient_accumulation):
         notes.append(f"note: train.batch_size {batch} does not divide over {plan.layout.devices} devices x "
                      f"{config.distributed.gradient_accumulation} micro-steps: a run refuses it (shares rounded up)")
-    if plan.layout.devices > 1 and config.algorithm == "ppo" and plan.layout.zero_stage is None:
-        notes.append("note: PPO on several devices needs distributed.zero_stage (0, 2 or 3)")
+    if plan.layout.devices > 1 and info.processes_need_zero and plan.layout.zero_stage is None:
+        notes.append(f"note: {config.algorithm} on several devices needs distributed.zero_stage (0, 2 or 3)")
     if config.model.quantization != "none":
         notes.append("note: QLoRA is refused under DeepSpeed, so its ZeRO-3 device count reads '-'")
     merged = max(m.breakdown.merged_copy for m in plan.methods)
     if merged:
         notes.append(f"note: merged rollouts keep a second copy of the adapted weights while generating "
                      f"({_size_text(merged)}); {config.algorithm}.merge_rollouts=false saves it, at some speed")
-    if config.algorithm in ("dpo", "reward"):
+    if info.uses_preferences:
         notes.append(f"note: {config.algorithm} sequences counted at their length limit "
                      f"({work.train_length} tokens); shorter pairs need less")
     return notes
@@ -121,7 +123,7 @@ def _shape_text(facts: ModelFacts) -> str:
 
 
 def _batch_line(config: RecipeConfig, work: Workload) -> str:
-    if config.algorithm in ("grpo", "ppo"):
+    if algorithm_info(config.algorithm).uses_rewards:
         gen = (f"; rollouts of {work.generated_sequences} sequences x {work.generated_length} tokens per device")
         return (f"batch:    {config.train.batch_size} completions/step; training micro-batch {work.train_sequences} "
                 f"x {work.train_length} tokens ({work.prompt_tokens} prompt) per device" + gen)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rl_lora.config.algorithms import algorithm_info
 from rl_lora.config.schema import BUILTIN_PREFERENCES, LEARNED_PREFIX, RecipeConfig
 
 if TYPE_CHECKING:
@@ -27,16 +28,18 @@ def precheck(config: RecipeConfig) -> None:
     from rl_lora.training.run_dir import check_output_dir
 
     check_output_dir(Path(config.logging.output_dir))
-    if config.algorithm in ("grpo", "ppo"):
+    info = algorithm_info(config.algorithm)
+    if info.uses_rewards:
         for f in config.reward.functions:
             if not f.name.startswith(LEARNED_PREFIX):  # a learned reward loads a model: left to the runner
                 check_keywords(f.name, resolve_reward(f.name), f.kwargs)
-    needs_task = config.algorithm in ("grpo", "ppo", "dpo") or config.preferences_source == BUILTIN_PREFERENCES
+    # Every algorithm but the reward model evaluates on a task; the reward model only when it trains on its pairs.
+    needs_task = not info.scores_sequences or config.preferences_source == BUILTIN_PREFERENCES
     if needs_task and config.data.task == "dataset":  # the built-in task has no files; plug-ins run in the runner
         from rl_lora.tasks.registry import make_task
 
         make_task(config).check()
-    if config.algorithm in ("dpo", "reward") and config.preferences_source != BUILTIN_PREFERENCES:
+    if info.uses_preferences and config.preferences_source != BUILTIN_PREFERENCES:
         from rl_lora.data.chat import refuse_if_files_lack_chat_template
         from rl_lora.data.preferences import is_conversational, read_preference_file
 

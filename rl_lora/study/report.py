@@ -244,11 +244,12 @@ def _band_plot(groups: list[Group], key: str, ylabel: str, path: Path, smooth: i
 def proxy_plot(run_dir: Path, path: Path) -> Path | None:
     """One run's training proxy (smoothed) and held-out headline metric over steps, on twin axes: the picture
     of reward over-optimization (the proxy climbing while the metric falls). None when either is missing."""
-    from rl_lora.training.guard import PROXY
+    from rl_lora.config.algorithms import ALGORITHMS
 
     summary = json.loads((run_dir / "summary.json").read_text())
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    proxy, metric = PROXY.get(summary.get("algorithm", ""), "reward"), summary.get("headline_metric", "accuracy")
+    known = ALGORITHMS.get(summary.get("algorithm", ""))
+    proxy, metric = known.proxy if known else "reward", summary.get("headline_metric", "accuracy")
     run = Run(run_dir.name, summary, records)
     p_steps, p_values = _curve(run, proxy)
     m_steps, m_values = _curve(run, f"eval/{metric}")
