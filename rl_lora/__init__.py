@@ -84,7 +84,7 @@ def sweep(recipe: str | Path, *, ranks: str = "1,4,16,full", seeds: str | None =
           margin: float | None = None, targets: Sequence[str] | None = None, match_params: bool = False,
           batch_sizes: str | None = None, overrides: Sequence[str] = (), name: str | None = None,
           output_dir: str | Path = "sweeps", jobs: int = 1, lr_multipliers: str | None = None,
-          ray: str | None = None, devices: str | None = None) -> tuple[Path, Outcome]:
+          ray: str | None = None, devices: str | None = None, adapters: str | None = None) -> tuple[Path, Outcome]:
     """Run a sweep (each method at its own best LR when ``lrs`` is given) and return its folder and outcome.
 
     The arguments take the same text as ``rl-lora sweep``'s options (docs/sweeps.md): ``ranks="1,16,full"``,
@@ -92,9 +92,18 @@ def sweep(recipe: str | Path, *, ranks: str = "1,4,16,full", seeds: str | None =
 
     ``ray``: run every run as a Ray task (docs/cluster.md): ``"auto"`` or a cluster's ``"HOST:PORT"``, or
     ``"local"`` for a local Ray instance; ``devices``: devices per run by method (``"full=4,lora=1"``).
+    ``adapters``: PEFT adapter types in place of ``ranks`` (``"lora-r1,vera-r256,tinylora-tied,full"``,
+    docs/adapters.md).
     """
     from rl_lora.study.sweep import SweepSpec, run_sweep
-    from rl_lora.study.sweep_plan import LrGrids, parse_lr_grids, parse_numbers, parse_ranks, plan_arms
+    from rl_lora.study.sweep_plan import (
+        LrGrids,
+        parse_adapters,
+        parse_lr_grids,
+        parse_numbers,
+        parse_ranks,
+        plan_arms,
+    )
     from rl_lora.utils.errors import ConfigError
 
     config = load_recipe(recipe, overrides)
@@ -106,7 +115,8 @@ def sweep(recipe: str | Path, *, ranks: str = "1,4,16,full", seeds: str | None =
         grids = LrGrids({"lora": [m * config.train.lr for m in multipliers]}, lr_points, lr_step)
     seed_list = parse_numbers("--seeds", seeds or ("3,4,5,6" if grids else "1,2"), int, positive=False)
     arms = plan_arms(config, parse_ranks(ranks), list(targets) if targets else None,
-                     parse_numbers("--batch-sizes", batch_sizes, int), match_params)
+                     parse_numbers("--batch-sizes", batch_sizes, int), match_params,
+                     parse_adapters(adapters) if adapters else None)
     selection = parse_numbers("--selection-seeds", selection_seeds, int, positive=False) if grids else []
     spec = SweepSpec(seed_list, grids, selection, select_last, margin)
     sweep_dir = Path(output_dir) / (name or config.name)

@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a recipe YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     p.add_argument("--ranks", default="1,4,16,full", help="comma-separated ranks; 'full' = full-parameter baseline")
+    p.add_argument("--adapters", default=None,
+                   help="PEFT adapter types in place of --ranks, e.g. lora-r1,dora-r1,vera-r256,tinylora-tied,full "
+                        "(docs/adapters.md)")
     p.add_argument("--seeds", default=None,
                    help="seeds of the runs the verdict reads (default 1,2; with an LR grid 3,4,5,6)")
     grid = p.add_argument_group("each method at its own best LR (docs/sweeps.md)")
@@ -119,7 +122,7 @@ def _sweep(args: argparse.Namespace) -> int:
         lr_step=args.lr_step, selection_seeds=args.selection_seeds, select_last=args.select_last, margin=args.margin,
         targets=targets, match_params=args.match_params, batch_sizes=args.batch_sizes, overrides=args.overrides,
         name=args.name, output_dir=args.output_dir, jobs=args.jobs, lr_multipliers=args.lr_multipliers,
-        ray=args.ray, devices=args.devices)
+        ray=args.ray, devices=args.devices, adapters=args.adapters)
     print(f"sweep {sweep_dir}: {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
           f"{len(outcome.failed)} failed" + (f" ({', '.join(outcome.failed)})" if outcome.failed else ""))
     if outcome.finished or outcome.skipped:

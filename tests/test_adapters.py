@@ -232,3 +232,40 @@ def test_ppo_policy_and_critic_adapters_of_the_type_on_one_frozen_base(spec_id: 
     assert value and policy
     assert sum(after[n][1].numel() for n in policy) == sum(after[n][1].numel() for n in value) == expected
     _check_reloads(run, result, model)
+
+
+# -- the sweep's adapter axis -------------------------------------------------------------------------------
+
+
+def test_sweep_adapter_axis_names_each_arm_by_type_and_runs_it_with_the_type() -> None:
+    from rl_lora.config.schema import apply_overrides, read_recipe_file
+    from rl_lora.study.sweep_plan import parse_adapters, parse_lr_grids, parse_ranks, plan_arms, points_for
+
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "grpo_arithmetic.yaml"
+    config = validate(read_recipe_file(recipe))
+    arms = plan_arms(config, [], adapters=parse_adapters("lora-r1,dora-r1,vera-r256,tinylora-tied-u13,miss,full"))
+    assert [a.name for a in arms] == ["r1-all-b64", "dora-r1-all-b64", "vera-r256-all-b64",
+                                      "tinylora-r2-u13-weight_tying1.0-all-b64", "miss-r64-all-b64", "full-b64"]
+    # a LoRA arm keeps a rank sweep's overrides (and so its runs); the others set their type and options
+    assert arms[0].overrides() == plan_arms(config, parse_ranks("1"))[0].overrides() == ["lora.rank=1"]
+    for arm in arms[1:-1]:
+        run = validate(apply_overrides(read_recipe_file(recipe), arm.overrides())).lora
+        assert run.method == arm.method  # the summary's method: reports group the arm's runs under it
+    tied = validate(apply_overrides(read_recipe_file(recipe), arms[3].overrides())).lora
+    assert (tied.adapter, tied.rank, tied.adapter_options) == ("tinylora", 2, {"u": 13, "weight_tying": 1.0})
+    grids = parse_lr_grids("full=1e-4;lora=1e-3;vera=1e-2;tinylora-r2-u13-weight_tying1.0=5e-2")
+    lrs = {p.arm.name: p.resolved_lr for p in points_for(config, arms, [1], grids)}
+    assert lrs == {"r1-all-b64": 1e-3, "dora-r1-all-b64": 1e-3, "vera-r256-all-b64": 1e-2,
+                   "tinylora-r2-u13-weight_tying1.0-all-b64": 5e-2, "miss-r64-all-b64": 1e-3, "full-b64": 1e-4}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("vrea-r1", "'vrea' is not an adapter type; did you mean 'vera'?"),
+    ("vera-x2", "'x2' is not r<rank>"),
+    ("lora-tied", "'tied' is not r<rank>"),
+])
+def test_sweep_adapter_axis_refuses_bad_arms_in_one_line(text: str, message: str) -> None:
+    from rl_lora.study.sweep_plan import parse_adapters
+
+    with pytest.raises(ConfigError, match=message):
+        parse_adapters(text)

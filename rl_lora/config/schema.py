@@ -122,8 +122,11 @@ class LoraSpec(_Section):
 
     @property
     def method(self) -> str:
-        """The run's method label: ``full``, ``lora-r1``, ``vera-r256``, ``tinylora-r2``."""
-        return "full" if self.is_full else f"{self.adapter}-r{self.rank}"
+        """The run's method label: ``full``, ``lora-r1``, ``vera-r256``, ``tinylora-r2-u13-weight_tying1.0`` (the
+        adapter options, sorted, so arms that differ only in them stay apart in sweeps and reports)."""
+        if self.is_full:
+            return "full"
+        return f"{self.adapter}-r{self.rank}" + "".join(f"-{k}{v}" for k, v in sorted(self.adapter_options.items()))
 
 
 class GrpoSpec(_Section):

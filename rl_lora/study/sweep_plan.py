@@ -1,4 +1,4 @@
-"""What a sweep runs: its arms (rank x layers x batch size), each arm's LR grid, and the runs' names.
+"""What a sweep runs: its arms (rank or adapter x layers x batch size), each arm's LR grid, and the runs' names.
 
 An **arm** is one method of the comparison: a LoRA rank (or ``full``) on a layer set (``lora.targets``)
 at a batch size. Batch sizes keep the recipe's number of episodes (completions x steps): a larger batch
@@ -7,6 +7,12 @@ keeps each rank and every other set gets the rank whose trainable-parameter coun
 
 Every axis is in a run's name (``r1-attention-b64-lr0.001-s3``; full runs name no layer set, since they
 train every weight), so two sweeps that differ in any of them keep separate runs in one folder.
+
+``--adapters`` (``parse_adapters``) replaces the rank axis with PEFT adapter types (docs/adapters.md):
+``lora-r1,dora-r1,vera-r256,tinylora-tied,full``. An arm of another type is named by its type, rank and
+options (``vera-r256-all-b64-...``, ``tinylora-r2-weight_tying1.0-all-...``); LoRA arms keep their ``r1`` names,
+so runs of earlier rank sweeps are reused. Each type's LR grid is centred on the LR rule's LoRA LR (the rule
+was measured for LoRA only; docs/adapters.md), and ``--lrs`` takes a grid per type (``vera=...``).
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from rl_lora.adapters.targets import target_label
+from rl_lora.config.adapter_options import ADAPTER_TYPES
 from rl_lora.config.schema import RecipeConfig
 from rl_lora.estimate.lr_rule import resolve_lr
 from rl_lora.utils.errors import ConfigError
@@ -36,6 +43,11 @@ class Arm:
     # The label of the layer set and the batch size the run gets (the recipe's where the arm keeps them).
     targets_label: str = "all"
     batch_label: int = 0
+    # The PEFT adapter type (lora.adapter) and its options; ``adapter_axis`` when --adapters chose a type other
+    # than the recipe's (then the run sets lora.adapter itself; a LoRA arm of a LoRA recipe keeps its overrides).
+    adapter: str = "lora"
+    options: tuple[tuple[str, Any], ...] = ()
+    adapter_axis: bool = False
 
     @property
     def is_full(self) -> bool:
@@ -43,7 +55,11 @@ class Arm:
 
     @property
     def method(self) -> str:
-        return "full" if self.is_full else f"r{self.rank}"
+        if self.is_full:
+            return "full"
+        if self.adapter == "lora" and not self.options:
+            return f"r{self.rank}"
+        return f"{self.adapter}-r{self.rank}" + "".join(f"-{k}{v}" for k, v in self.options)
 
     @property
     def name(self) -> str:
@@ -52,6 +68,9 @@ class Arm:
 
     def overrides(self) -> list[str]:
         out = [f"lora.rank={self.rank}"]
+        if not self.is_full and (self.adapter_axis or self.adapter != "lora"):
+            out.append(f"lora.adapter={self.adapter}")
+            out += [f"lora.adapter_options.{k}={v}" for k, v in self.options]
         if self.targets is not None and not self.is_full:
             out.append(f"lora.targets={self.targets}")
         if self.batch_size is not None:
@@ -91,7 +110,7 @@ class LrGrids:
     step: float = 2.0
 
     def grid(self, arm: Arm, center: float) -> list[float]:
-        for key in (arm.method, "full" if arm.is_full else "lora", "*"):
+        for key in (arm.method, arm.adapter, "full" if arm.is_full else "lora", "*"):
             if key in self.explicit:
                 return sorted(self.explicit[key])
         half = (self.points - 1) / 2
@@ -110,6 +129,45 @@ def parse_ranks(text: str) -> list[Rank]:
     if not ranks:
         raise ConfigError("--ranks: give at least one rank, e.g. --ranks 1,4,16,full")
     return ranks
+
+
+AdapterArm = tuple[str, Rank, tuple[tuple[str, Any], ...]]  # (lora.adapter, rank, adapter options)
+
+
+def parse_adapters(text: str) -> list[AdapterArm]:
+    """``--adapters``: comma-separated ``<type>[-r<rank>][-tied][-u<n>]`` or ``full``, e.g.
+    ``lora-r1,dora-r1,vera-r256,tinylora-tied,full``. Without ``-r`` a type gets its PEFT default rank;
+    ``-tied`` (TinyLoRA) shares one vector across all layers (``weight_tying: 1.0``), ``-u<n>`` sets its size."""
+    import difflib
+
+    arms: list[AdapterArm] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if part == "full":
+            arms.append(("full", "full", ()))
+            continue
+        kind, *rest = part.split("-")
+        if kind not in ADAPTER_TYPES:
+            close = difflib.get_close_matches(kind, list(ADAPTER_TYPES), n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"--adapters: '{part}': '{kind}' is not an adapter type{hint} "
+                              f"(one of {', '.join(ADAPTER_TYPES)}, or full)")
+        rank: Rank = ADAPTER_TYPES[kind].default_rank
+        options: dict[str, Any] = {}
+        for token in rest:
+            if token.startswith("r") and token[1:].isdigit() and int(token[1:]) >= 1:
+                rank = int(token[1:])
+            elif token == "tied" and kind == "tinylora":
+                options["weight_tying"] = 1.0
+            elif token.startswith("u") and token[1:].isdigit() and kind == "tinylora" and int(token[1:]) >= 1:
+                options["u"] = int(token[1:])
+            else:
+                raise ConfigError(f"--adapters: '{part}': '{token}' is not r<rank>"
+                                  + (", tied or u<n>" if kind == "tinylora" else "")
+                                  + " (e.g. vera-r256, tinylora-tied-u13)")
+        arms.append((kind, rank, tuple(sorted(options.items()))))
+    if not arms:
+        raise ConfigError("--adapters: give at least one, e.g. --adapters lora-r1,vera-r256,tinylora-tied,full")
+    return arms
 
 
 def parse_numbers(flag: str, text: str | None, kind: type = float, positive: bool = True) -> list:
@@ -141,8 +199,10 @@ def parse_lr_grids(text: str | None, points: int = 5, step: float = 2.0) -> LrGr
     for part in filter(None, (p.strip() for p in text.replace(" ", ";").split(";"))):
         key, _, values = part.partition("=")
         key = key.strip()
-        if key not in ("full", "lora") and not (key.startswith("r") and key[1:].isdigit()):
-            raise ConfigError(f"--lrs: '{key}' is not a method; use full, lora (every rank) or r<rank>, "
+        typed = key in ADAPTER_TYPES or key.split("-", 1)[0] in ADAPTER_TYPES
+        if key not in ("full", "lora") and not (key.startswith("r") and key[1:].isdigit()) and not typed:
+            raise ConfigError(f"--lrs: '{key}' is not a method; use full, lora (every rank), r<rank>, an adapter "
+                              "type (vera, every rank of it) or an arm's method (vera-r256), "
                               "e.g. --lrs 'full=1e-4,3e-4;r1=1e-3,3e-3'")
         explicit[key] = parse_numbers(f"--lrs {key}", values)
         if not explicit[key]:
@@ -187,17 +247,24 @@ def plan_arms(
     targets: list[str] | None = None,
     batch_sizes: list[int] | None = None,
     match_params: bool = False,
+    adapters: list[AdapterArm] | None = None,
 ) -> list[Arm]:
-    """Every arm: ranks x layer sets x batch sizes; one full arm per batch size (it trains every weight)."""
+    """Every arm: ranks (or ``adapters``, which replace them) x layer sets x batch sizes; one full arm per batch
+    size (it trains every weight)."""
     targets = targets or []
     if match_params and len(targets) < 2:
         raise ConfigError("--match-params needs at least two layer sets in --targets, e.g. --targets attention,mlp")
+    if match_params and adapters and any(kind not in ("lora", "full") for kind, _, _ in adapters):
+        raise ConfigError("--match-params matches LoRA ranks across layer sets: it is not wired for --adapters "
+                          "with other types")
+    specs = adapters or [("full" if rank == "full" else config.lora.adapter, rank, ()) for rank in ranks]
     counter = _parameter_counter(config) if match_params else None
     arms = []
     for batch, steps, eval_every in batch_arms(config, batch_sizes or []):
         batch_label = batch if batch is not None else config.train.batch_size
-        for rank in ranks:
-            base = Arm(rank, None, batch, steps, eval_every, target_label(config.lora.targets), batch_label)
+        for kind, rank, options in specs:
+            base = Arm(rank, None, batch, steps, eval_every, target_label(config.lora.targets), batch_label,
+                       "lora" if kind == "full" else kind, options, kind not in ("full", config.lora.adapter))
             if rank == "full" or not targets:
                 arms.append(base)
                 continue
