@@ -1,8 +1,8 @@
 """Sweeps on Ray (rl_lora/study/ray_launcher.py) on a real 3-node Ray cluster started by the test on this
-machine: a head with no CPU slots and two 1-slot worker nodes, each node on its own loopback address
-(127.0.0.2-4; Ray rewrites 127.0.0.1 itself to the machine's network address, so it cannot be used), and
-the test checks that every node Ray registered is on the loopback range. Every subprocess has a timeout,
-and the fixture's finalizer stops every Ray process it started.
+machine: a head with no CPU slots and two 1-slot worker nodes (one test adds a 3-slot node for a while),
+each node on its own loopback address (127.0.0.2-5: Ray rewrites 127.0.0.1 itself to the machine's network
+address, so it cannot be used), and the test checks that every node Ray registered is on the loopback range.
+Every subprocess has a timeout, and the fixture's finalizer stops every Ray process it started.
 
 Needs the extra (pip install 'rl-lora[ray]'; CI installs it)."""
 
@@ -26,10 +26,11 @@ from rl_lora.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "grpo_arithmetic.yaml"
-HEAD_IP, WORKER_IPS = "127.0.0.2", ("127.0.0.3", "127.0.0.4")
-# Tiny runs of the shipped recipe: 4 steps of 16 completions, a checkpoint every 2 steps, one thread each.
+HEAD_IP, WORKER_IPS, BIG_IP = "127.0.0.2", ("127.0.0.3", "127.0.0.4"), "127.0.0.5"
+# Tiny runs of the shipped recipe: 4 steps of 16 completions, a checkpoint every 2 steps, one thread each. The
+# data section stays the recipe's, so runs start from the shipped warm-up (another eval_size is another build).
 TINY = ["train.steps=4", "train.eval_every=2", "train.save_every=2", "train.batch_size=16",
-        "grpo.num_generations=4", "data.eval_size=20", "train.threads=1", "logging.wandb=false"]
+        "grpo.num_generations=4", "train.threads=1", "logging.wandb=false"]
 # Per-step figures that must agree between two runs of one point (not timings or memory).
 COMPARED = ("loss", "grad_norm", "reward", "reward_std", "entropy", "eval/accuracy", "rewards/exact_answer/mean")
 
@@ -158,6 +159,33 @@ def test_ray_sweep_equals_local_jobs_1(cluster: tuple[object, str], tmp_path: Pa
         json.loads((tmp_path / "local" / "s" / "selection.json").read_text())
     verdicts = [(tmp_path / d / "s" / "report.md").read_text().split("\n## ")[1] for d in ("local", "ray")]
     assert verdicts[0] == verdicts[1]
+
+
+@pytest.mark.slow
+def test_two_device_arm_runs_as_two_processes_beside_lora(cluster: tuple[object, str], tmp_path: Path) -> None:
+    """--devices full=2 with one 3-slot node added: the full-parameter run is a 2-process gloo run (torchrun,
+    --nproc 2) on that node, and the rank-1 run takes a free slot (there or on a 1-slot node) at the same time.
+    (With a 2-slot node Ray may put the 1-slot run there first, and the full run then waits for it.)"""
+    handle, address = cluster
+    big = handle.add_node(num_cpus=3, node_ip_address=BIG_IP)
+    try:
+        handle.wait_for_nodes(timeout=120)
+        out = tmp_path / "o"
+        result = _cli("sweep", str(RECIPE), "--ranks", "1,full", "--seeds", "1", "--name", "s", "--output-dir",
+                      str(out), "--ray", address, "--devices", "full=2", *[o for o in TINY if "threads" not in o])
+        _ok(result, out / "s")
+    finally:
+        handle.remove_node(big, allow_graceful=False)
+    runs = out / "s" / "runs"
+    full, lora = (next(runs.glob(f"{prefix}*.ray.json")) for prefix in ("full-", "r1-"))
+    assert json.loads(full.read_text())["node"] == BIG_IP and json.loads(full.read_text())["devices"] == 2
+    assert json.loads(lora.read_text())["devices"] == 1
+    full_run, lora_run = (runs / f.name.removesuffix(".ray.json") for f in (full, lora))
+    assert sorted(p.name for p in (full_run / "ranks").iterdir()) == ["rank0.json", "rank1.json"]
+    assert not (lora_run / "ranks").exists()  # one process
+    # the two ran at once: each started before the other finished
+    assert full.stat().st_mtime < (lora_run / "summary.json").stat().st_mtime
+    assert lora.stat().st_mtime < (full_run / "summary.json").stat().st_mtime
 
 
 @pytest.mark.slow
