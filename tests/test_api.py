@@ -44,7 +44,7 @@ def test_the_api_names_what_the_page_documents() -> None:
 
 def test_importing_the_package_loads_no_torch() -> None:
     code = "import sys, rl_lora; print('torch' in sys.modules, 'trl' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "False False"
 
 

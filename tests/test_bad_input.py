@@ -443,6 +443,7 @@ def test_checks_that_read_library_files_run_before_the_libraries_load(tmp_path: 
         "print('loaded:', sorted(heavy & set(sys.modules)))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert "refused:" in done.stdout, done.stdout + done.stderr[-2000:]
     assert "loaded: []" in done.stdout, done.stdout

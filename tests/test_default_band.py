@@ -29,7 +29,7 @@ def _run_default(tmp_path: Path, kernel: str | None) -> tuple[float, float, floa
     out = tmp_path / (kernel or "best")
     command = [sys.executable, "-m", "rl_lora.cli", "run", str(REPO / "recipes" / "grpo_arithmetic.yaml"),
                "logging.wandb=false", "logging.progress=false", f"logging.output_dir={out}"]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     (run_dir,) = out.iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -41,10 +41,31 @@ def _command(recipe: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "rl_lora.cli", "run", str(recipe), *args, "--master-port", str(free_port())]
 
 
+# Seconds a test's launch may take (the launcher, torchrun and its workers); a launch past it fails the test with
+# every process of it killed. The recipes' distributed.timeout (COLLECTIVE_TIMEOUT) is well under it, so a stalled
+# process fails the run with its own line first.
+LAUNCH_TIMEOUT = 600
+COLLECTIVE_TIMEOUT = 300
+
+
+def _run_launch(command: list[str], env: dict[str, str] | None = None,
+                timeout: float = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run a launch to its end, or kill it and everything below it (torchrun's workers have sessions of their
+    own, so killing the launcher alone would leave them running) and fail the test at ``timeout``."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env or subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        out, err = proc.communicate()
+        pytest.fail(f"the launch ran past {timeout} s and was killed: {err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def _launch(recipe: Path, *args: str) -> None:
     """``rl-lora run RECIPE ARGS`` on 2 processes; fails the test with the launcher's stderr."""
-    proc = subprocess.run(_command(recipe, *args, "--nproc", "2"), cwd=REPO, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = _run_launch(_command(recipe, *args, "--nproc", "2"))
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -54,7 +75,7 @@ def _records(run: Path) -> list[dict[str, Any]]:
 
 def _recipe(tmp: Path, stage: int, rank: int | str = 1) -> Path:
     raw = tiny_raw(tmp / "runs", lora={"rank": rank}, train={"steps": 3, "batch_size": 16, "threads": 1},
-                   distributed={"zero_stage": stage})
+                   distributed={"zero_stage": stage, "timeout": COLLECTIVE_TIMEOUT})
     path = tmp / f"zero{stage}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -63,7 +84,8 @@ def _recipe(tmp: Path, stage: int, rank: int | str = 1) -> Path:
 def _preference_recipe(tmp: Path, algorithm: str, stage: int, rank: int | str) -> Path:
     """The tiny recipe as DPO or reward-model training: 1..30 operands, 8 pairs a step, 3 steps."""
     raw = tiny_raw(tmp / "runs", lora={"rank": rank}, data={"max_operand": 30, "eval_size": 20},
-                   train={"steps": 3, "batch_size": 8, "threads": 1}, distributed={"zero_stage": stage})
+                   train={"steps": 3, "batch_size": 8, "threads": 1},
+                   distributed={"zero_stage": stage, "timeout": COLLECTIVE_TIMEOUT})
     raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": algorithm}
     path = tmp / f"{algorithm}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -193,6 +215,26 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
 def test_dpo_two_processes(tmp_path: Path, stage: int, rank: int | str) -> None:
     _launch(_preference_recipe(tmp_path, "dpo", stage, rank), "logging.run_name=dpo")
     _check_run(tmp_path / "runs" / "dpo", 2)
+
+
+def test_a_stalled_process_fails_the_run_with_one_line_in_bounded_time(tmp_path: Path) -> None:
+    """Issue #28 item 9: a process that stops answering (tests/stall_hook: rank 1 sleeps after step 1) makes the
+    others' next collective wait; past distributed.timeout it fails the run with one line naming the step,
+    torchrun ends the stalled process, and the launch returns non-zero instead of hanging."""
+    raw = yaml.safe_load(_recipe(tmp_path, 2).read_text())
+    raw["distributed"]["timeout"] = 20
+    recipe = tmp_path / "stall.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    env = {**subprocess_env(), "RL_LORA_TEST_STALL_STEP": "1", "RL_LORA_TEST_STALL_RANK": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "stall_hook"), env["PYTHONPATH"]])
+    started = time.time()
+    proc = _run_launch(_command(recipe, "logging.run_name=stall", "--nproc", "2"), env=env, timeout=400)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("rl-lora: error:")]
+    assert lines and lines[0].startswith(
+        "rl-lora: error: step 2 of 3: process 0 of 2 waited past distributed.timeout (20 s)"), proc.stderr[-3000:]
+    assert time.time() - started < 400
+    assert not (tmp_path / "runs" / "stall" / "summary.json").exists()
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -264,7 +264,8 @@ def test_a_terminated_sweep_stops_its_runs(tmp_path: Path) -> None:
     while time.time() < deadline and not (log.exists() and "run folder" in log.read_text()):
         time.sleep(0.2)
     assert log.exists(), sorted(p.name for p in log.parent.iterdir())
-    children = subprocess.run(["pgrep", "-P", str(sweep.pid)], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(["pgrep", "-P", str(sweep.pid)], capture_output=True, text=True,
+                              timeout=60).stdout.split()
     assert children, "the sweep started no run"
     sweep.send_signal(signal.SIGTERM)
     sweep.wait(timeout=60)

@@ -39,6 +39,7 @@ def shared_training_args(config: RecipeConfig, lr: float, output_dir: Path) -> d
         "per_device_train_batch_size": per_device_batch(t.batch_size, config.distributed.gradient_accumulation),
         "gradient_accumulation_steps": config.distributed.gradient_accumulation,
         "deepspeed": deepspeed_config(config.distributed),
+        "ddp_timeout": config.distributed.timeout,  # a stalled process fails the run instead of hanging it
         "max_steps": t.steps,
         "seed": t.seed,
         "logging_steps": t.log_every,

@@ -487,6 +487,9 @@ class DistributedSpec(_Section):
     offload_params: bool = Field(default=False, description="parameters in CPU memory (ZeRO-3 only)")
     gradient_accumulation: int = Field(default=1, ge=1, description=(
         "micro-steps per optimizer step; `train.batch_size` stays the global batch per optimizer step"))
+    timeout: int = Field(default=1800, ge=10, description=(
+        "seconds a process waits for the others at one collective (the start, a gather, a broadcast) before the "
+        "run fails with one line naming the step, instead of hanging; PyTorch's default (several processes only)"))
 
     @model_validator(mode="after")
     def _offload_params_needs_zero3(self) -> DistributedSpec:

@@ -29,20 +29,29 @@ from rl_lora.adapters.targets import target_label
 from rl_lora.algorithms import dpo, grpo, reward_model
 from rl_lora.algorithms.contract import Algorithm, TrainerHandle
 from rl_lora.algorithms.ppo import trainer as ppo
+from rl_lora.config.algorithms import algorithm_info
 from rl_lora.config.schema import RecipeConfig
 from rl_lora.estimate.advisor import check_adapter_fits
 from rl_lora.estimate.lr_rule import ResolvedLR, resolve_lr
 from rl_lora.models.loading import check_policy
 from rl_lora.tasks.base import Metric
 from rl_lora.training import checkpoint
-from rl_lora.training.distributed import RUN_DIR_ENV, is_main, rank_report, world_size
-from rl_lora.training.guard import PROXY, OverOptimizationGuard
+from rl_lora.training.distributed import (
+    RUN_DIR_ENV,
+    collective_failed,
+    init_process_group,
+    is_main,
+    rank_report,
+    stalled_message,
+    world_size,
+)
+from rl_lora.training.guard import OverOptimizationGuard
 from rl_lora.training.memory import peak_memory
 from rl_lora.training.resume import check_compatible, config_hash, find_run_dir, latest_checkpoint, truncate_metrics
 from rl_lora.training.run_dir import create_run_dir, merge_disjoint, write_config, write_json_atomic
 from rl_lora.training.sealing import SealCheckpoints
 from rl_lora.training.tracking import RunTracker, WandbSink, held_out_label
-from rl_lora.utils.errors import CheckpointError, ConfigError
+from rl_lora.utils.errors import CheckpointError, ConfigError, DistributedError
 from rl_lora.utils.library_warnings import route_library_warnings
 
 FINAL_REWARD_WINDOW = 10  # final reward = mean over the last 10 logged steps (one step is noisy)
@@ -215,6 +224,9 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
                               "but not its save: finishing it from that checkpoint runs in one process; rerun "
                               "the --resume without --nproc")
 
+    # Several processes: the process group starts here (where the trainer's arguments would start it), with
+    # distributed.timeout, so a stalled process fails the run instead of hanging it.
+    init_process_group(config.distributed.timeout)
     trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer")
     # Read before training: under ZeRO-3 the counts would be of each process's partition afterwards.
     figures = trainer.figures()
@@ -222,7 +234,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
                          progress=config.logging.progress, main=is_main(), metric=loaded.metric)
     if resumed_step is not None:
         tracker.load_previous(truncate_metrics(run_dir / "metrics.jsonl", resumed_step, rewrite=is_main()))
-    guard = OverOptimizationGuard(config.guard, loaded.metric, PROXY[config.algorithm], tracker.records,
+    guard = OverOptimizationGuard(config.guard, loaded.metric, algorithm_info(config.algorithm).proxy, tracker.records,
                                   kl_budget=algorithm.kl_budget(config),
                                   save_best=lambda folder: _save_plain(trainer, loaded.tokenizer, folder),
                                   best_dir=run_dir / "best", main=is_main())
@@ -364,8 +376,26 @@ def finish_from_checkpoint(run: PreparedRun) -> RunResult | None:
 
 
 def run_recipe(config: RecipeConfig, resume: str | None = None, resuming: bool = False) -> RunResult | None:
-    """Setup -> train -> save -> summary (from the newest checkpoint when resuming)."""
-    run = prepare_run(config, resume, resuming)
+    """Setup -> train -> save -> summary (from the newest checkpoint when resuming).
+
+    Under several processes a collective that waits past ``distributed.timeout`` (or loses a process) fails the
+    run with one line naming the step (DistributedError), instead of hanging it.
+    """
+    run: PreparedRun | None = None
+    try:
+        run = prepare_run(config, resume, resuming)
+        return _train_and_finish(run)
+    except RuntimeError as exc:
+        if not collective_failed(exc):
+            raise
+        where = "while setting up the run" if run is None else (
+            f"step {run.trainer.global_step + 1} of {config.train.steps}"
+            if run.trainer.global_step < config.train.steps else "while saving the policy")
+        raise DistributedError(stalled_message(where, config.distributed.timeout, exc)) from None
+
+
+def _train_and_finish(run: PreparedRun) -> RunResult | None:
+    config = run.config
     try:
         if run.resumed_step is not None and run.resumed_step >= config.train.steps:
             return finish_from_checkpoint(run)

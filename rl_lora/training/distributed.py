@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from typing import Any
 
 from rl_lora.config.schema import DistributedSpec
@@ -47,6 +48,48 @@ def from_main(values: list[int]) -> list[int]:
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.broadcast(tensor, src=0)
     return [int(v) for v in tensor.tolist()]
+
+
+def init_process_group(timeout: int) -> None:
+    """Under several processes on CPU, start the default (gloo) process group with a ``timeout`` of ``timeout``
+    seconds for every collective, before transformers or accelerate start it.
+
+    transformers passes ``ddp_timeout`` to the process group only on GPUs: with ``use_cpu`` it starts gloo with
+    PyTorch's 30 minutes whatever ``ddp_timeout`` says, so a stalled process hung the others that long (issue
+    #28 item 9). accelerate and DeepSpeed use a group that is already started. On GPUs transformers (and PPO's
+    ``PartialState``) pass the timeout themselves; NCCL's watchdog then ends a stalled collective.
+    """
+    import torch
+
+    if world_size() == 1 or torch.cuda.is_available():
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+
+# How gloo (and torch.distributed) word a collective that waited past the process group's timeout, or whose peer
+# went away; matched in the text of the RuntimeError (DistBackendError) a collective raises.
+_COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
+                        "broken pipe")
+
+
+def collective_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective of several processes that timed out or lost a peer."""
+    if world_size() == 1 or not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(words in text for words in _COLLECTIVE_FAILURES)
+
+
+def stalled_message(where: str, timeout: int, exc: BaseException) -> str:
+    """The one line a collective failure becomes: where the run was, which process saw it, and what to do."""
+    from rl_lora.utils.errors import first_line
+
+    return (f"{where}: process {rank()} of {world_size()} waited past distributed.timeout ({timeout} s) for the "
+            f"others, or lost one ({first_line(exc)[:200]}); another process stalled or died (its log says which); "
+            "raise distributed.timeout if one step legitimately takes longer")
 
 
 def deepspeed_config(spec: DistributedSpec) -> dict[str, Any] | None:

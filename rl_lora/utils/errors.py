@@ -28,6 +28,11 @@ class CheckpointError(RlLoraError):
     """A run folder or checkpoint that cannot be written or read."""
 
 
+class DistributedError(RlLoraError):
+    """A run under several processes whose processes stopped answering each other: a collective waited past
+    ``distributed.timeout`` or lost a process. Raised instead of hanging; the other processes' logs say why."""
+
+
 class DashboardError(RlLoraError):
     """A W&B dashboard that cannot be published: no login, no such entity or project, the extra missing."""
 

@@ -42,6 +42,7 @@ import random
 import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -127,7 +128,9 @@ def make_accelerator(config: PpoRecipe) -> Accelerator:
     ds = deepspeed_config(config.distributed)
     if ds is None:
         return Accelerator(cpu=not on_gpu)
-    processes = int(PartialState(cpu=not on_gpu).num_processes)  # gloo on CPU; the state is shared below
+    # gloo on CPU; the state is shared below. A process stalled past distributed.timeout fails the run, not hangs it.
+    state = PartialState(cpu=not on_gpu, timeout=timedelta(seconds=config.distributed.timeout))
+    processes = int(state.num_processes)
     ds.update({
         "train_micro_batch_size_per_gpu": config.ppo.minibatch_size // processes,
         "gradient_accumulation_steps": 1,
