@@ -269,3 +269,44 @@ def test_sweep_adapter_axis_refuses_bad_arms_in_one_line(text: str, message: str
 
     with pytest.raises(ConfigError, match=message):
         parse_adapters(text)
+
+
+@pytest.mark.slow
+def test_reward_model_with_another_type_trains_the_adapter_and_the_score_head(tmp_path: Path) -> None:
+    """VeRA on a reward model: the adapter and the score head's trainable copy (PEFT's modules_to_save) train,
+    the base stays bitwise; the count is VeRA's on the linears plus the head."""
+    raw = _raw(tmp_path, {"adapter": "vera", "rank": 16}, data={"max_operand": 30}, train={"batch_size": 8})
+    raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "reward"}
+    threads = torch.get_num_threads()
+    try:
+        run = prepare_run(validate(raw))
+        before = _snapshot(run.trainer.model)
+        run.trainer.train()
+        after = _snapshot(run.trainer.model)
+        result = finish_run(run, train_seconds=0.0)
+    finally:
+        torch.set_num_threads(threads)
+    trainable = _check_trained_and_frozen(before, after)
+    assert [n for n in trainable if "vera_" not in n] == ["base_model.model.score.modules_to_save.default.weight"]
+    assert result.summary["trainable_params"] == 28 * 16 + 5_632 + 128  # lambda_d, lambda_b, the one-logit head
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("lora", "expected"), [({"adapter": "dora", "rank": 1}, 15_872),
+                                                ({"adapter": "vera", "rank": 16}, 28 * 16 + 5_632),
+                                                ({"adapter": "miss", "rank": 16}, 16 * 5_632)])
+def test_types_peft_puts_on_a_4_bit_base_train_there(lora: dict, expected: int, tmp_path: Path) -> None:
+    """PEFT 0.21.2 has a bitsandbytes path for DoRA, VeRA and MiSS (not TinyLoRA: refused with the recipe)."""
+    pytest.importorskip("bitsandbytes")
+    raw = _raw(tmp_path, lora, model={"quantization": "nf4", "warmup_steps": 20}, train={"steps": 2})
+    threads = torch.get_num_threads()
+    try:
+        run = prepare_run(validate(raw))
+        before = _snapshot(run.trainer.model)
+        run.trainer.train()
+        after = _snapshot(run.trainer.model)
+        result = finish_run(run, train_seconds=0.0)
+    finally:
+        torch.set_num_threads(threads)
+    _check_trained_and_frozen(before, after)
+    assert result.summary["trainable_params"] == expected
