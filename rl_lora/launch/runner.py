@@ -207,7 +207,7 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
 
     sink = None
     if config.logging.wandb and is_main():
-        tags = [method, config.algorithm, "full" if config.lora.is_full else "lora"]
+        tags = [method, config.algorithm, "full" if config.lora.is_full else config.lora.adapter]
         sink = WandbSink(
             run_dir, config.logging.wandb_project, run_dir.name, config.logging.wandb_group,
             {**resolved, "rank": str(config.lora.rank), "method": method, "lr": lr.lr, "seed": config.train.seed,
