@@ -34,7 +34,8 @@ from rl_lora.adapters.counting import (
 )
 from rl_lora.adapters.targets import ALL_LINEAR, ATTENTION_PARTS, MLP_NAMES, MLP_PARTS
 from rl_lora.config.adapter_options import ADAPTER_TYPES
-from rl_lora.config.schema import BUILTIN_PREFERENCES, RecipeConfig
+from rl_lora.config.algorithms import algorithm_info
+from rl_lora.config.schema import BUILTIN_PREFERENCES, DpoRecipe, GrpoRecipe, PpoRecipe, RecipeConfig, RewardRecipe
 from rl_lora.estimate.capacity import (
     BITS_PER_PARAM,
     CLEAR_MARGIN,
@@ -50,7 +51,7 @@ from rl_lora.estimate.capacity import (
 from rl_lora.estimate.lr_rule import resolve_lr
 from rl_lora.models.gguf import read_config as read_gguf_config
 from rl_lora.models.policies import classify
-from rl_lora.utils.errors import ConfigError, ModelError
+from rl_lora.utils.errors import ConfigError, ModelError, first_line
 
 Shapes = dict[str, tuple[int, int]]
 ModuleKind = Literal["attention", "mlp", "other"]
@@ -98,10 +99,6 @@ class LoraAdvice(UserWarning):
 # --- the recipe's model, without its weights ------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def recipe_model_config(config: RecipeConfig) -> transformers.PretrainedConfig:
     """The transformers config of the recipe's policy; loads no weights and builds nothing.
@@ -120,7 +117,7 @@ def recipe_model_config(config: RecipeConfig) -> transformers.PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(policy, trust_remote_code=config.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.policy '{policy}': cannot read its config ({_first_line(exc)})") from exc
+        raise ModelError(f"model.policy '{policy}': cannot read its config ({first_line(exc)})") from exc
 
 
 @dataclass(frozen=True)
@@ -147,7 +144,7 @@ def policy_shapes(config: RecipeConfig) -> PolicyShapes:
     except (ValueError, KeyError, ImportError) as exc:
         raise ModelError(
             f"model.policy '{config.model.policy}': transformers cannot build a causal LM from its config "
-            f"({_first_line(exc)})"
+            f"({first_line(exc)})"
         ) from exc
 
 
@@ -168,7 +165,7 @@ def recipe_moe(config: RecipeConfig, policy: PolicyShapes | None = None) -> MoeP
     return MoePlan(layout, config.lora.expert_rank, config.lora.train_router)
 
 
-def distinct_pairs_available(config: RecipeConfig) -> int | None:
+def distinct_pairs_available(config: DpoRecipe | RewardRecipe) -> int | None:
     """How many distinct training pairs the recipe's data can give, or None when unknown.
 
     Built-in pairs: at most one per training problem. A file: its rows (less the held-out share when
@@ -194,11 +191,11 @@ def data_bits_per_step(config: RecipeConfig) -> float:
 def recipe_data_bits(config: RecipeConfig) -> tuple[float, str]:
     """(bits the recipe's training data carries, how that number was made)."""
     batch, steps = config.train.batch_size, config.train.steps
-    if config.algorithm in ("grpo", "ppo"):
+    if algorithm_info(config.algorithm).uses_rewards:
         # Claim 1: a policy-gradient episode (one completion) carries at most ~1 bit, its one scalar advantage.
         bits = rl_data_bits(batch, steps)
         return bits, f"{batch} completions/step x {steps} steps, <= 1 bit per episode"
-    if config.algorithm in ("dpo", "reward"):
+    if isinstance(config, (DpoRecipe, RewardRecipe)):
         # One bit per distinct pair: rl-lora's own estimate, not the study's (rl_lora/estimate/capacity.py says why and
         # what it does not know); a second pass over the same pairs adds none.
         seen = batch * steps
@@ -319,9 +316,9 @@ def _large_batch(config: RecipeConfig) -> Advice | None:
         return None
     # The batch holds whole groups of completions per prompt (config validation requires it); pairs do not group.
     group_key, group = "", 1
-    if config.algorithm == "grpo":
+    if isinstance(config, GrpoRecipe):
         group_key, group = "grpo.num_generations", config.grpo.num_generations
-    elif config.algorithm == "ppo":
+    elif isinstance(config, PpoRecipe):
         group_key, group = "ppo.samples_per_prompt", config.ppo.samples_per_prompt
     # The largest batch within the threshold that still holds whole groups.
     smaller = LARGE_BATCH_COMPLETIONS // group * group

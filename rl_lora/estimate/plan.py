@@ -51,8 +51,9 @@ from rl_lora.adapters.counting import (
 )
 from rl_lora.adapters.targets import ALL_LINEAR
 from rl_lora.config.adapter_options import ADAPTER_TYPES
-from rl_lora.config.schema import RecipeConfig
-from rl_lora.utils.errors import ConfigError, ModelError
+from rl_lora.config.algorithms import algorithm_info
+from rl_lora.config.schema import DpoRecipe, GrpoRecipe, PpoRecipe, RecipeConfig, RewardRecipe
+from rl_lora.utils.errors import ConfigError, ModelError, first_line
 
 Shapes = dict[str, tuple[int, int]]
 Method = int | Literal["full"]  # a LoRA rank, or full fine-tuning
@@ -134,10 +135,6 @@ class ModelFacts:
         return self.model_type in MODELLED
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _raw_config(policy: str) -> dict | None:
     """The config.json mapping of a folder, a file or a cached hub id; None for what has none to read."""
@@ -148,7 +145,7 @@ def _raw_config(policy: str) -> dict | None:
     try:
         raw, _ = transformers.PretrainedConfig.get_config_dict(policy)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.policy '{policy}': cannot read its config ({_first_line(exc)})") from exc
+        raise ModelError(f"model.policy '{policy}': cannot read its config ({first_line(exc)})") from exc
     return raw
 
 
@@ -212,7 +209,7 @@ def model_facts(model_config: transformers.PretrainedConfig, reward_model: bool 
             model = meta_model(model_config, trust_remote_code)
     except (ValueError, KeyError, ImportError) as exc:
         raise ModelError(f"model type '{model_config.model_type}': transformers cannot build it from its config "
-                         f"({_first_line(exc)})") from exc
+                         f"({first_line(exc)})") from exc
     params = {name: p.numel() for name, p in model.named_parameters()}
     decay = set(get_parameter_names(model, [nn.LayerNorm], list(NO_DECAY_PATTERNS)))
     prefix = model.base_model_prefix
@@ -220,7 +217,8 @@ def model_facts(model_config: transformers.PretrainedConfig, reward_model: bool 
     head = model.get_output_embeddings() if not reward_model else getattr(model, "score", None)
     heads = _first(text, "num_attention_heads")
     hidden = _first(text, "hidden_size")
-    if hidden is None or heads is None or _first(text, "num_hidden_layers") is None:
+    layers = _first(text, "num_hidden_layers")
+    if hidden is None or heads is None or layers is None:
         raise ModelError(f"model type '{model_config.model_type}': its config names no hidden_size, "
                          "num_hidden_layers or num_attention_heads")
     linears = model_linear_shapes(model)
@@ -229,7 +227,7 @@ def model_facts(model_config: transformers.PretrainedConfig, reward_model: bool 
     return ModelFacts(
         model_type=str(model_config.model_type),
         hidden=hidden,
-        layers=_first(text, "num_hidden_layers"),
+        layers=layers,
         heads=heads,
         kv_heads=_first(text, "num_key_value_heads") or heads,
         head_dim=_first(text, "head_dim") or hidden // heads,
@@ -371,7 +369,7 @@ def parts(facts: ModelFacts, config: RecipeConfig, rank: Method) -> list[Part]:
             critic = tuple(facts.params[n] for n in facts.decoder)
             out.append(Part("critic copy", critic, p.weights, True, (1,) * len(critic), tracked=False))
         out.append(Part("value head", (facts.hidden, 1), p.adapters, True, (1, 1), tracked=False))
-    if full and (algo in ("dpo", "ppo") or (algo == "grpo" and config.grpo.beta > 0)):
+    if full and (algo in ("dpo", "ppo") or (isinstance(config, GrpoRecipe) and config.grpo.beta > 0)):
         ref = tuple(facts.params.values())  # TRL partitions its reference under ZeRO-3; PPO's stays whole
         out.append(Part("reference copy", ref, p.weights, engine=algo != "ppo", tracked=False))
     return out
@@ -550,21 +548,21 @@ def workload(config: RecipeConfig, devices: int, prompt_tokens: int | None = Non
     batch, accum = config.train.batch_size, config.distributed.gradient_accumulation
     share = min(math.ceil(batch / (devices * accum)), micro_batch or batch)
     steps = math.ceil(batch / (devices * share))
-    algo = config.algorithm
-    if algo == "grpo":
+    if isinstance(config, GrpoRecipe):
         length = prompt + config.grpo.max_completion_length
         return Workload(share, length, config.grpo.max_completion_length, 1, math.ceil(batch / devices), length,
                         batch * length, prompt, assumed, steps)
-    if algo == "ppo":
+    if isinstance(config, PpoRecipe):
         ppo = config.ppo
         length = prompt + ppo.max_completion_length
         # every epoch trains each completion once, through the policy and through the critic; each minibatch
         # is an optimizer step of its own
         return Workload(math.ceil(ppo.minibatch_size / devices), length, ppo.max_completion_length + 1, 2,
                         math.ceil(batch / devices), length, 2 * ppo.epochs * batch * length, prompt, assumed)
-    if algo == "dpo":  # TRL runs chosen and rejected together, at most dpo.max_length tokens each
+    if isinstance(config, DpoRecipe):  # TRL runs chosen and rejected together, at most dpo.max_length tokens each
         length = config.dpo.max_length
         return Workload(2 * share, length, length, 1, 0, 0, 2 * batch * length, prompt, False, steps)
+    assert isinstance(config, RewardRecipe)  # the one algorithm left
     length = config.reward_model.max_length
     return Workload(2 * share, length, 0, 1, 0, 0, 2 * batch * length, prompt, False, steps)
 
@@ -622,8 +620,8 @@ def merged_copy_bytes(facts: ModelFacts, config: RecipeConfig, method: Method, l
     """A LoRA rollout with merged adapters (``grpo.merge_rollouts`` / ``ppo.merge_rollouts``) generates with
     W + scale B A in place of each adapted weight and keeps W to put back (rl_lora/adapters/rollout.py): one more
     copy of every adapted linear's weight while it generates. Skipped under ZeRO-3 and on a 4-bit base."""
-    algo = config.algorithm
-    merging = (algo == "grpo" and config.grpo.merge_rollouts) or (algo == "ppo" and config.ppo.merge_rollouts)
+    merging = ((isinstance(config, GrpoRecipe) and config.grpo.merge_rollouts)
+               or (isinstance(config, PpoRecipe) and config.ppo.merge_rollouts))
     if method == "full" or not merging or layout.zero_stage == 3 or config.model.quantization != "none":
         return 0
     if config.lora.adapter != "lora":  # other adapter types generate unmerged
@@ -714,7 +712,7 @@ def device_counts(config: RecipeConfig) -> list[int]:
     """Device counts the recipe's batch divides over, ascending (PPO's minibatch as well), up to MAX_DEVICES."""
     batch = config.train.batch_size
     counts = [n for n in range(1, min(batch, MAX_DEVICES) + 1) if batch % n == 0]
-    if config.algorithm == "ppo":
+    if isinstance(config, PpoRecipe):
         counts = [n for n in counts if config.ppo.minibatch_size % n == 0]
     return counts
 
@@ -765,7 +763,8 @@ def make_plan(config: RecipeConfig, devices: int = 1, device_memory: int = 80 * 
         raise ConfigError(f"--devices {devices}: must be at least 1")
     if prompt_tokens is not None and prompt_tokens < 1:
         raise ConfigError(f"--prompt-tokens {prompt_tokens}: must be at least 1")
-    facts = model_facts(plan_model_config(config), config.algorithm == "reward", config.model.trust_remote_code)
+    facts = model_facts(plan_model_config(config), algorithm_info(config.algorithm).scores_sequences,
+                        config.model.trust_remote_code)
     layout = recipe_layout(config, facts, devices)
     usable = int(device_memory * (1 - HEADROOM))
     stages = [layout.zero_stage] + ([3] if layout.zero_stage != 3 else [])

@@ -36,7 +36,6 @@ from rl_lora.tasks.base import Metric
 from rl_lora.training.distributed import from_main
 from rl_lora.utils.errors import CheckpointError
 
-PROXY = {"grpo": "reward", "ppo": "reward", "dpo": "rewards/margins", "reward": "accuracy"}
 PROXY_WINDOW = 10  # logged steps averaged for the proxy's level (one step is noisy)
 BEST_MARKER = "best_step.json"  # in best/: the evaluation whose policy it holds, read back on resume
 
