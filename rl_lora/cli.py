@@ -24,7 +24,7 @@ import yaml
 
 import rl_lora
 from rl_lora.config.schema import RecipeConfig, load_recipe, read_recipe_file
-from rl_lora.utils.errors import USER_ERRORS, ConfigError
+from rl_lora.utils.errors import USER_ERRORS, ConfigError, one_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         if args.debug:
             raise
-        print(f"rl-lora: error: {exc}", file=sys.stderr)
+        print(f"rl-lora: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("rl-lora: interrupted", file=sys.stderr)

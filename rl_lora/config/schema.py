@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rl_lora.config.adapter_options import ADAPTER_TYPES, DEFAULT_ADAPTER, check_adapter, check_adapter_options
 from rl_lora.utils.errors import ConfigError
+from rl_lora.utils.text import lone_surrogate
 
 
 class _Section(BaseModel):
@@ -748,8 +749,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': '{key}' is not a dotted key like lora.rank")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value does not parse ({exc.problem})") from None
+    except yaml.YAMLError as exc:  # a ReaderError (a control character) has no problem: its text, on one line
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"override '{text}': value does not parse ({problem})") from None
     return key.split("."), _coerce_float_string(parsed)
 
 
@@ -793,10 +795,13 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's spans lines
         raise ConfigError(f"recipe '{path}'{where}: malformed YAML ({problem})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"recipe '{path}' cannot be read ({exc})") from None
+    bad = lone_surrogate(raw)
+    if bad is not None:  # a "\ud800" escape: no tokenizer takes it and no terminal prints it
+        raise ConfigError(f"recipe '{path}': {ascii(bad)[:40]} holds a lone surrogate escape, not valid Unicode text")
     if raw is None:
         raise ConfigError(f"recipe '{path}' is empty")
     if not isinstance(raw, dict):
@@ -806,5 +811,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
     """Read, override and validate a recipe. Raises ConfigError; loads no model."""
+    bad = next((o for o in overrides or [] if lone_surrogate(o) is not None), None)
+    if bad is not None:
+        raise ConfigError(f"override {ascii(bad)[:60]}: holds a lone surrogate, not valid Unicode text")
     raw = apply_overrides(read_recipe_file(path), overrides or [])
     return validate(raw, source=f"recipe '{path}'")

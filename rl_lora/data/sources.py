@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_lora.utils.errors import DataError, first_line
+from rl_lora.utils.text import lone_surrogate
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 MAX_REPORTED = 10  # bad rows listed in one error
@@ -76,7 +77,7 @@ def _jsonl_rows(path: Path, name: str) -> NumberedRows:
             if not line.strip():
                 continue
             try:
-                rows.append((line_no, json.loads(line)))
+                rows.append((line_no, _text_checked(json.loads(line))))
             except json.JSONDecodeError as exc:  # one bad row among others, not the end of the check
                 rows.append((line_no, BadRow(f"not valid JSON ({exc.msg} at column {exc.colno})")))
     return rows
@@ -90,7 +91,16 @@ def _json_rows(path: Path, name: str) -> NumberedRows:
         raise DataError(f"dataset '{name}': not valid JSON ({problem})") from None
     if not isinstance(data, list):
         raise DataError(f"dataset '{name}': expected a JSON list of rows, got {type(data).__name__}")
-    return list(enumerate(data, start=1))
+    return [(i, _text_checked(row)) for i, row in enumerate(data, start=1)]
+
+
+def _text_checked(row: Any) -> Any:
+    """``row``, or a BadRow when one of its strings is not Unicode text: JSON's ``\\ud800`` escape parses to a lone
+    surrogate, which no tokenizer takes (tokenizers raised a TypeError mid-run)."""
+    bad = lone_surrogate(row)
+    if bad is None:
+        return row
+    return BadRow(f"holds {ascii(bad)[:40]}, a lone surrogate escape: not valid Unicode text")
 
 
 def _parquet_rows(path: Path, name: str) -> NumberedRows:

@@ -43,5 +43,16 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+# The characters str.splitlines breaks a line at: a user's key or value holding one (a column named "\r")
+# would split the one-line error; they are written as their escapes instead.
+_LINE_BREAKS = str.maketrans({c: c.encode("unicode_escape").decode("ascii")
+                              for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def one_line(text: str) -> str:
+    """``text`` as one line: its line-breaking characters written as escapes (``\\n``, ``\\r``, ``\\u2028``)."""
+    return text.strip().translate(_LINE_BREAKS)
+
+
 # What the command line reports in one line, without a traceback.
 USER_ERRORS = (RlLoraError, RewardError)
