@@ -44,8 +44,9 @@ def precheck(config: RecipeConfig) -> None:
         from rl_lora.data.preferences import is_conversational, read_preference_file
 
         sources = [config.preferences_source]
-        if config.data.eval_preferences is not None:
-            sources.append(config.data.eval_preferences)
+        held = getattr(config.data, "eval_preferences", None)  # DPO's and the reward model's data (PreferenceDataSpec)
+        if held is not None:
+            sources.append(held)
         for i, source in enumerate(sources):
             rows = read_preference_file(source, light_prompt_limit(config) if i == 0 else None, config.data.split,
                                         config.data.subset)
