@@ -23,6 +23,7 @@ import sys
 import yaml
 
 import rl_lora
+from rl_lora.config.algorithms import algorithm_info
 from rl_lora.config.schema import RecipeConfig, load_recipe, read_recipe_file
 from rl_lora.utils.errors import USER_ERRORS, ConfigError, one_line
 
@@ -182,9 +183,9 @@ def _launch(args: argparse.Namespace, config: RecipeConfig) -> int:
 
     from rl_lora.training.distributed import LAUNCHED_ENV, RUN_DIR_ENV, launch_command
 
-    if config.algorithm == "ppo" and config.distributed.zero_stage is None:
+    if algorithm_info(config.algorithm).processes_need_zero and config.distributed.zero_stage is None:
         # Checked here too (rl_lora/algorithms/ppo/trainer.py check_layout), so it fails before torchrun starts.
-        raise ConfigError("--nproc/--nnodes: algorithm 'ppo' under several processes needs "
+        raise ConfigError(f"--nproc/--nnodes: algorithm '{config.algorithm}' under several processes needs "
                           "distributed.zero_stage (0, 2 or 3)")
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if args.resume is None:

@@ -186,3 +186,16 @@ def test_trl_cannot_override_what_the_builders_set(tmp_path: Path, monkeypatch: 
                 precheck_trl(config)
             with pytest.raises(ConfigError, match=f"trl.{key}: rl-lora sets it"):
                 build(config, 1e-3, tmp_path)
+
+
+def test_unquoted_exponent_floats_are_floats_and_quoted_strings_stay_strings(tmp_path: Path) -> None:
+    """YAML 1.1 reads an unquoted 2e-4 as a string; recipes read it as a float, in the file and in overrides.
+    A quoted value is a string the user meant, e.g. inside ``trl:`` or a reward's keywords, and stays one."""
+    from rl_lora.config.schema import apply_overrides, read_recipe_file
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text('train:\n  lr: 2e-4\ntrl:\n  run_name: "1e5"\n')
+    raw = read_recipe_file(recipe)
+    assert raw["train"]["lr"] == 2e-4 and raw["trl"]["run_name"] == "1e5"
+    raw = apply_overrides(raw, ["train.lr=3E-5", 'trl.hub_model_id="5e3"'])
+    assert raw["train"]["lr"] == 3e-5 and raw["trl"]["hub_model_id"] == "5e3"

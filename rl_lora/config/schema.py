@@ -11,6 +11,7 @@ and serialise into the run folder and W&B.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from rl_lora.config.adapter_options import ADAPTER_TYPES, DEFAULT_ADAPTER, check_adapter, check_adapter_options
 from rl_lora.utils.errors import ConfigError
@@ -130,13 +132,23 @@ class LoraSpec(_Section):
         return f"{self.adapter}-r{self.rank}" + "".join(f"-{k}{v}" for k, v in sorted(self.adapter_options.items()))
 
 
-class GrpoSpec(_Section):
+class _RolloutSpec(_Section):
+    """How GRPO and PPO sample their completions: the keys both sections share, declared once."""
+
+    max_completion_length: int = Field(default=256, ge=1, description=(
+        "tokens generated per completion (and by the held-out evaluation); TRL's default; the arithmetic "
+        "recipes set 5: 3 digits + EOS"))
+    temperature: float = Field(default=1.0, gt=0, description=(
+        "sampling temperature for rollouts (log-probs use the same temperature)"))
+    merge_rollouts: bool = Field(default=True, description=(
+        "generate rollouts with the policy's adapter folded into the weights, restored bitwise afterwards "
+        "(plain-model speed; skipped under ZeRO-3, for 4-bit bases and for adapter types that cannot merge)"))
+
+
+class GrpoSpec(_RolloutSpec):
     """Group-relative policy optimisation (TRL's GRPOTrainer)."""
 
     num_generations: int = Field(default=8, ge=2, description="completions per prompt (a group)")
-    max_completion_length: int = Field(default=256, ge=1, description=(
-        "tokens generated per completion (TRL's default; the arithmetic recipes set 5: 3 digits + EOS)"))
-    temperature: float = Field(default=1.0, gt=0, description="sampling temperature for rollouts")
     beta: float = Field(default=0.0, ge=0, description=(
         "KL coefficient to the reference (the adapter-off policy); 0 = no reference pass"))
     target_kl: float | None = Field(default=None, gt=0, description=(
@@ -151,9 +163,6 @@ class GrpoSpec(_Section):
         "how advantages are scaled: `group` (TRL's default) = (reward - group mean) / group std; `batch` divides "
         "by the batch's std; `none` = mean-centred only, as in the study "
         "([findings.md](findings.md#how-the-study-measured-and-where-rl-lora-differs))"))
-    merge_rollouts: bool = Field(default=True, description=(
-        "generate rollouts with the LoRA adapters folded into the weights, restored bitwise afterwards "
-        "(plain-model speed; skipped under ZeRO-3 and for 4-bit bases)"))
 
     @model_validator(mode="after")
     def _kl_budget_needs_beta(self) -> GrpoSpec:
@@ -163,16 +172,11 @@ class GrpoSpec(_Section):
         return self
 
 
-class PpoSpec(_Section):
+class PpoSpec(_RolloutSpec):
     """PPO with a critic (rl_lora/algorithms/ppo/trainer.py). Completions per step = train.batch_size."""
 
     samples_per_prompt: int = Field(default=4, ge=1, description=(
         "PPO completions per prompt; prompts per step = `train.batch_size` / this ([ppo.md](ppo.md))"))
-    max_completion_length: int = Field(default=256, ge=1, description=(
-        "tokens generated per completion (and by the held-out evaluation); TRL's default, as GRPO's; "
-        "the arithmetic recipes set 5"))
-    temperature: float = Field(default=1.0, gt=0, description=(
-        "sampling temperature for rollouts (log-probs use the same temperature)"))
     epochs: int = Field(default=2, ge=1, description=(
         "passes over each rollout batch, in minibatches of `ppo.minibatch_size` completions (one update each)"))
     minibatch_size: int = Field(default=32, ge=1, description=(
@@ -200,9 +204,6 @@ class PpoSpec(_Section):
         "normalise advantages to mean 0, std 1 over each rollout batch"))
     value_lr_multiplier: float = Field(default=1.0, gt=0, description=(
         "critic LR (value adapter or copy, and value head) = this x the policy's LR"))
-    merge_rollouts: bool = Field(default=True, description=(
-        "generate rollouts with the policy adapter folded into the weights, restored bitwise afterwards "
-        "(faster; skipped under ZeRO-3 and for 4-bit bases)"))
 
 
 LEARNED_PREFIX = "learned:"
@@ -404,6 +405,10 @@ DpoLoss = Literal[
 ]
 
 
+def _sigmoid_loss() -> list[DpoLoss]:
+    return ["sigmoid"]
+
+
 class DpoSpec(_Section):
     """Direct preference optimisation (TRL's DPOTrainer)."""
 
@@ -411,7 +416,7 @@ class DpoSpec(_Section):
         "DPO's β: how far the policy may move from the reference (adapter off for LoRA, a frozen copy for "
         "`full`)"))
     loss_type: list[DpoLoss] = Field(
-        default_factory=lambda: ["sigmoid"], min_length=1, json_schema_extra={"doc_type": "TRL loss name or list"},
+        default_factory=_sigmoid_loss, min_length=1, json_schema_extra={"doc_type": "TRL loss name or list"},
         description=("`sigmoid` (DPO), `ipo`, `hinge`, `robust`, `sft`, ... (TRL's names); a list is summed with "
                      "`dpo.loss_weights` (`[sigmoid, sft]` = RPO)"))
     loss_weights: list[float] | None = Field(default=None, description=(
@@ -607,11 +612,31 @@ class RecipeConfig(_Section):
         return self.model_dump(mode="json")
 
 
-class GrpoRecipe(RecipeConfig):
+class _RewardedRecipe(RecipeConfig):
+    """A recipe whose policy is scored by reward functions (GRPO, PPO)."""
+
+    reward: RewardSpec = Field(default_factory=RewardSpec)
+
+
+class _TrlRecipe(RecipeConfig):
+    """A recipe run by one of TRL's trainers, which passes its own options through (`trl:`)."""
+
+    trl: dict[str, Any] = Field(default_factory=dict, description=TRL_OPTIONS_DESCRIPTION)
+
+
+class _PreferenceRecipe(_TrlRecipe):
+    """A recipe trained on preference pairs (DPO, reward models)."""
+
+    data: PreferenceDataSpec = Field(default_factory=PreferenceDataSpec)
+
+    @property
+    def preferences_source(self) -> str:
+        return self.data.preferences_source
+
+
+class GrpoRecipe(_RewardedRecipe, _TrlRecipe):
     algorithm: Literal["grpo"] = Field(default="grpo", description="GRPO through TRL's GRPOTrainer")
     grpo: GrpoSpec = Field(default_factory=GrpoSpec)
-    reward: RewardSpec = Field(default_factory=RewardSpec)
-    trl: dict[str, Any] = Field(default_factory=dict, description=TRL_OPTIONS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _batch_holds_whole_groups(self) -> GrpoRecipe:
@@ -623,10 +648,9 @@ class GrpoRecipe(RecipeConfig):
         return self
 
 
-class PpoRecipe(RecipeConfig):
+class PpoRecipe(_RewardedRecipe):
     algorithm: Literal["ppo"] = Field(default="ppo", description="PPO with a critic, rl-lora's own loop")
     ppo: PpoSpec = Field(default_factory=PpoSpec)
-    reward: RewardSpec = Field(default_factory=RewardSpec)
 
     @model_validator(mode="after")
     def _batch_splits_evenly(self) -> PpoRecipe:
@@ -640,23 +664,16 @@ class PpoRecipe(RecipeConfig):
         return self
 
 
-class DpoRecipe(RecipeConfig):
+class DpoRecipe(_PreferenceRecipe):
     algorithm: Literal["dpo"] = Field(default="dpo", description="DPO through TRL's DPOTrainer")
     dpo: DpoSpec = Field(default_factory=DpoSpec)
-    data: PreferenceDataSpec = Field(default_factory=PreferenceDataSpec)
-    trl: dict[str, Any] = Field(default_factory=dict, description=TRL_OPTIONS_DESCRIPTION)
-
-    @property
-    def preferences_source(self) -> str:
-        return self.data.preferences_source
 
 
-class RewardRecipe(RecipeConfig):
+class RewardRecipe(_PreferenceRecipe):
     algorithm: Literal["reward"] = Field(default="reward", description=(
         "reward-model training through TRL's RewardTrainer"))
     reward_model: RewardModelSpec = Field(default_factory=RewardModelSpec)
     data: RewardDataSpec = Field(default_factory=RewardDataSpec)
-    trl: dict[str, Any] = Field(default_factory=dict, description=TRL_OPTIONS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _full_precision_base(self) -> RewardRecipe:
@@ -664,10 +681,6 @@ class RewardRecipe(RecipeConfig):
             raise ValueError(f"model.quantization {self.model.quantization} is wired for algorithm grpo, dpo, "
                              "ppo, not reward: set model.quantization: none")
         return self
-
-    @property
-    def preferences_source(self) -> str:
-        return self.data.preferences_source
 
 
 RECIPES: dict[str, type[RecipeConfig]] = {"grpo": GrpoRecipe, "ppo": PpoRecipe, "dpo": DpoRecipe,
@@ -701,7 +714,7 @@ def _readers(loc: tuple[str | int, ...]) -> list[str]:
     return [name for name, recipe in RECIPES.items() if keys[-1] in _valid_keys(recipe, tuple(keys[:-1]))]
 
 
-def _describe(error: dict[str, Any], recipe: type[RecipeConfig]) -> str:
+def _describe(error: ErrorDetails, recipe: type[RecipeConfig]) -> str:
     loc = tuple(error["loc"])
     dotted = ".".join(str(p) for p in loc)
     kind = error["type"]
@@ -748,31 +761,29 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
         raise ConfigError(f"override '{text}': '{key}' is not a dotted key like lora.rank")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        parsed = yaml.load(value, Loader=RecipeLoader) if value.strip() else ""
     except yaml.YAMLError as exc:  # a ReaderError (a control character) has no problem: its text, on one line
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
         raise ConfigError(f"override '{text}': value does not parse ({problem})") from None
-    return key.split("."), _coerce_float_string(parsed)
+    return key.split("."), parsed
 
 
-def _coerce_float_string(value: Any) -> Any:
-    # PyYAML (YAML 1.1) reads "2e-4" as a string; users mean a float.
-    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
-        return float(value)
-    return value
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: YAML 1.1 reads an unquoted ``2e-4`` (no dot) as a string,
+    where users mean a float. Added as an implicit resolver, the library's own mechanism, so only plain
+    scalars change: a quoted "2e-4" stays a string (inside ``trl:`` or a reward's keywords too)."""
 
 
-def _normalise_floats(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _normalise_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_normalise_floats(v) for v in node]
-    return _coerce_float_string(node)
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each dotted override applied (sections are created as needed)."""
-    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    result = copy.deepcopy(raw)
     for text in overrides:
         path, value = parse_override(text)
         node = result
@@ -791,7 +802,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe '{path}' does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -806,7 +817,7 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe '{path}' is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"recipe '{path}': a recipe must be a YAML mapping, got {type(raw).__name__}")
-    return _normalise_floats(raw)
+    return raw
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
