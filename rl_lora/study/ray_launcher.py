@@ -52,6 +52,9 @@ from rl_lora.utils.errors import ConfigError
 INSTALL_HINT = "pip install 'rl-lora[ray]'"
 # Ray retries a task this many times after its node or worker is lost (or its run process is killed).
 TASK_RETRIES = 3
+# Seconds an interrupted sweep waits for its cancelled tasks to stop their runs; a task still running then is
+# stopped when Ray ends this driver's workers (SIGTERM: run_task stops its run on the way out).
+CANCEL_SECONDS = 10
 # Seconds to wait for a TCP answer from the cluster's address before refusing it.
 CONNECT_TIMEOUT = 3.0
 # A local Ray instance (``--ray`` with no address) stays on the loopback range. Ray rewrites 127.0.0.1 (and
@@ -191,6 +194,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a run and every process under it (torchrun and its workers for a multi-device run): SIGTERM to
+    its process group, then SIGKILL if it has not ended within 30 s."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class RunKilled(RuntimeError):
     """The run's process died from a signal (a preempted or failing node): Ray retries the task."""
 
@@ -221,8 +237,15 @@ def run_task(args: list[str], env: dict[str, str], runs_dir: str, name: str, cwd
         log.write(f"rl-lora sweep: on Ray node {node}" + (f", resuming from {run_dir}" if resumed else "") + "\n")
         log.flush()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                cwd=cwd if os.path.isdir(cwd) else None, preexec_fn=_die_with_parent)
-        code = proc.wait()
+                                cwd=cwd if os.path.isdir(cwd) else None, preexec_fn=_die_with_parent,
+                                start_new_session=True)
+        try:  # polled: Ray's cancel interrupts Python code, not a blocking wait
+            while proc.poll() is None:
+                time.sleep(POLL_SECONDS)
+        except BaseException:  # the task cancelled (the sweep interrupted): stop the run, torchrun's too
+            _stop(proc)
+            raise
+        code = proc.returncode
     if code < 0:
         raise RunKilled(f"run {name} on node {node} was killed by signal {-code}")
     return {"code": code, "node": node, "message": None, "seconds": time.perf_counter() - started,
@@ -322,8 +345,10 @@ class RayLauncher(Launcher):
                     bar.update(1)
                 bar.set_postfix_str(self._where(pending))
         finally:
-            for ref in pending:  # interrupted: stop the runs this sweep started (their processes die with them)
-                self.ray.cancel(ref, force=True)
+            if pending:  # interrupted: each started task stops its run and the processes under it (run_task)
+                for ref in pending:
+                    self.ray.cancel(ref)
+                self.ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_SECONDS)
             bar.close()
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
