@@ -38,6 +38,7 @@ from rl_lora.tasks.base import Metric
 from rl_lora.training import checkpoint
 from rl_lora.training.distributed import (
     RUN_DIR_ENV,
+    bound_extension_builds,
     collective_failed,
     init_process_group,
     is_main,
@@ -227,6 +228,8 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     # Several processes: the process group starts here (where the trainer's arguments would start it), with
     # distributed.timeout, so a stalled process fails the run instead of hanging it.
     init_process_group(config.distributed.timeout)
+    if config.distributed.zero_stage is not None:  # DeepSpeed compiles an op as it starts: bound a stale lock's wait
+        bound_extension_builds(config.distributed.timeout)
     trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer")
     # Read before training: under ZeRO-3 the counts would be of each process's partition afterwards.
     figures = trainer.figures()

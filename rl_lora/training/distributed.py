@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from rl_lora.config.schema import DistributedSpec
@@ -67,6 +68,56 @@ def init_process_group(timeout: int) -> None:
 
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout))
+
+
+STALE_BUILD_LOCK_S = 600  # a JIT build (DeepSpeed's CPU shared-memory op) takes about a minute; a lock older is a
+# killed build's
+
+
+def bound_extension_builds(timeout: int) -> None:
+    """Under DeepSpeed: a wait on a JIT build's lock file ends with one line instead of lasting for ever.
+
+    DeepSpeed compiles its CPU shared-memory op (``deepspeed_shm_comm``) when it starts, under a ``lock`` file in
+    torch's extension folder; a process killed while compiling leaves the file, and every later start waited on it
+    for ever, idle, on every process (no collective runs, so ``distributed.timeout`` never fired: issue #28 item 9,
+    seen with two environments' test runs sharing the folder, each rebuilding the op the other had built). Here
+    the wait raises DistributedError, naming the file, once the lock is ``STALE_BUILD_LOCK_S`` old or the wait
+    passes ``timeout`` s; and each Python environment builds into its own folder (``TORCH_EXTENSIONS_DIR``, unless
+    set), so two environments no longer rebuild over each other.
+    """
+    import hashlib
+    import time
+
+    from torch.utils import cpp_extension, file_baton
+
+    from rl_lora.utils.errors import DistributedError
+
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:  # torch's own root, a folder per environment (and Python, CUDA)
+        import torch
+
+        key = f"{sys.prefix} {sys.version} {torch.__version__} {torch.version.cuda}"
+        tag = hashlib.sha256(key.encode()).hexdigest()[:12]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(cpp_extension.get_default_build_root()) / f"rl-lora-{tag}")
+    if getattr(file_baton.FileBaton.wait, "bounded_by_rl_lora", False):
+        return
+
+    def wait(self: Any) -> None:
+        start = time.time()
+        while os.path.exists(self.lock_file_path):
+            try:
+                age = time.time() - os.path.getmtime(self.lock_file_path)
+            except OSError:  # released meanwhile
+                continue
+            waited = time.time() - start
+            if age > STALE_BUILD_LOCK_S or waited > timeout:
+                raise DistributedError(
+                    f"waited {waited:.0f} s on the build lock '{self.lock_file_path}' ({age:.0f} s old): a process "
+                    "killed while compiling a DeepSpeed/PyTorch extension left it; if no compiler is running, delete "
+                    "it and rerun (docs/distributed.md#if-a-run-hangs-at-start)")
+            time.sleep(self.wait_seconds)
+
+    wait.bounded_by_rl_lora = True  # type: ignore[attr-defined]
+    file_baton.FileBaton.wait = wait  # type: ignore[method-assign]
 
 
 # How gloo (and torch.distributed) word a collective that waited past the process group's timeout, or whose peer
