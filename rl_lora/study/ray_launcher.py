@@ -41,8 +41,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from rl_lora.study.sweep import POLL_SECONDS, Launcher, Outcome, _exit_on_sigterm, _main_thread
 from rl_lora.study.sweep_plan import Arm, SweepPoint
 from rl_lora.training import checkpoint
@@ -321,16 +319,8 @@ class RayLauncher(Launcher):
         return f"{busy}/{self.total} {self.kind} busy" + (": " + ", ".join(placed) if placed else "")
 
     def run(self, points: list[SweepPoint], label: str) -> Outcome:
-        outcome = Outcome()
-        todo = []
-        for point in points:
-            _, fingerprint = self.check_point(point)
-            if (self.runs_dir / point.name / "summary.json").is_file():
-                outcome.skipped.append(point.name)
-            else:
-                todo.append((point, fingerprint))
-        bar = tqdm(total=len(points), initial=len(outcome.skipped), desc=f"sweep {self.sweep_dir.name}: {label}",
-                   disable=not self.progress)
+        outcome, todo = self.split_done(points)
+        bar = self.progress_bar(points, outcome, label)
         pending: dict[Any, tuple[SweepPoint, float]] = {}
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
         try:

@@ -135,17 +135,25 @@ class Launcher:
                     "give this sweep another --name or --output-dir, or delete that run folder to redo it")
         return config, fingerprint
 
-    def run(self, points: list[SweepPoint], label: str) -> Outcome:
-        outcome = Outcome()
-        todo = []
+    def split_done(self, points: list[SweepPoint]) -> tuple[Outcome, list[tuple[SweepPoint, dict]]]:
+        """The finished points as skipped, and (point, fingerprint) of the rest, each checked against its run
+        folder's settings first."""
+        outcome, todo = Outcome(), []
         for point in points:
             _, fingerprint = self.check_point(point)
             if (self.runs_dir / point.name / "summary.json").is_file():
                 outcome.skipped.append(point.name)
             else:
                 todo.append((point, fingerprint))
-        bar = tqdm(total=len(points), initial=len(outcome.skipped), desc=f"sweep {self.sweep_dir.name}: {label}",
-                   disable=not self.progress)
+        return outcome, todo
+
+    def progress_bar(self, points: list[SweepPoint], outcome: Outcome, label: str) -> tqdm:
+        return tqdm(total=len(points), initial=len(outcome.skipped), desc=f"sweep {self.sweep_dir.name}: {label}",
+                    disable=not self.progress)
+
+    def run(self, points: list[SweepPoint], label: str) -> Outcome:
+        outcome, todo = self.split_done(points)
+        bar = self.progress_bar(points, outcome, label)
         running: dict[int, tuple[subprocess.Popen, SweepPoint, float, object]] = {}
         # A SIGTERM (kill, a scheduler's stop) ends the sweep through the finally below, so its runs stop too.
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
