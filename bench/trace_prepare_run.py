@@ -4,7 +4,8 @@
 
 Runs ``prepare_run`` (the runner's setup: advice, run folder, model, adapter, trainer) on the recipe with
 Python's profiler hook and records every call of an rl_lora function that receives the recipe's config
-object, or one of its sections (``config.model``, ``config.lora``, ...), as an argument. It prints those modules in order of first entry, the number of stays (a stay
+object, or one of its sections (``config.model``, ``config.lora``, ...), as an argument. It prints those
+modules in order of first entry, the number of stays (a stay
 ends when the next such call is in another module), and how many moves between stays climb from a lower
 layer back to a higher one (docs/architecture.md's order; flat modules before the layers count as none).
 """

@@ -10,14 +10,14 @@ for the real import in the trainer.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from rl_lora.config.algorithms import ALGORITHMS
 from rl_lora.config.option_snapshot import option_names as snapshot_option_names
 from rl_lora.utils.errors import ConfigError
 
 if TYPE_CHECKING:
-    from rl_lora.config.schema import RecipeConfig
+    from rl_lora.config.schema import DpoRecipe, GrpoRecipe, RecipeConfig, RewardRecipe
 
 # The TRL config class of each algorithm that has one.
 TRL_CLASSES = {name: info.trl_config for name, info in ALGORITHMS.items() if info.trl_config}
@@ -29,7 +29,7 @@ def option_names(class_name: str) -> frozenset[str] | None:
     return snapshot_option_names("trl", class_name)
 
 
-def check_trl_keys(config: RecipeConfig, names: frozenset[str], class_name: str) -> None:
+def check_trl_keys(config: GrpoRecipe | DpoRecipe | RewardRecipe, names: frozenset[str], class_name: str) -> None:
     """Refuse a ``trl:`` key that is not an option of TRL's ``class_name`` (with the nearest one) or that rl-lora
     sets from the recipe itself (naming the recipe key to set instead)."""
     import difflib
@@ -46,7 +46,10 @@ def check_trl_keys(config: RecipeConfig, names: frozenset[str], class_name: str)
 def precheck_trl(config: RecipeConfig) -> None:
     """The ``trl:`` check from the source of TRL's config class, before TRL is imported (no-op where unreadable)."""
     class_name = TRL_CLASSES.get(config.algorithm)
-    if class_name is None or not config.trl:  # PPO is rl-lora's own trainer: its recipe has no trl section
+    if class_name is None:  # PPO is rl-lora's own trainer: its recipe has no trl section
+        return
+    config = cast("GrpoRecipe | DpoRecipe | RewardRecipe", config)  # the algorithms with a TRL class have one
+    if not config.trl:
         return
     names = option_names(class_name)
     if names is not None:

@@ -10,12 +10,13 @@ templates); this pass only makes the common mistakes fail fast. Nothing is writt
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from rl_lora.config.algorithms import algorithm_info
 from rl_lora.config.schema import BUILTIN_PREFERENCES, LEARNED_PREFIX, RecipeConfig
 
 if TYPE_CHECKING:
+    from rl_lora.config.schema import DpoRecipe, GrpoRecipe, PpoRecipe, RewardRecipe
     from rl_lora.data.preferences import RowCheck
 
 
@@ -29,21 +30,22 @@ def precheck(config: RecipeConfig) -> None:
 
     check_output_dir(Path(config.logging.output_dir))
     info = algorithm_info(config.algorithm)
-    if info.uses_rewards:
-        for f in config.reward.functions:
+    if info.uses_rewards:  # the recipe has a reward: section
+        for f in cast("GrpoRecipe | PpoRecipe", config).reward.functions:
             if not f.name.startswith(LEARNED_PREFIX):  # a learned reward loads a model: left to the runner
                 check_keywords(f.name, resolve_reward(f.name), f.kwargs)
     # Every algorithm but the reward model evaluates on a task; the reward model only when it trains on its pairs.
-    needs_task = not info.scores_sequences or config.preferences_source == BUILTIN_PREFERENCES
+    preferences = cast("DpoRecipe | RewardRecipe", config).preferences_source if info.uses_preferences else None
+    needs_task = not info.scores_sequences or preferences == BUILTIN_PREFERENCES
     if needs_task and config.data.task == "dataset":  # the built-in task has no files; plug-ins run in the runner
         from rl_lora.tasks.registry import make_task
 
         make_task(config).check()
-    if info.uses_preferences and config.preferences_source != BUILTIN_PREFERENCES:
+    if preferences is not None and preferences != BUILTIN_PREFERENCES:
         from rl_lora.data.chat import refuse_if_files_lack_chat_template
         from rl_lora.data.preferences import is_conversational, read_preference_file
 
-        sources = [config.preferences_source]
+        sources = [preferences]
         held = getattr(config.data, "eval_preferences", None)  # DPO's and the reward model's data (PreferenceDataSpec)
         if held is not None:
             sources.append(held)

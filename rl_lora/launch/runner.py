@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -348,7 +349,7 @@ def fell_back(summary: dict[str, Any], metric: Metric) -> bool:
     return loss > margin
 
 
-def _final_means(records: list[dict[str, Any]], keys: dict[str, str]) -> dict[str, float | None]:
+def _final_means(records: list[dict[str, Any]], keys: Mapping[str, str]) -> dict[str, float | None]:
     """summary key -> mean of the logged key over the last FINAL_REWARD_WINDOW records that have it."""
     out = {}
     for summary_key, logged in keys.items():
@@ -372,6 +373,7 @@ def finish_from_checkpoint(run: PreparedRun) -> RunResult | None:
     """
     _say(f"rl-lora: {run.resume_from} is the final step ({run.resumed_step}): saving the policy and the summary "
          "from it, nothing to train")
+    assert run.resume_from is not None and run.resumed_step is not None  # called when resuming from the last step
     run.trainer.restore(run.resume_from, run.resumed_step)
     out = run.run_dir / ("model" if run.config.lora.is_full else "adapter")
     shutil.rmtree(out, ignore_errors=True)  # whatever a killed save left there

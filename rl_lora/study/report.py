@@ -196,6 +196,7 @@ def build_rows(groups: list[Group], threshold: float | None, metric: Headline | 
         curves = [_curve(r, f"eval/{metric.name}") for r in g.runs]
         aucs = [a for a in (area_under_curve(s, v) for s, v in curves) if a is not None]
         reach = [steps_to(s, v, threshold, metric.higher_is_better) for s, v in curves] if threshold is not None else []
+        reached = [x for x in reach if x is not None]
         states = [s for s in (_state_bytes(r) for r in g.runs) if s is not None]
         memories = [m for m in (_peak_memory(r.summary) for r in g.runs) if m]
         lasts = [next((x for x in reversed(r.records) if x.get("optimizer_bytes")), None) for r in g.runs]
@@ -206,7 +207,7 @@ def build_rows(groups: list[Group], threshold: float | None, metric: Headline | 
         rows.append(Row(
             group=g, final=(mean, sd),
             auc=statistics.fmean(aucs) if aucs else None,
-            to_threshold=statistics.fmean(reach) if reach and all(x is not None for x in reach) else None,
+            to_threshold=statistics.fmean(reached) if reach and len(reached) == len(reach) else None,
             memory=statistics.fmean(memories) if memories else None,
             state=statistics.fmean(states) if states else None,
             step_time=statistics.fmean(step_times) if step_times else None,

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
@@ -154,7 +155,7 @@ class Launcher:
     def run(self, points: list[SweepPoint], label: str) -> Outcome:
         outcome, todo = self.split_done(points)
         bar = self.progress_bar(points, outcome, label)
-        running: dict[int, tuple[subprocess.Popen, SweepPoint, float, object]] = {}
+        running: dict[int, tuple[subprocess.Popen, SweepPoint, float, TextIO]] = {}
         # A SIGTERM (kill, a scheduler's stop) ends the sweep through the finally below, so its runs stop too.
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
         try:
@@ -183,7 +184,8 @@ class Launcher:
                 signal.signal(signal.SIGTERM, previous)
         return outcome
 
-    def _start(self, point: SweepPoint, fingerprint: dict, slot: int) -> tuple:
+    def _start(self, point: SweepPoint, fingerprint: dict,
+               slot: int) -> tuple[subprocess.Popen, SweepPoint, float, TextIO]:
         shutil.rmtree(self.runs_dir / point.name, ignore_errors=True)  # a partial run from an interrupted sweep
         write_json_atomic(self.runs_dir / f"{point.name}.point.json",
                           {"point": asdict(point), "name": point.name, "fingerprint": fingerprint})
@@ -262,14 +264,14 @@ def select_lrs(runs_dir: Path, points: list[SweepPoint], select_last: int) -> di
         if score is not None:
             scores.append(score)
     chosen = {}
-    for arm, scores in by_arm.items():
-        if not any(scores.values()):
+    for arm, lr_scores in by_arm.items():
+        if not any(lr_scores.values()):
             raise RlLoraError(f"sweep arm '{arm}': no selection run finished, so no LR can be chosen "
                               f"(see {runs_dir.parent / 'failures.jsonl'})")
-        choice = choose_lr(scores, higher)
+        choice = choose_lr(lr_scores, higher)
         chosen[arm] = {"best_lr": choice.best_lr, "at_edge": choice.at_edge, "metric": metric,
-                       "higher_is_better": higher, "grid_step": log_step(sorted(scores)),
-                       "scores": {f"{lr:g}": values for lr, values in sorted(scores.items())},
+                       "higher_is_better": higher, "grid_step": log_step(sorted(lr_scores)),
+                       "scores": {f"{lr:g}": values for lr, values in sorted(lr_scores.items())},
                        "missing_runs": missing.get(arm, [])}
     return chosen
 

@@ -244,7 +244,8 @@ def verdict_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[
             lines.append(f"{head} n/a | n/a | n/a | no full-parameter run at this batch size |")
         else:
             gap = welch_gap(values, scores[full.key], floor_sd=floor)
-            interval = "n/a" if gap.low is None else f"[{_num(gap.low, metric, '+')}, {_num(gap.high, metric, '+')}]"
+            interval = ("n/a" if gap.low is None or gap.high is None  # both None or neither
+                        else f"[{_num(gap.low, metric, '+')}, {_num(gap.high, metric, '+')}]")
             if gap.low is not None and gap.low == gap.high:
                 interval += " (no spread: a point)"
             bound = equivalence_bound(gap)
@@ -277,7 +278,7 @@ def lr_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[str]:
     ratio_rows = []
     for arm in grid_arms:
         full = fulls.get(arm.key[2])
-        if arm.is_full or full is None or arm.best_lr is None:
+        if arm.is_full or full is None or arm.best_lr is None or full.best_lr is None:  # fulls have one
             continue
         step = log_step(sorted(arm.selection))
         ratio_rows.append(f"| {arm.label} | {arm.best_lr:g} | {full.best_lr:g} | {arm.best_lr / full.best_lr:.3g}x | "

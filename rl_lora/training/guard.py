@@ -78,13 +78,13 @@ class OverOptimizationGuard(TrainerCallback):
         window = before[-PROXY_WINDOW:] if before else [v for _, v in values[:PROXY_WINDOW]]
         return statistics.fmean(window) if window else None
 
-    def _kl_streak(self) -> int:
+    def _kl_streak(self, budget: float) -> int:
         streak = 0
         for r in reversed(self.records):
             kl = r.get("kl_per_completion", r.get("kl"))
             if kl is None:
                 continue
-            if kl <= self.kl_budget * (1 + self.spec.kl_tolerance):
+            if kl <= budget * (1 + self.spec.kl_tolerance):
                 break
             streak += 1
         return streak
@@ -122,7 +122,7 @@ class OverOptimizationGuard(TrainerCallback):
                 found_best = True
                 continue
             self._check_overoptimization(step, value, announce)
-        if self.kl_budget is not None and self._kl_streak() >= self.spec.kl_patience and not any(
+        if self.kl_budget is not None and self._kl_streak(self.kl_budget) >= self.spec.kl_patience and not any(
                 e["kind"] == "kl_over_budget" for e in self.events):
             last = self.records[-1]
             self._event({"kind": "kl_over_budget", "step": last["step"],
@@ -171,6 +171,7 @@ class OverOptimizationGuard(TrainerCallback):
         self._saved_step = self._best[0]
 
     def _check_overoptimization(self, step: int, value: float, announce: bool = True) -> None:
+        assert self._best is not None  # called after the first evaluation set it
         best_step, best = self._best
         proxy_then, proxy_now = self._proxy_level(best_step), self._proxy_level(step)
         key = f"eval/{self.metric.name}"
@@ -183,7 +184,7 @@ class OverOptimizationGuard(TrainerCallback):
             return
         if any(e["kind"] == "proxy_up_metric_down" for e in self.events):
             return  # reported once
-        last = next((r for r in reversed(self.records) if r["step"] <= step and "kl" in r), {})
+        last: dict[str, Any] = next((r for r in reversed(self.records) if r["step"] <= step and "kl" in r), {})
         self._event({"kind": "proxy_up_metric_down", "step": step, "first_seen": self._streak[0],
                      "metric": self.metric.name, "value": value,
                      "best": best, "best_step": best_step, "proxy": self.proxy, "proxy_then": proxy_then,

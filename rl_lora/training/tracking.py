@@ -65,7 +65,8 @@ class WandbSink:
         self.mode = wandb_mode()
         self.run = wandb.init(
             project=project, name=name, group=group, job_type=job_type, tags=tags, config=config,
-            dir=str(run_dir), mode=self.mode, reinit="finish_previous",
+            # mode: WANDB_MODE as the user set it, validated by wandb itself (its stub lists only the current names)
+            dir=str(run_dir), mode=self.mode, reinit="finish_previous",  # type: ignore[arg-type]
         )
 
     def log(self, record: dict[str, Any], step: int) -> None:
@@ -246,7 +247,7 @@ class RunTracker(TrainerCallback):
         and its step, the mean step time, the optimizer state's size."""
         best = self.best_eval(self.metric) if self.metric is not None else None
         peaks = {}
-        if best is not None:
+        if best is not None and self.metric is not None:
             peaks = {f"best_{self.metric.name}": best[1], f"best_{self.metric.name}_step": best[0]}
         times = [r["step_time"] for r in self.records if r.get("step_time") is not None]
         return {
