@@ -22,10 +22,10 @@ from rl_lora.algorithms.ppo.actor_critic import VALUE_ADAPTER
 from rl_lora.config.schema import validate
 from rl_lora.estimate.advisor import recipe_capacity
 from rl_lora.estimate.plan import model_facts, parts, plan_model_config
-from rl_lora.launch.runner import finish_run, prepare_run
+from rl_lora.launch.runner import prepare_run
 from rl_lora.tasks.arithmetic.model import builtin_config
 from rl_lora.utils.errors import ConfigError
-from tests_support import tiny_raw
+from tests_support import tiny_raw, train_in_process
 
 LOGIT_TOLERANCE = 1e-5  # max |trained - reloaded| logit, fp32
 
@@ -134,10 +134,6 @@ def _raw(tmp: Path, lora: dict, **sections: dict) -> dict:
     return raw
 
 
-def _snapshot(model: torch.nn.Module) -> dict[str, tuple[bool, torch.Tensor]]:
-    return {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
-
-
 def _check_trained_and_frozen(before: dict, after: dict) -> list[str]:
     trainable = [n for n, (grad, _) in before.items() if grad]
     assert trainable
@@ -170,15 +166,7 @@ def test_grpo_steps_train_the_adapter_only_and_the_saved_adapter_reloads(
 ) -> None:
     lora, expected = SPECS[spec_id]
     raw = _raw(tmp_path, lora)
-    threads = torch.get_num_threads()
-    try:
-        run = prepare_run(validate(raw))
-        before = _snapshot(run.trainer.model)
-        run.trainer.train()
-        after = _snapshot(run.trainer.model)
-        result = finish_run(run, train_seconds=0.0)
-    finally:
-        torch.set_num_threads(threads)
+    run, before, after, result = train_in_process(raw)
     _check_trained_and_frozen(before, after)
     assert result.summary["trainable_params"] == expected
     assert result.summary["method"] == validate(raw).lora.method and result.summary["adapter"] == lora["adapter"]
@@ -194,15 +182,7 @@ def test_dpo_steps_with_another_type(spec_id: str, tmp_path: Path) -> None:
     lora, expected = SPECS[spec_id]
     raw = _raw(tmp_path, lora, data={"max_operand": 30}, train={"batch_size": 8})
     raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "dpo"}
-    threads = torch.get_num_threads()
-    try:
-        run = prepare_run(validate(raw))
-        before = _snapshot(run.trainer.model)
-        run.trainer.train()
-        after = _snapshot(run.trainer.model)
-        result = finish_run(run, train_seconds=0.0)
-    finally:
-        torch.set_num_threads(threads)
+    run, before, after, result = train_in_process(raw)
     _check_trained_and_frozen(before, after)
     assert result.summary["trainable_params"] == expected
     _check_reloads(run, result, run.trainer.model)
@@ -216,22 +196,13 @@ def test_ppo_policy_and_critic_adapters_of_the_type_on_one_frozen_base(spec_id: 
                                     "minibatch_size": 8})
     raw["algorithm"] = "ppo"
     del raw["grpo"]
-    threads = torch.get_num_threads()
-    try:
-        run = prepare_run(validate(raw))
-        model = run.trainer.model
-        before = _snapshot(model)
-        run.trainer.train()
-        after = _snapshot(model)
-        result = finish_run(run, train_seconds=0.0)
-    finally:
-        torch.set_num_threads(threads)
+    run, before, after, result = train_in_process(raw)
     trainable = _check_trained_and_frozen(before, after)
     value = [n for n in trainable if f".{VALUE_ADAPTER}" in n]
     policy = [n for n in trainable if f".{VALUE_ADAPTER}" not in n]
     assert value and policy
     assert sum(after[n][1].numel() for n in policy) == sum(after[n][1].numel() for n in value) == expected
-    _check_reloads(run, result, model)
+    _check_reloads(run, result, run.trainer.model)
 
 
 # -- the sweep's adapter axis -------------------------------------------------------------------------------
@@ -277,15 +248,7 @@ def test_reward_model_with_another_type_trains_the_adapter_and_the_score_head(tm
     the base stays bitwise; the count is VeRA's on the linears plus the head."""
     raw = _raw(tmp_path, {"adapter": "vera", "rank": 16}, data={"max_operand": 30}, train={"batch_size": 8})
     raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": "reward"}
-    threads = torch.get_num_threads()
-    try:
-        run = prepare_run(validate(raw))
-        before = _snapshot(run.trainer.model)
-        run.trainer.train()
-        after = _snapshot(run.trainer.model)
-        result = finish_run(run, train_seconds=0.0)
-    finally:
-        torch.set_num_threads(threads)
+    run, before, after, result = train_in_process(raw)
     trainable = _check_trained_and_frozen(before, after)
     assert [n for n in trainable if "vera_" not in n] == ["base_model.model.score.modules_to_save.default.weight"]
     assert result.summary["trainable_params"] == 28 * 16 + 5_632 + 128  # lambda_d, lambda_b, the one-logit head
@@ -299,14 +262,6 @@ def test_types_peft_puts_on_a_4_bit_base_train_there(lora: dict, expected: int, 
     """PEFT 0.21.2 has a bitsandbytes path for DoRA, VeRA and MiSS (not TinyLoRA: refused with the recipe)."""
     pytest.importorskip("bitsandbytes")
     raw = _raw(tmp_path, lora, model={"quantization": "nf4", "warmup_steps": 20}, train={"steps": 2})
-    threads = torch.get_num_threads()
-    try:
-        run = prepare_run(validate(raw))
-        before = _snapshot(run.trainer.model)
-        run.trainer.train()
-        after = _snapshot(run.trainer.model)
-        result = finish_run(run, train_seconds=0.0)
-    finally:
-        torch.set_num_threads(threads)
+    run, before, after, result = train_in_process(raw)
     _check_trained_and_frozen(before, after)
     assert result.summary["trainable_params"] == expected

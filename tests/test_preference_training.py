@@ -17,8 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from reward_models.learned import LearnedReward
 from rl_lora.config.schema import validate
-from rl_lora.launch.runner import finish_run, prepare_run
-from tests_support import tiny_raw
+from tests_support import tiny_raw, train_in_process
 
 # What both DPO runs (rank 1 and full) must log at every step.
 DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "lr",
@@ -32,22 +31,6 @@ def _preference_raw(tmp: Path, algorithm: str, **sections: dict) -> dict:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return raw
-
-
-def _snapshot(model: torch.nn.Module) -> dict[str, tuple[bool, torch.Tensor]]:
-    return {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
-
-
-def _train(raw: dict) -> tuple:
-    threads = torch.get_num_threads()
-    try:
-        run = prepare_run(validate(raw))
-        before = _snapshot(run.trainer.model)
-        run.trainer.train()
-        after = _snapshot(run.trainer.model)
-        return run, before, after, finish_run(run, train_seconds=0.0)
-    finally:
-        torch.set_num_threads(threads)  # train.threads: 1 is process-wide
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -68,7 +51,7 @@ def _assert_lora_trained_base_frozen(before: dict, after: dict, extra_trainable:
 
 @pytest.fixture(scope="module")
 def dpo_lora_run(tmp_path_factory: pytest.TempPathFactory):
-    return _train(_preference_raw(tmp_path_factory.mktemp("runs"), "dpo"))
+    return train_in_process(_preference_raw(tmp_path_factory.mktemp("runs"), "dpo"))
 
 
 def test_dpo_lora_trains_only_the_adapter(dpo_lora_run) -> None:
@@ -95,7 +78,8 @@ def test_dpo_run_folder_and_metrics(dpo_lora_run) -> None:
 
 
 def test_dpo_full_parameter_has_a_frozen_reference_and_the_same_metrics(tmp_path: Path) -> None:
-    run, before, after, result = _train(_preference_raw(tmp_path, "dpo", lora={"rank": "full"}, train={"steps": 2}))
+    raw = _preference_raw(tmp_path, "dpo", lora={"rank": "full"}, train={"steps": 2})
+    run, before, after, result = train_in_process(raw)
     assert all(grad for grad, _ in before.values())
     assert result.summary["trainable_params"] == result.summary["total_params"] == 865_920
     assert result.summary["reference_param_bytes"] == 865_920 * 4  # one fp32 copy
@@ -112,7 +96,7 @@ def test_dpo_from_a_preference_file(tmp_path: Path) -> None:
             for a in range(10, 14) for b in range(10, 14)]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _, _, _, result = _train(_preference_raw(tmp_path / "runs", "dpo", data={"preferences": str(path)},
+    _, _, _, result = train_in_process(_preference_raw(tmp_path / "runs", "dpo", data={"preferences": str(path)},
                                              train={"steps": 1}))
     assert (result.summary["train_pairs"], result.summary["held_out_pairs"]) == (14, 2)  # a seeded tenth held out
 
@@ -127,7 +111,7 @@ def test_dpo_on_user_pairs_is_judged_on_its_held_out_pairs_not_the_builtin_task(
     held_path.write_text("".join(json.dumps(r) + "\n" for r in held))
     raw = _preference_raw(tmp_path / "runs", "dpo", data={"preferences": str(path), "eval_preferences": str(held_path)},
                           train={"steps": 2, "eval_every": 1})
-    run, _, _, result = _train(raw)
+    run, _, _, result = train_in_process(raw)
     summary = result.summary
     assert (summary["headline_metric"], summary["headline_unit"]) == ("rewards/accuracies", "rate")
     assert (summary["train_pairs"], summary["held_out_pairs"], summary["headline_resolution"]) == (20, 3, 1 / 3)
@@ -152,7 +136,7 @@ def test_dpo_on_user_pairs_is_judged_on_its_held_out_pairs_not_the_builtin_task(
 
 @pytest.fixture(scope="module")
 def rm_lora_run(tmp_path_factory: pytest.TempPathFactory):
-    return _train(_preference_raw(tmp_path_factory.mktemp("runs"), "reward"))
+    return train_in_process(_preference_raw(tmp_path_factory.mktemp("runs"), "reward"))
 
 
 def test_reward_model_lora_trains_adapter_and_head_only(rm_lora_run) -> None:
@@ -190,7 +174,8 @@ def test_saved_reward_model_scores_as_trained(rm_lora_run) -> None:
 
 
 def test_reward_model_full_parameter(tmp_path: Path) -> None:
-    _, before, _, result = _train(_preference_raw(tmp_path, "reward", lora={"rank": "full"}, train={"steps": 2}))
+    raw = _preference_raw(tmp_path, "reward", lora={"rank": "full"}, train={"steps": 2})
+    _, before, _, result = train_in_process(raw)
     assert all(grad for grad, _ in before.values())
     assert (result.run_dir / "model" / "model.safetensors").is_file()
     scores = LearnedReward(result.run_dir / "model")(["12+15="], ["27"])
@@ -202,6 +187,6 @@ def test_reward_model_from_a_preference_file_holds_out_a_seeded_tenth(tmp_path: 
             for a in range(10, 15) for b in range(10, 14)]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _, _, _, result = _train(_preference_raw(tmp_path / "runs", "reward", data={"preferences": str(path)},
+    _, _, _, result = train_in_process(_preference_raw(tmp_path / "runs", "reward", data={"preferences": str(path)},
                                              train={"steps": 1}))
     assert (result.summary["train_pairs"], result.summary["held_out_pairs"]) == (18, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 
 def tiny_raw(output_dir: Path, **sections: dict) -> dict:
@@ -110,3 +111,27 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def parameter_snapshot(model: Any) -> dict[str, tuple[bool, Any]]:
+    """{name: (requires_grad, a detached copy)} of every parameter, to compare before and after training."""
+    return {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}
+
+
+def train_in_process(raw: dict) -> tuple[Any, dict, dict, Any]:
+    """(the prepared run, parameters before, parameters after, its RunResult) of a tiny recipe trained in this
+    process; torch's thread count is restored afterwards (``train.threads`` is process-wide)."""
+    import torch
+
+    from rl_lora.config.schema import validate
+    from rl_lora.launch.runner import finish_run, prepare_run
+
+    threads = torch.get_num_threads()
+    try:
+        run = prepare_run(validate(raw))
+        before = parameter_snapshot(run.trainer.model)
+        run.trainer.train()
+        after = parameter_snapshot(run.trainer.model)
+        return run, before, after, finish_run(run, train_seconds=0.0)
+    finally:
+        torch.set_num_threads(threads)
