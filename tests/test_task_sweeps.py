@@ -75,7 +75,7 @@ def test_a_users_jsonl_and_reward_file_run_sweep_and_report_by_the_users_metric(
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("algorithm", "metric", "training_curve"), [
-    ("dpo", "accuracy", "rewards/margins"),
+    ("dpo", "rewards/accuracies", "rewards/margins"),  # user pairs: judged on its held-out pairs
     ("reward", "pairwise_accuracy", "accuracy"),
 ])
 def test_dpo_and_reward_model_sweeps_make_complete_reports(tmp_path: Path, algorithm: str, metric: str,

@@ -7,6 +7,7 @@ waited on it for ever, on every process. ``bound_extension_builds`` makes torch'
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -52,6 +53,11 @@ def test_a_held_build_lock_is_waited_for_then_given_up_after_the_timeout(bounded
 def test_each_environment_builds_into_its_own_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setattr(FileBaton, "wait", FileBaton.wait)
+    monkeypatch.setattr(sys, "prefix", "/nowhere/an-environment-never-built-in")  # its folder cannot exist yet
     distributed.bound_extension_builds(timeout=3)
     folder = Path(os.environ.pop("TORCH_EXTENSIONS_DIR"))
     assert folder.name.startswith("rl-lora-") and not folder.exists()  # named, not made
+    # Another environment gets another folder (a DeepSpeed test earlier in a run may have built this one's).
+    monkeypatch.setattr(sys, "prefix", "/nowhere/a-second-environment")
+    distributed.bound_extension_builds(timeout=3)
+    assert Path(os.environ.pop("TORCH_EXTENSIONS_DIR")) != folder
