@@ -28,6 +28,8 @@ class AlgorithmInfo:
     length_key: str | None = None  # the recipe key that limits a training sequence (preference algorithms)
     scores_sequences: bool = False  # a scalar head on the whole sequence (a reward model), not a language model
     processes_need_zero: bool = False  # several processes need distributed.zero_stage (PPO: no DDP wrapping)
+    has_critic: bool = False  # a value model trained beside the policy (PPO)
+    keeps_reference: bool = False  # full-parameter runs hold a frozen reference copy (GRPO only with a KL term)
 
     @property
     def uses_rewards(self) -> bool:
@@ -41,9 +43,9 @@ class AlgorithmInfo:
 ALGORITHMS: dict[str, AlgorithmInfo] = {info.name: info for info in (
     AlgorithmInfo("grpo", "grpo", "rewards", "reward", "GRPOConfig", "rl_lora.algorithms.grpo:ALGORITHM"),
     AlgorithmInfo("ppo", "ppo", "rewards", "reward", None, "rl_lora.algorithms.ppo.trainer:ALGORITHM",
-                  processes_need_zero=True),
+                  processes_need_zero=True, has_critic=True, keeps_reference=True),
     AlgorithmInfo("dpo", "dpo", "preferences", "rewards/margins", "DPOConfig", "rl_lora.algorithms.dpo:ALGORITHM",
-                  length_key="dpo.max_length"),
+                  length_key="dpo.max_length", keeps_reference=True),
     AlgorithmInfo("reward", "reward_model", "preferences", "accuracy", "RewardConfig",
                   "rl_lora.algorithms.reward_model:ALGORITHM", length_key="reward_model.max_length",
                   scores_sequences=True),

@@ -349,7 +349,7 @@ def parts(facts: ModelFacts, config: RecipeConfig, rank: Method) -> list[Part]:
     p = precision(config)
     full = rank == "full"
     lora = config.lora
-    algo = config.algorithm
+    info = algorithm_info(config.algorithm)
     out = [_policy_part(facts, config, p, trainable=full)]
     if not full:
         moe = MoePlan(facts.moe, lora.expert_rank, lora.train_router) if facts.moe is not None else None
@@ -359,19 +359,20 @@ def parts(facts: ModelFacts, config: RecipeConfig, rank: Method) -> list[Part]:
             sizes = adapter_type_sizes(facts, config, int(rank))
         label = "LoRA adapter" if lora.adapter == "lora" else f"{lora.adapter} adapter"
         out.append(Part(label, sizes, p.adapters, True, (0,) * len(sizes)))
-        if algo == "reward":  # PEFT's modules_to_save: a trainable copy of the score head beside the original
+        if info.scores_sequences:  # PEFT's modules_to_save: a trainable copy of the score head beside the original
             score = tuple(facts.params[n] for n in facts.params if n.startswith("score."))
             out.append(Part("score head copy", score, p.adapters, True, (0,) * len(score)))
-        if algo == "ppo":  # the critic: a second adapter on the same base, and a value head (fp32)
+        if info.has_critic:  # the critic: a second adapter on the same base, and a value head (fp32)
             out.append(Part("value adapter", sizes, p.adapters, True, (1,) * len(sizes)))
-    if algo == "ppo":
+    if info.has_critic:
         if full:  # a deep copy of the decoder (the output head is not part of it)
             critic = tuple(facts.params[n] for n in facts.decoder)
             out.append(Part("critic copy", critic, p.weights, True, (1,) * len(critic), tracked=False))
         out.append(Part("value head", (facts.hidden, 1), p.adapters, True, (1, 1), tracked=False))
-    if full and (algo in ("dpo", "ppo") or (isinstance(config, GrpoRecipe) and config.grpo.beta > 0)):
+    if full and (info.keeps_reference or (isinstance(config, GrpoRecipe) and config.grpo.beta > 0)):
         ref = tuple(facts.params.values())  # TRL partitions its reference under ZeRO-3; PPO's stays whole
-        out.append(Part("reference copy", ref, p.weights, engine=algo != "ppo", tracked=False))
+        out.append(Part("reference copy", ref, p.weights, engine=info.trl_config is not None,
+                        tracked=False))
     return out
 
 
