@@ -110,7 +110,8 @@ def register_manifest(sweep_dir: Path, manifest: dict[str, Any], command: list[s
     return path
 
 
-def _curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+def run_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
+    """(step, value) of every evaluation of ``eval/<metric>`` in a run's metrics.jsonl; [] without the file."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -148,7 +149,7 @@ def run_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         summary = json.loads((runs_dir / name / "summary.json").read_text()) if name in finished else {}
         seed = summary.get("seed", point.get("seed"))
         metric = summary.get("headline_metric")
-        value = selection_score(_curve(runs_dir / name, metric), last) if metric else None
+        value = selection_score(run_curve(runs_dir / name, metric), last) if metric else None
         phase = point.get("phase") or ("selection" if seed in selection_seeds else "confirmation")
         rows.append({
             "run": name, "arm": points.get(name, {}).get("name", name).rsplit("-lr", 1)[0],

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from rl_lora.config.schema import RecipeConfig, load_recipe
 from rl_lora.study.comparison import choose_lr, selection_score
-from rl_lora.study.records import register_manifest, write_runs_csv
+from rl_lora.study.records import register_manifest, run_curve, write_runs_csv
 from rl_lora.study.sweep_plan import Arm, LrGrids, SweepPoint, log_step, points_for, rule_lr
 from rl_lora.training.run_dir import write_json_atomic
 from rl_lora.utils.errors import ConfigError, RlLoraError
@@ -234,17 +234,6 @@ def _tail(path: Path, lines: int = 5) -> list[str]:
         return path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
     except OSError:
         return []
-
-
-def run_curve(run_dir: Path, metric: str) -> list[tuple[int, float]]:
-    """(step, value) of every evaluation of ``eval/<metric>`` in a run's metrics.jsonl."""
-    curve = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            if row.get(f"eval/{metric}") is not None:
-                curve.append((int(row["step"]), float(row[f"eval/{metric}"])))
-    return curve
 
 
 def select_lrs(runs_dir: Path, points: list[SweepPoint], select_last: int) -> dict[str, dict]:
