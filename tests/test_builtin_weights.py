@@ -66,3 +66,32 @@ def test_other_builds_are_local_and_say_so(capsys: pytest.CaptureFixture[str]) -
     assert "locally built weights depend on this CPU's floating-point kernels" in note
     builtin.builtin_path("arithmetic-tiny", 2, DataSpec(max_operand=20, eval_size=50), progress=False)
     assert "rl-lora: built" not in capsys.readouterr().err  # reused from the cache, built once
+
+
+_BUILD_ONE = """
+import sys
+from rl_lora.config.schema import DataSpec
+from rl_lora.tasks.arithmetic.model import builtin_path
+print(builtin_path("arithmetic-tiny", 3, DataSpec(min_operand=0, max_operand=19, eval_size=50), progress=False))
+"""
+
+
+def test_processes_building_one_model_on_a_cold_cache_build_it_once(tmp_path: Path) -> None:
+    """The ranks of a multi-process run (or a sweep's jobs) asking for the same local build at once: one builds,
+    the others wait for it and use its folder; none fails on the other's staging files."""
+    import subprocess
+    import sys
+
+    from tests_support import subprocess_env
+
+    env = {**subprocess_env(), "RL_LORA_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_ONE], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    folders = {out.strip() for out, _ in outputs}
+    assert len(folders) == 1
+    assert sum("built builtin:arithmetic-tiny locally" in err for _, err in outputs) == 1
+    built = Path(folders.pop())
+    assert (built / "build.json").is_file()
+    assert [p.name for p in built.parent.iterdir() if ".tmp-" in p.name] == []

@@ -120,7 +120,8 @@ def resolve_gguf(policy: str, progress: bool = True) -> Path:
     require_gguf_reader(policy)
     if progress:
         print(f"rl-lora: dequantising {path.name} to fp32 (once; cached in {target})", file=sys.stderr, flush=True)
-    return build_folder_atomically(target, lambda staging: convert(path, staging, policy))
+    return build_folder_atomically(target, lambda staging: convert(path, staging, policy),
+                                   done=lambda folder: (folder / MARKER).is_file())
 
 
 def convert(path: Path, folder: Path, policy: str) -> None:

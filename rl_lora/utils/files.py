@@ -25,22 +25,29 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_folder_atomically(target: Path, build: Callable[[Path], object]) -> Path:
+def build_folder_atomically(target: Path, build: Callable[[Path], object],
+                            done: Callable[[Path], bool] | None = None) -> Path:
     """Run ``build(staging)`` in a hidden folder beside ``target``, then rename it to ``target``.
 
     A reader sees either no ``target`` or a complete one; an interrupted build leaves only a
-    ``.<name>.tmp-*`` folder, removed when the build raises. If another process finished the same
-    build first, its folder is kept and this one dropped (both are built from the same inputs).
+    ``.<name>.tmp-*`` folder, removed when the build raises. Processes building the same ``target``
+    at once (the ranks of a multi-process run, a sweep's jobs on a cold cache) take turns on a lock
+    file beside it: the first builds, the others wait and, once ``done(target)`` says the folder is
+    complete (default: it exists), use it without building again.
     """
+    from filelock import FileLock
+
+    is_done = done or Path.exists
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        build(staging)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if is_done(target):
+            return target
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (not ours: we hold the lock) is replaced
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
+            build(staging)
             os.replace(staging, target)
-        except OSError:  # the other process's identical folder is already in place
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            raise
     return target

@@ -96,12 +96,18 @@ def builtin_path(name: str, warmup_steps: int, data: DataSpec, progress: bool = 
     target = cache_root() / "builtin" / f"{name}-w{warmup_steps}-{key}"
     if (target / "build.json").is_file():
         return target
-    build_folder_atomically(target, lambda staging: build(staging, warmup_steps, data, progress))
+    build_folder_atomically(target, lambda staging: _build_locally(staging, name, warmup_steps, data, progress),
+                            done=lambda folder: (folder / "build.json").is_file())
+    return target
+
+
+def _build_locally(folder: Path, name: str, warmup_steps: int, data: DataSpec, progress: bool) -> None:
+    build(folder, warmup_steps, data, progress)
+    shipped = shipped_build(name)
     default = f"warmup_steps {shipped['warmup_steps']} and the default data range" if shipped else "none ships"
     print(f"rl-lora: built {BUILTIN_PREFIX}{name} locally (warmup_steps {warmup_steps}): locally built weights "
           f"depend on this CPU's floating-point kernels (torch {torch.backends.cpu.get_cpu_capability()}); "
           f"the shipped build ({default}) is the same everywhere", file=sys.stderr, flush=True)
-    return target
 
 
 def _shipped_copy(name: str, shipped: dict) -> Path:
@@ -111,10 +117,15 @@ def _shipped_copy(name: str, shipped: dict) -> Path:
         raise ModelError(f"the shipped weights of {BUILTIN_PREFIX}{name} ({source / WEIGHTS}) do not match the "
                          f"sha256 in its build.json; reinstall rl-lora")
     target = cache_root() / "builtin" / f"{name}-shipped-{shipped['sha256'][:12]}"
-    if not (target / "build.json").is_file() or sha256_file(target / WEIGHTS) != shipped["sha256"]:
-        shutil.rmtree(target, ignore_errors=True)  # a damaged copy is replaced, never used
-        build_folder_atomically(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
+    if not _intact(target, shipped["sha256"]):
+        build_folder_atomically(target, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True),
+                                done=lambda folder: _intact(folder, shipped["sha256"]))
     return target
+
+
+def _intact(folder: Path, sha256: str) -> bool:
+    """Whether ``folder`` is a complete copy of the shipped build (a damaged copy is replaced, never used)."""
+    return (folder / "build.json").is_file() and sha256_file(folder / WEIGHTS) == sha256
 
 
 def build(folder: Path, warmup_steps: int, data: DataSpec, progress: bool) -> dict:
