@@ -84,14 +84,17 @@ def sweep(recipe: str | Path, *, ranks: str = "1,4,16,full", seeds: str | None =
           margin: float | None = None, targets: Sequence[str] | None = None, match_params: bool = False,
           batch_sizes: str | None = None, overrides: Sequence[str] = (), name: str | None = None,
           output_dir: str | Path = "sweeps", jobs: int = 1, lr_multipliers: str | None = None,
-          ray: str | None = None, devices: str | None = None, adapters: str | None = None) -> tuple[Path, Outcome]:
+          ray: str | None = None, devices: str | None = None, device_memory: str | None = None,
+          adapters: str | None = None) -> tuple[Path, Outcome]:
     """Run a sweep (each method at its own best LR when ``lrs`` is given) and return its folder and outcome.
 
     The arguments take the same text as ``rl-lora sweep``'s options (docs/sweeps.md): ``ranks="1,16,full"``,
     ``lrs="auto"``, ``seeds="3,4,5,6"``. A restarted sweep finishes only what is missing.
 
     ``ray``: run every run as a Ray task (docs/cluster.md): ``"auto"`` or a cluster's ``"HOST:PORT"``, or
-    ``"local"`` for a local Ray instance; ``devices``: devices per run by method (``"full=4,lora=1"``).
+    ``"local"`` for a local Ray instance; ``devices``: devices per run by method (``"full=4,lora=1"``);
+    ``device_memory``: each device's memory (``"80GB"``), which gives every arm ``devices`` leaves out the
+    fewest devices ``rl-lora plan`` says its run fits on.
     ``adapters``: PEFT adapter types in place of ``ranks`` (``"lora-r1,vera-r256,tinylora-tied,full"``,
     docs/adapters.md).
     """
@@ -125,9 +128,11 @@ def sweep(recipe: str | Path, *, ranks: str = "1,4,16,full", seeds: str | None =
         from rl_lora.study.ray_launcher import RayLauncher
 
         spec.check()  # before the cluster is contacted
-        launcher = RayLauncher(Path(recipe), list(overrides), sweep_dir, arms, ray, devices, jobs)
-    elif devices:
-        raise ConfigError(f"--devices {devices}: devices per run are for a sweep on Ray; add --ray [ADDRESS]")
+        launcher = RayLauncher(Path(recipe), list(overrides), sweep_dir, arms, ray, devices, jobs,
+                               device_memory=device_memory)
+    elif devices or device_memory:
+        given = f"--devices {devices}" if devices else f"--device-memory {device_memory}"
+        raise ConfigError(f"{given}: devices per run are for a sweep on Ray; add --ray [ADDRESS]")
     return sweep_dir, run_sweep(Path(recipe), arms, spec, sweep_dir, list(overrides), jobs=jobs, launcher=launcher)
 
 

@@ -96,7 +96,11 @@ def _parser() -> argparse.ArgumentParser:
                               "address, a local Ray instance")
     cluster.add_argument("--devices", default=None,
                          help="devices per run by method, e.g. full=4,lora=1 (GPUs, or CPU slots on a CPU "
-                              "cluster; default 1 each); a run with more than 1 is started with --nproc")
+                              "cluster; default 1 each, or --device-memory's); a run with more than 1 is started "
+                              "with --nproc")
+    cluster.add_argument("--device-memory", default=None, metavar="SIZE",
+                         help="memory of one device, e.g. 80GB: each method --devices leaves out gets the fewest "
+                              "devices rl-lora plan says its run fits on")
     p.add_argument("--name", default=None, help="sweep name (default: the recipe's name)")
     p.add_argument("--output-dir", default="sweeps", help="where sweep folders go")
     p.add_argument("--threshold", type=float, default=None,
@@ -123,7 +127,7 @@ def _sweep(args: argparse.Namespace) -> int:
         lr_step=args.lr_step, selection_seeds=args.selection_seeds, select_last=args.select_last, margin=args.margin,
         targets=targets, match_params=args.match_params, batch_sizes=args.batch_sizes, overrides=args.overrides,
         name=args.name, output_dir=args.output_dir, jobs=args.jobs, lr_multipliers=args.lr_multipliers,
-        ray=args.ray, devices=args.devices, adapters=args.adapters)
+        ray=args.ray, devices=args.devices, device_memory=args.device_memory, adapters=args.adapters)
     print(f"sweep {sweep_dir}: {len(outcome.finished)} finished, {len(outcome.skipped)} already done, "
           f"{len(outcome.failed)} failed" + (f" ({', '.join(outcome.failed)})" if outcome.failed else ""))
     if outcome.finished or outcome.skipped:

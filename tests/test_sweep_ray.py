@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from rl_lora.study.ray_launcher import parse_devices, storage_problem
+from rl_lora.config.schema import load_recipe
+from rl_lora.estimate.plan import GB, make_plan
+from rl_lora.study import ray_launcher
+from rl_lora.study.ray_launcher import RayLauncher, parse_devices, planned_devices, storage_problem
 from rl_lora.study.sweep_plan import Arm
 from rl_lora.utils.errors import ConfigError
 
@@ -96,6 +99,33 @@ def test_devices_parsing() -> None:
         parse_devices("fulll=2", arms)
     with pytest.raises(ConfigError, match="--devices 'full=0'"):
         parse_devices("full=0", arms)
+
+
+def test_devices_per_arm_default_to_what_the_plan_says_fits() -> None:
+    """--device-memory 80GB on Llama-3.1-8B's shapes under ZeRO-3 with gradient checkpointing: each arm --devices
+    leaves out gets the fewest devices `rl-lora plan` gives for it (1 at rank 1, 4 full); --devices still wins."""
+    recipe = REPO / "recipes" / "grpo_gsm8k_qwen.yaml"
+    overrides = [f"model.policy={REPO / 'docs' / 'plan_shapes' / 'llama-3.1-8b.json'}", "distributed.zero_stage=3",
+                 "trl.gradient_checkpointing=true"]
+    arms = [Arm(1), Arm("full")]
+    planned = planned_devices(recipe, overrides, arms, "80GB", {})
+    plan = make_plan(load_recipe(recipe, overrides), device_memory=80 * GB)
+    by_method = {str(m.method): m.smallest[(3, True)] for m in plan.methods}
+    assert planned == {arms[0]: by_method["1"], arms[1]: by_method["full"]}
+    assert (planned[arms[0]], planned[arms[1]]) == (1, 4)
+    assert planned_devices(recipe, overrides, arms, "80GB", {"full": 8}) == {arms[0]: 1}
+
+
+def test_an_arm_no_device_count_fits_is_refused_before_ray_is_touched(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_ray(address: str) -> None:
+        raise AssertionError("Ray contacted")
+
+    monkeypatch.setattr(ray_launcher, "connect", no_ray)
+    with pytest.raises(ConfigError, match=r"^r1-all-b\d+: no device count its batch divides over fits one run in "
+                                          r"--device-memory 1MB per device .*give --devices lora=N$"):
+        RayLauncher(RECIPE, TINY, tmp_path / "s", [Arm(1), Arm("full")], "local", device_memory="1MB")
+    assert not (tmp_path / "s").exists()
 
 
 def test_storage_check(tmp_path: Path) -> None:

@@ -747,6 +747,19 @@ def smallest_devices(facts: ModelFacts, config: RecipeConfig, method: Method, la
     return counts[high]
 
 
+def fewest_devices(config: RecipeConfig, device_memory: int, prompt_tokens: int | None = None) -> int | None:
+    """The fewest devices of ``device_memory`` bytes one run of ``config`` needs as written: its own method (full
+    or its rank), ZeRO stage and gradient checkpointing (``trl.gradient_checkpointing``); None when no count the
+    batch divides over fits. A sweep on Ray gives each arm this many devices unless ``--devices`` says otherwise."""
+    facts = model_facts(plan_model_config(config), algorithm_info(config.algorithm).scores_sequences,
+                        config.model.trust_remote_code)
+    method: Method = "full" if config.lora.is_full else int(config.lora.rank)
+    checkpointing = bool((getattr(config, "trl", None) or {}).get("gradient_checkpointing", False))
+    usable = int(device_memory * (1 - HEADROOM))
+    return smallest_devices(facts, config, method, recipe_layout(config, facts, 1), usable, checkpointing,
+                            prompt_tokens)
+
+
 def _with(config: RecipeConfig, section: str, **values: object) -> RecipeConfig:
     """``config`` with keys of one section replaced (not validated again: the plan's variants only)."""
     return config.model_copy(update={section: getattr(config, section).model_copy(update=values)})

@@ -6,10 +6,12 @@ starts differs. Each run is a Ray task that starts ``rl-lora run`` as its own pr
 placed it on, with the command line the local launcher builds, so a crash in one run cannot take the
 sweep down. The driver (this process) only submits tasks and records their outcome.
 
-- **Devices.** A run asks Ray for ``--devices`` devices of its method (``full=4,lora=1``; default 1 for
-  every arm): GPUs when the cluster has any, else CPU slots. A run with K > 1 devices is started with
-  ``--nproc K`` on its node (torchrun; DeepSpeed from the recipe's ``distributed:``). A run needing more
-  devices than the largest node offers is refused before anything is written.
+- **Devices.** A run asks Ray for ``--devices`` devices of its method (``full=4,lora=1``). A method that
+  option leaves out gets, with ``--device-memory``, the fewest devices ``rl-lora plan`` says its run fits
+  on (``planned_devices``), else 1. GPUs when the cluster has any, else CPU slots. A run with K > 1
+  devices is started with ``--nproc K`` on its node (torchrun; DeepSpeed from the recipe's
+  ``distributed:``). A run needing more devices than the largest node offers is refused before anything
+  is written.
 - **Storage.** Run folders must be on a path every node sees (NFS, a shared volume). Each task first checks
   it can write the sweep's ``runs/`` folder on its node; a node that cannot costs that run (recorded in
   ``failures.jsonl`` with the reason), not the sweep.
@@ -88,6 +90,29 @@ def devices_for(arm: Arm, table: dict[str, int]) -> int:
     if arm.is_full:
         return table.get("full", 1)
     return table.get(arm.method, table.get("lora", 1))
+
+
+def planned_devices(recipe: Path, overrides: Sequence[str], arms: Sequence[Arm], device_memory: str,
+                    table: dict[str, int]) -> dict[Arm, int]:
+    """Devices per arm from ``rl-lora plan`` (estimate/plan.fewest_devices at ``device_memory`` per device) for
+    the arms ``table`` (``--devices``) does not name; ConfigError naming the arm when no device count fits."""
+    from rl_lora.config.schema import load_recipe
+    from rl_lora.estimate.plan import fewest_devices, parse_memory
+
+    memory = parse_memory(device_memory)
+    planned: dict[Arm, int] = {}
+    for arm in arms:
+        key = "full" if arm.is_full else (arm.method if arm.method in table else "lora")
+        if key in table:
+            continue
+        config = load_recipe(recipe, [*overrides, *arm.overrides()])
+        count = fewest_devices(config, memory)
+        if count is None:
+            raise ConfigError(f"{arm.name}: no device count its batch divides over fits one run in "
+                              f"--device-memory {device_memory} per device (rl-lora plan {recipe} "
+                              f"{' '.join(arm.overrides())} shows the breakdown); give --devices {key}=N")
+        planned[arm] = count
+    return planned
 
 
 def _import_ray() -> Any:
@@ -254,18 +279,24 @@ class RayLauncher(Launcher):
     """Runs sweep points as Ray tasks; refuses, before anything is written, what the cluster cannot run."""
 
     def __init__(self, recipe: Path, overrides: list[str], sweep_dir: Path, arms: Sequence[Arm], address: str,
-                 devices: str | None = None, jobs: int = 1, progress: bool = True):
+                 devices: str | None = None, jobs: int = 1, progress: bool = True, device_memory: str | None = None):
         if jobs != 1:
             raise ConfigError(f"--jobs {jobs}: with --ray the cluster's free devices decide how many runs go at "
                               "once; leave --jobs out")
-        table = parse_devices(devices, arms)  # an unknown method fails before Ray is touched
+        table = parse_devices(devices, arms)  # an unknown method, or one no count fits, fails before Ray is touched
+        planned = planned_devices(recipe, overrides, arms, device_memory, table) if device_memory else {}
+        if planned and progress:
+            print(f"rl-lora: devices per run from rl-lora plan at {device_memory} per device: "
+                  + ", ".join(f"{arm.name} {count}" for arm, count in planned.items()), file=sys.stderr, flush=True)
         self.ray = connect(address or "local")
         self.kind, self.largest, self.total = cluster_devices(self.ray)
-        self.devices = {arm: devices_for(arm, table) for arm in arms}
+        self.devices = {arm: planned.get(arm, devices_for(arm, table)) for arm in arms}
         for arm, count in self.devices.items():
             if count > self.largest:
                 key = "full" if arm.is_full else (arm.method if arm.method in table else "lora")
-                asked = f"--devices {key}={count}" if table else f"{arm.name}: {count} device(s)"
+                asked = (f"--devices {key}={count}" if key in table else
+                         f"{arm.name}: {count} device(s) (rl-lora plan at --device-memory {device_memory})"
+                         if arm in planned else f"{arm.name}: {count} device(s)")
                 raise ConfigError(f"{asked}: the largest node of this Ray cluster offers "
                                   f"{_unit(self.kind, self.largest)}; a run spread over several nodes is not "
                                   "supported (docs/cluster.md)")
