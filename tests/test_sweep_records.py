@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rl_lora.study.records import read_manifests, register_manifest, write_runs_csv
+from rl_lora.study.records import read_manifests, record_selection, register_manifest, write_runs_csv
 from rl_lora.study.verdicts import read_protocol
 from rl_lora.utils.errors import ConfigError
 
@@ -27,6 +27,17 @@ def test_a_second_sweep_into_the_same_folder_keeps_the_first_manifest(tmp_path: 
         assert manifest["command"][:2] == ["rl-lora", "sweep"] and manifest["utc"].endswith("Z")
         assert manifest["versions"]["python"] and "git" in manifest
     assert read_protocol(tmp_path).confirmation_seeds == frozenset({3, 4, 5, 6})  # both sweeps' seeds
+
+
+def test_a_second_sweep_s_lr_choice_adds_to_the_first_s(tmp_path: Path) -> None:
+    first = register_manifest(tmp_path, {**PROTOCOL, "arms": ["r1", "full"]}, [])
+    record_selection(tmp_path, first, {"r1": {"best_lr": 1e-3}, "full": {"best_lr": 1e-4}})
+    second = register_manifest(tmp_path, {**PROTOCOL, "arms": ["r3", "full"]}, [])
+    record_selection(tmp_path, second, {"r3": {"best_lr": 2e-3}, "full": {"best_lr": 2e-4}})
+    assert json.loads((tmp_path / "selection.json").read_text()) == {
+        "r1": {"best_lr": 1e-3}, "full": {"best_lr": 2e-4}, "r3": {"best_lr": 2e-3}}
+    kept = sorted((tmp_path / "manifests").glob("selection-*.json"))
+    assert [json.loads(p.read_text())["full"]["best_lr"] for p in kept] == [1e-4, 2e-4]
 
 
 def test_a_later_sweep_may_not_change_the_registered_protocol(tmp_path: Path) -> None:

@@ -8,6 +8,10 @@ a second sweep into the same folder adds its own file beside the first. A later 
 confirmation seeds, but not change how LRs are chosen or the margin (the selection seeds, the selection rule,
 the registered margin): those are registered before the runs, and a sweep that would change them is refused.
 
+**LR choices.** Each sweep's LR choice is kept beside its manifest (``manifests/selection-<same stamp>.json``);
+``selection.json`` holds the newest choice per arm over every sweep into the folder, so a second sweep with
+other arms adds to it instead of replacing the first's.
+
 **Runs.** ``runs.csv`` beside the report lists every run the sweep planned or finished, selection and
 confirmation: run name, arm, method, rank, layer set, batch size, LR, seed, phase, steps, status (finished,
 failed, not finished), the selection score (the headline metric averaged over the run's last evaluations, as
@@ -74,6 +78,15 @@ def read_manifests(sweep_dir: Path) -> list[dict[str, Any]]:
         return [json.loads(p.read_text()) for p in found]
     legacy = sweep_dir / "sweep.json"
     return [json.loads(legacy.read_text())] if legacy.is_file() else []
+
+
+def record_selection(sweep_dir: Path, manifest: Path, chosen: dict[str, Any]) -> None:
+    """Keep one sweep's LR choice beside its ``manifest`` and merge it into ``selection.json`` (arm by arm: an arm
+    chosen again takes the new record; arms only an earlier sweep chose keep theirs)."""
+    write_json_atomic(manifest.with_name(manifest.name.replace("sweep-", "selection-", 1)), chosen)
+    merged = sweep_dir / "selection.json"
+    earlier = json.loads(merged.read_text()) if merged.is_file() else {}
+    write_json_atomic(merged, {**earlier, **chosen})
 
 
 def register_manifest(sweep_dir: Path, manifest: dict[str, Any], command: list[str] | None = None) -> Path:

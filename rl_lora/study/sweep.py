@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from rl_lora.config.schema import RecipeConfig, load_recipe
 from rl_lora.study.comparison import choose_lr, selection_score
-from rl_lora.study.records import register_manifest, run_curve, write_runs_csv
+from rl_lora.study.records import record_selection, register_manifest, run_curve, write_runs_csv
 from rl_lora.study.sweep_plan import Arm, LrGrids, SweepPoint, log_step, points_for, rule_lr
 from rl_lora.training.run_dir import write_json_atomic
 from rl_lora.utils.errors import ConfigError, RlLoraError
@@ -288,13 +288,13 @@ def run_sweep(
     }
     for point in selection:
         launcher.check_point(point)  # every point's recipe validates before the first run
-    register_manifest(sweep_dir, manifest)  # manifests/ keeps every sweep's; sweep.json is never overwritten
+    registered = register_manifest(sweep_dir, manifest)  # kept under manifests/; sweep.json never overwritten
     outcome = Outcome()
     best: dict[str, float] | None = None
     if selection:
         outcome.merge(launcher.run(selection, "selection"))
         chosen = select_lrs(launcher.runs_dir, selection, spec.select_last)
-        write_json_atomic(sweep_dir / "selection.json", chosen)
+        record_selection(sweep_dir, registered, chosen)  # beside its manifest, and merged into selection.json
         best = {arm: record["best_lr"] for arm, record in chosen.items()}
         for arm, record in chosen.items():
             edge = " (the grid's edge: the best LR may lie outside it; extend the grid with --lrs)" \
