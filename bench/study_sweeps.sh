@@ -8,9 +8,13 @@
 #   3. batch 16 against batch 256 at the recipe's 19,200 episodes, LR pinned (LoRA 1e-3, full 1e-4),
 #      seeds 1-4 (claim 3);
 #   4. the LR ratio of short runs: rank 1 and full over 7-LR grids (1.5x apart) at 60 steps (the LR rule's
-#      short-run step).
+#      short-run step);
+#   5. adapter types (docs/adapters.md): full, LoRA r16 and r1, DoRA r1, VeRA r256, TinyLoRA at PEFT's default
+#      (1,792 parameters here) and tied (64), each over its own grid on selection seeds 1,2, then seeds 3-6 at
+#      each best LR. Full, r16 and r1 get 3 LRs around experiment 1's best; the other types 4-5 LRs (2x apart)
+#      placed where nothing measured says their best lies: DoRA LoRA's range, VeRA and TinyLoRA higher.
 #
-# Usage: bash bench/study_sweeps.sh [1|2|3|4 ...]   (default: all; about an hour on 2 CPU cores)
+# Usage: bash bench/study_sweeps.sh [1|2|3|4|5 ...]   (default: all; about two hours on 2 CPU cores)
 # Reports land in sweeps/study_*/report.md and are copied to docs/experiments/. PYTHON picks the interpreter
 # (default: python on PATH, e.g. the activated .venv).
 set -euo pipefail
@@ -18,14 +22,17 @@ cd "$(dirname "$0")/.."
 RL=("${PYTHON:-python}" -m rl_lora.cli sweep recipes/grpo_arithmetic.yaml logging.wandb=false --output-dir sweeps --jobs 2)
 GRID=(--lrs auto --selection-seeds 1,2 --seeds 3,4,5,6)
 
-publish() {  # copy a sweep's report and plots into docs/experiments/<name>/
+publish() {  # copy a sweep's report, plots and records (runs.csv, manifests, LR choices, failures) into docs/experiments/<name>/
   mkdir -p "docs/experiments/$1"
-  cp "sweeps/$1"/report.md "sweeps/$1"/*.png "sweeps/$1"/sweep.json "docs/experiments/$1/"
-  [ -f "sweeps/$1/selection.json" ] && cp "sweeps/$1/selection.json" "docs/experiments/$1/"
+  cp "sweeps/$1"/report.md "sweeps/$1"/*.png "sweeps/$1"/sweep.json "sweeps/$1"/runs.csv "docs/experiments/$1/"
+  cp -r "sweeps/$1"/manifests "docs/experiments/$1/"
+  for f in selection.json failures.jsonl; do
+    [ -f "sweeps/$1/$f" ] && cp "sweeps/$1/$f" "docs/experiments/$1/"
+  done
   return 0
 }
 
-for part in "${@:-1 2 3 4}"; do
+for part in "${@:-1 2 3 4 5}"; do
   for p in $part; do
     case $p in
       1) "${RL[@]}" --ranks 1,16,full "${GRID[@]}" --name study_best_lr; publish study_best_lr ;;
@@ -36,7 +43,11 @@ for part in "${@:-1 2 3 4}"; do
       4) "${RL[@]}" --ranks 1,full "${GRID[@]}" --lr-points 7 --lr-step 1.5 --seeds 3,4 --name study_short \
            train.steps=60 train.eval_every=10
          publish study_short ;;
-      *) echo "unknown part '$p' (1-4)" >&2; exit 2 ;;
+      5) "${RL[@]}" --adapters full,lora-r16,lora-r1,dora-r1,vera-r256,tinylora,tinylora-tied \
+           --lrs "full=1e-4,2e-4,4e-4;r16=5e-4,1e-3,2e-3;r1=2.5e-4,5e-4,1e-3;dora=2.5e-4,5e-4,1e-3,2e-3;vera=1e-3,2e-3,4e-3,8e-3,1.6e-2;tinylora-r2=1e-3,2e-3,4e-3,8e-3,1.6e-2;tinylora-r2-weight_tying1.0=2e-3,4e-3,8e-3,1.6e-2,3.2e-2" \
+           --selection-seeds 1,2 --seeds 3,4,5,6 --name study_adapters
+         publish study_adapters ;;
+      *) echo "unknown part '$p' (1-5)" >&2; exit 2 ;;
     esac
   done
 done

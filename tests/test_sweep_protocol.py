@@ -109,14 +109,16 @@ def test_choose_lr_marks_the_grid_edge() -> None:
     assert choose_lr({1e-3: [0.9], 2e-3: [0.7]}, higher_is_better=False).best_lr == 2e-3
 
 
-def _fake_run(runs: Path, name: str, method: str, rank: int | str, lr: float, seed: int, curve: list[float]) -> None:
+def _fake_run(runs: Path, name: str, method: str, rank: int | str, lr: float, seed: int, curve: list[float],
+              params: int | None = None) -> None:
     folder = runs / name
     folder.mkdir(parents=True)
     records = [{"step": 10 * i, "eval/accuracy": value, "reward": value} for i, value in enumerate(curve)]
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     summary = {"recipe": "fake", "algorithm": "grpo", "method": method, "rank": rank, "seed": seed, "lr": lr,
                "steps": 300, "lora_targets": "all", "batch_size": 64, "headline_metric": "accuracy",
-               "higher_is_better": True, "final_accuracy": curve[-1], "trainable_params": 10 if rank != "full" else 99,
+               "higher_is_better": True, "final_accuracy": curve[-1],
+               "trainable_params": params or (10 if rank != "full" else 99),
                "wall_seconds": 60}
     (folder / "summary.json").write_text(json.dumps(summary))
 
@@ -143,6 +145,7 @@ def test_best_lr_comes_from_selection_seeds_and_the_verdict_from_confirmation_se
     assert "| 0.610 ± 0.014 | -10.0 points |" in row and "below full by more than 5 points" in row
     assert "| full | 0.0001 | 2 | 0.710 ± 0.014 |" in text
     assert (tmp_path / "lr.png").is_file()
+    assert "## Parameter efficiency" not in text  # one adapter size beside full: nothing to line up
 
     # the sweep's own choice, from the same folders under the names it plans
     config = load_recipe(DEFAULT)
@@ -151,6 +154,27 @@ def test_best_lr_comes_from_selection_seeds_and_the_verdict_from_confirmation_se
     chosen = select_lrs(runs, points, select_last=2)
     assert chosen["r1-all-b64"]["best_lr"] == 1e-3 and chosen["r1-all-b64"]["scores"]["0.004"] == [0.4, 0.4]
     assert chosen["full-b64"]["at_edge"] is False  # a one-LR grid has no edge
+
+
+def test_the_parameter_efficiency_view_lines_methods_up_by_trainable_parameters(tmp_path: Path) -> None:
+    """Confirmation seeds only, smallest adapter first; the interval is the mean's Student t interval at the
+    report's 90% (t(0.95, 1) = 6.314 for two seeds)."""
+    runs = tmp_path / "runs"
+    arms = [("tinylora-r2", 2, 13, (0.50, 0.54)), ("lora-r1", 1, 10_240, (0.60, 0.62)),
+            ("full", "full", 865_920, (0.70, 0.72))]
+    for method, rank, params, (a, b) in arms:
+        for seed, value in ((3, a), (4, b)):
+            _fake_run(runs, f"{method}-s{seed}", method, rank, 1e-3, seed, [0.1, value, value], params=params)
+    (tmp_path / "sweep.json").write_text(json.dumps(
+        {"seeds": [3, 4], "selection_seeds": [], "selection_rule": None, "margin": 0.05}))
+    text = write_report(tmp_path).read_text()
+    section = text.split("## Parameter efficiency")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| tinylora-r2", "| lora-r1", "| full"]
+    half = 6.314 * 0.02  # t x sd / sqrt(2): the sd of (0.50, 0.54) is 0.02 x sqrt(2)
+    assert f"| 13 | 0.002% | 0.520 [{0.52 - half:.3f}, {0.52 + half:.3f}] | 2 |" in rows[0]
+    assert "| 10,240 | 1.183% | 0.610 [" in rows[1]
+    assert (tmp_path / "efficiency.png").is_file() and "![" in text.split("## Parameter efficiency")[1]
 
 
 def test_a_sweep_without_a_grid_says_its_lr_is_untuned(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ plot that judges a method reads it, and "better" follows its direction.
 The verdict (rl_lora/study/verdicts.py, statistics in rl_lora/study/comparison.py) compares each method at its
 best LR, chosen on selection seeds, over confirmation seeds only: the gap to full with a Welch t interval
 and an equivalence verdict against a stated margin. The cost table and the curves over steps read the
-same confirmation runs.
+same confirmation runs, and so does the parameter-efficiency view (rl_lora/study/efficiency.py) when the
+sweep compares methods of several sizes against full.
 """
 
 from __future__ import annotations
@@ -31,8 +32,18 @@ matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rl_lora.study.comparison import LEVEL  # noqa: E402
+from rl_lora.study.efficiency import EfficiencyPoint, efficiency_lines, efficiency_plot, shown  # noqa: E402
 from rl_lora.study.records import MANIFESTS, read_manifests, write_runs_csv  # noqa: E402
-from rl_lora.study.verdicts import arm_key, arm_label, collect, lr_lines, lr_plot, read_protocol, verdict_lines  # noqa: E402
+from rl_lora.study.verdicts import (  # noqa: E402
+    arm_key,
+    arm_label,
+    collect,
+    lr_lines,
+    lr_plot,
+    read_protocol,
+    score,
+    verdict_lines,
+)
 from rl_lora.tasks.base import RATE, Metric  # noqa: E402
 from rl_lora.utils.errors import RlLoraError  # noqa: E402
 
@@ -291,6 +302,19 @@ def _cost_plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def efficiency_points(rows: list[Row], metric: Headline, last: int) -> list[EfficiencyPoint]:
+    """The parameter-efficiency view's points: each group's trainable parameters, per-seed verdict scores (the
+    mean of each run's last ``last`` evaluations) and costs."""
+    points = []
+    for r in rows:
+        params = r.group.values("trainable_params")
+        scores = [x for x in (score(run, metric.name, last) for run in r.group.runs) if x is not None]
+        if params and scores:
+            points.append(EfficiencyPoint(r.group.label, int(params[0]), scores, r.group.rank == "full", r.memory,
+                                          r.step_time))
+    return points
+
+
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -352,6 +376,10 @@ def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
         _band_plot(groups, reward_key, reward_key, sweep_dir / "reward.png", smooth=REWARD_SMOOTHING)
         plots["reward.png"] = f"Training {reward_key} (rolling mean over {REWARD_SMOOTHING} steps)"
     _cost_plot(rows, sweep_dir / "cost.png")
+    efficiency = efficiency_points(rows, metric, protocol.select_last)
+    if shown(efficiency):
+        efficiency_plot(efficiency, metric.label, sweep_dir / "efficiency.png")
+        plots["efficiency.png"] = f"{metric.label.capitalize()} against trainable parameters"
     failures = sweep_dir / "failures.jsonl"
     failed = [json.loads(x)["run"] for x in failures.read_text().splitlines() if x.strip()] if failures.exists() else []
     finished = {r.name for r in runs}
@@ -395,6 +423,11 @@ def write_report(sweep_dir: Path, threshold: float | None = None) -> Path:
         "(two fp32 moments per trainable parameter).",
         "",
     ]
+    if shown(efficiency):
+        md += ["## Parameter efficiency", "",
+               f"Each method at the LR its verdict reads, smallest first: {metric.label} against trainable "
+               "parameters, with peak memory and step time relative to full (plot below).", "",
+               *efficiency_lines(efficiency, metric.label), ""]
     for name, title in plots.items():
         md += [f"## {title}", "", f"![{title}]({name})", ""]
     (sweep_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
