@@ -12,9 +12,16 @@
 #   5. adapter types (docs/adapters.md): full, LoRA r16 and r1, DoRA r1, VeRA r256, TinyLoRA at PEFT's default
 #      (1,792 parameters here) and tied (64), each over its own grid on selection seeds 1,2, then seeds 3-6 at
 #      each best LR. Full, r16 and r1 get 3 LRs around experiment 1's best; the other types 4-5 LRs (2x apart)
-#      placed where nothing measured says their best lies: DoRA LoRA's range, VeRA and TinyLoRA higher.
+#      placed where nothing measured says their best lies: DoRA LoRA's range, VeRA and TinyLoRA higher;
+#   6. the regime test (claim 1): ranks 1, 4 and full at three episode budgets (75, 300 and 900 steps of 64:
+#      4,800, 19,200 and 57,600 episodes) with the study's settings (constant LR, mean-centred advantages:
+#      train.lr_scheduler=constant grpo.scale_rewards=none), each over a 3-LR grid on selection seeds 1,2, then
+#      seeds 3-6 at its best; bench/regime_report.py puts the three together (gap against trainable parameters
+#      per episode-bit);
+#   7. the batch test redone (claim 3): ranks 1, 16 and full at batch 16 (1,200 steps) and 256 (75 steps), the
+#      same 19,200 episodes, each (method, batch size) over its own 3-LR grid on seeds 1,2, then seeds 3-6.
 #
-# Usage: bash bench/study_sweeps.sh [1|2|3|4|5 ...]   (default: all; about two hours on 2 CPU cores)
+# Usage: bash bench/study_sweeps.sh [1|2|3|4|5|6|7 ...]   (default: all; about four hours on 2 CPU cores)
 # Reports land in sweeps/study_*/report.md and are copied to docs/experiments/. PYTHON picks the interpreter
 # (default: python on PATH, e.g. the activated .venv).
 set -euo pipefail
@@ -32,7 +39,7 @@ publish() {  # copy a sweep's report, plots and records (runs.csv, manifests, LR
   return 0
 }
 
-for part in "${@:-1 2 3 4 5}"; do
+for part in "${@:-1 2 3 4 5 6 7}"; do
   for p in $part; do
     case $p in
       1) "${RL[@]}" --ranks 1,16,full "${GRID[@]}" --name study_best_lr; publish study_best_lr ;;
@@ -47,7 +54,19 @@ for part in "${@:-1 2 3 4 5}"; do
            --lrs "full=1e-4,2e-4,4e-4;r16=5e-4,1e-3,2e-3;r1=2.5e-4,5e-4,1e-3;dora=2.5e-4,5e-4,1e-3,2e-3;vera=1e-3,2e-3,4e-3,8e-3,1.6e-2;tinylora-r2=1e-3,2e-3,4e-3,8e-3,1.6e-2;tinylora-r2-weight_tying1.0=2e-3,4e-3,8e-3,1.6e-2,3.2e-2" \
            --selection-seeds 1,2 --seeds 3,4,5,6 --name study_adapters
          publish study_adapters ;;
-      *) echo "unknown part '$p' (1-5)" >&2; exit 2 ;;
+      6) for steps in 75 300 900; do
+           "${RL[@]}" --ranks 1,4,full --lrs "full=1e-4,2e-4,4e-4;r1=2.5e-4,5e-4,1e-3;r4=5e-4,1e-3,2e-3" \
+             --selection-seeds 1,2 --seeds 3,4,5,6 --name "study_regime_e$((steps * 64))" \
+             train.lr_scheduler=constant grpo.scale_rewards=none train.steps=$steps \
+             train.eval_every=$((steps / 6))
+           publish "study_regime_e$((steps * 64))"
+         done
+         "${PYTHON:-python}" bench/regime_report.py sweeps docs/experiments/study_regime ;;
+      7) "${RL[@]}" --ranks 1,16,full --batch-sizes 16,256 \
+           --lrs "full=1e-4,2e-4,4e-4;r1=2.5e-4,5e-4,1e-3;r16=5e-4,1e-3,2e-3" \
+           --selection-seeds 1,2 --seeds 3,4,5,6 --name study_batch_lr
+         publish study_batch_lr ;;
+      *) echo "unknown part '$p' (1-7)" >&2; exit 2 ;;
     esac
   done
 done
