@@ -102,10 +102,11 @@ def main(sweeps: Path, out: Path) -> int:
         edge = " (grid edge)" if r["at_edge"] else ""
         gap = r["gap"]
         per_bit = f"{r['params'] / r['episodes']:.3f}" if r["params"] else "—"
+        params = f"{r['params']:,}" if r["params"] else "—"
         interval = f"[{gap.low * 100:+.1f}, {gap.high * 100:+.1f}]" if gap is not None and gap.low is not None \
             else "—"
         md.append(f"| {r['episodes']:,} | {r['method']} | {r['lr']:g}{edge} | {len(r['scores'])} | {mean:.3f} ± "
-                  f"{sd:.3f} | {f'{r[\'params\']:,}' if r['params'] else '—'} | {per_bit} | "
+                  f"{sd:.3f} | {params} | {per_bit} | "
                   f"{'—' if gap is None else f'{gap.gap * 100:+.1f}'} | {interval} |")
     md += ["", "## Does the gap move with the budget?", ""]
     methods = sorted({r["method"] for r in rows if r["method"] != "full"})
