@@ -1,7 +1,8 @@
 """Several processes on CPU over gloo: GRPO, DPO and reward-model training under DeepSpeed ZeRO-2 and
 ZeRO-3 with 2 processes, and two launcher invocations acting as two nodes. Checks: finite losses, one
 metrics file, the same number of optimizer steps on every rank, identical trainable weights on every
-rank, a complete saved adapter, and ZeRO-3's per-process memory figures against ZeRO-0's.
+rank, a complete saved adapter, ZeRO-3's per-process memory figures against ZeRO-0's, and every run's logged
+per-process state bytes equal to what `rl-lora plan` models for it (tests_support.planned_bytes).
 
 Every launch takes a free port (bound to port 0, the kernel picks): fixed ports collide when two test
 sessions run on one machine at once, and the second launcher then fails to bind its rendezvous store.
@@ -28,7 +29,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from reward_models.learned import LearnedReward
-from tests_support import free_port, subprocess_env, tiny_raw
+from tests_support import free_port, logged_bytes, planned_bytes, subprocess_env, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
@@ -146,10 +147,18 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]
     return run_for
 
 
+# Tests sharing a module fixture's runs stay on one worker under pytest-xdist (--dist loadgroup), so each run is
+# launched once; every other test goes to whichever worker is free.
+SHARED_LORA_RUNS = pytest.mark.xdist_group("distributed-lora-runs")
+SHARED_FULL_RUN = pytest.mark.xdist_group("distributed-full-zero3")
+
+
+@SHARED_LORA_RUNS
 @pytest.mark.parametrize("stage", [2, 3])
 def test_grpo_lora_two_processes(lora_runs: Callable[[int], Path], stage: int) -> None:
     run = lora_runs(stage) / "runs" / "whole"
     _check_run(run, 2, steps=8)
+    assert logged_bytes(run) == planned_bytes(yaml.safe_load((lora_runs(stage) / "r.yaml").read_text()), devices=2)
     # the adapter saved under ZeRO is complete and loads with plain PEFT
     summary = json.loads((run / "summary.json").read_text())
     base = AutoModelForCausalLM.from_pretrained(summary["base_model"])
@@ -167,9 +176,17 @@ def full_zero3_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "runs" / "full3"
 
 
+def _planned_for(run: Path) -> dict[str, int]:
+    """The plan's per-process bytes for the 2-process run in ``run`` (its recipe is the one YAML beside runs/)."""
+    (recipe,) = run.parent.parent.glob("*.yaml")
+    return planned_bytes(yaml.safe_load(recipe.read_text()), devices=2)
+
+
+@SHARED_FULL_RUN
 def test_full_parameter_zero3_saves_a_consolidated_model(full_zero3_run: Path) -> None:
     run = full_zero3_run
     _check_run(run, 2)
+    assert logged_bytes(run) == _planned_for(run)
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     base = AutoModelForCausalLM.from_pretrained(json.loads((run / "summary.json").read_text())["base_model"])
     assert sum(p.numel() for p in model.parameters()) == BUILTIN_PARAMS
@@ -177,6 +194,7 @@ def test_full_parameter_zero3_saves_a_consolidated_model(full_zero3_run: Path) -
     assert moved, "the saved model equals the base: training or consolidation was lost"
 
 
+@SHARED_FULL_RUN
 def test_zero3_splits_parameter_and_optimizer_bytes(tmp_path: Path, full_zero3_run: Path) -> None:
     """The logged per-process bytes (rl_lora/training/memory.py) of full-parameter training on 2 processes.
 
@@ -187,6 +205,7 @@ def test_zero3_splits_parameter_and_optimizer_bytes(tmp_path: Path, full_zero3_r
     counting that lost what DeepSpeed keeps would come out lower).
     """
     _launch(_recipe(tmp_path, 0, rank="full"), "logging.run_name=full0")
+    assert logged_bytes(tmp_path / "runs" / "full0") == _planned_for(tmp_path / "runs" / "full0")
     zero0 = _records(tmp_path / "runs" / "full0")[-1]
     zero3 = _records(full_zero3_run)[-1]
     n = BUILTIN_PARAMS
@@ -215,6 +234,7 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
 def test_dpo_two_processes(tmp_path: Path, stage: int, rank: int | str) -> None:
     _launch(_preference_recipe(tmp_path, "dpo", stage, rank), "logging.run_name=dpo")
     _check_run(tmp_path / "runs" / "dpo", 2)
+    assert logged_bytes(tmp_path / "runs" / "dpo") == _planned_for(tmp_path / "runs" / "dpo")
 
 
 def test_a_stalled_process_fails_the_run_with_one_line_in_bounded_time(tmp_path: Path) -> None:
@@ -243,6 +263,7 @@ def test_reward_model_two_processes(tmp_path: Path, stage: int) -> None:
     _launch(_preference_recipe(tmp_path, "reward", stage, 1), "logging.run_name=rm")
     run = tmp_path / "runs" / "rm"
     _check_run(run, 2)
+    assert logged_bytes(run) == _planned_for(run)
     # complete: 56 LoRA tensors (A and B on 7 linears x 4 layers) and the trained head, saved whole
     # as PEFT's modules_to_save, none empty
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())
@@ -256,6 +277,7 @@ def test_reward_model_two_processes(tmp_path: Path, stage: int) -> None:
     assert len(scores) == 2 and all(math.isfinite(x) for x in scores)
 
 
+@SHARED_LORA_RUNS
 @pytest.mark.parametrize("stage", [2, 3])
 def test_resume_with_two_processes_reproduces_the_adapter(lora_runs: Callable[[int], Path], stage: int) -> None:
     """The uninterrupted run against the same recipe killed (kill -9, every process) after its step-2

@@ -21,6 +21,9 @@ from rl_lora.config.schema import validate
 from rl_lora.launch.runner import finish_run, prepare_run, run_recipe
 from tests_support import tiny_raw
 
+# One pytest-xdist worker for the file (--dist loadgroup): its tests share a run trained once.
+pytestmark = pytest.mark.xdist_group("grpo_training")
+
 
 def _snapshot(model: torch.nn.Module) -> dict[str, tuple[bool, torch.Tensor]]:
     return {n: (p.requires_grad, p.detach().clone()) for n, p in model.named_parameters()}

@@ -24,6 +24,9 @@ from rl_lora.tasks.rewards import resolve_reward
 from rl_lora.utils.errors import RewardError
 from tests_support import tiny_raw
 
+# One pytest-xdist worker for the file (--dist loadgroup): its tests share a run trained once.
+pytestmark = pytest.mark.xdist_group("learned_reward")
+
 PROMPTS = ["1+2=", "12+35=", "99+99=", "5+5="]
 COMPLETIONS = ["3", "47", "198 and some more text", "1"]
 

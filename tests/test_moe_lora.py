@@ -24,7 +24,9 @@ from tests_support import save_tiny_moe, tiny_raw
 
 # PEFT 0.21.2 checks rank/alpha patterns against module names only and calls the fused experts' per-parameter
 # keys "ignored"; the counts below show they apply (rl_lora/adapters/lora.py filters the same warning outside pytest).
-pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning")
+# One pytest-xdist worker for the file (--dist loadgroup): its tests share fixtures built once.
+pytestmark = [pytest.mark.filterwarnings("ignore:The following (rank|alpha)_pattern keys:RuntimeWarning"),
+              pytest.mark.xdist_group("moe_lora")]
 
 
 @pytest.fixture(scope="module", params=["qwen3_moe", "mixtral"])

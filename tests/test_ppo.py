@@ -25,6 +25,9 @@ from rl_lora.launch.runner import finish_run, prepare_run
 from rl_lora.utils.errors import ConfigError
 from tests_support import tiny_raw
 
+# One pytest-xdist worker for the file (--dist loadgroup): its tests share a run trained once.
+pytestmark = pytest.mark.xdist_group("ppo")
+
 ATOL = 1e-6
 PPO_KEYS = ("loss/policy", "loss/value", "kl", "clip_frac", "value_clip_frac", "entropy", "explained_variance",
             "return_mean", "reward", "kl_coef", "lr", "num_tokens", "completions/mean_length")

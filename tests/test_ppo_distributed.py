@@ -1,9 +1,11 @@
 """PPO under DeepSpeed with 2 processes on CPU over gloo, ZeRO-2 and ZeRO-3, rank-1 LoRA (policy and
-value adapters on one shared base, one engine). Checks: finite losses, one metrics file with steps 1-3
-(main process only), both ranks at step 3 with identical trainable weights, and a saved policy adapter
-that is complete under ZeRO-3 (gathered before saving) and loads with plain PEFT, value adapter beside it.
+value adapters on one shared base, one engine). Checks: finite losses, one metrics file with steps 1-4
+(main process only), both ranks at step 4 with identical trainable weights, the logged per-process state
+bytes equal to the plan's, and a saved policy adapter that is complete under ZeRO-3 (gathered before
+saving) and loads with plain PEFT, value adapter beside it.
 Full-parameter PPO under ZeRO-3 (policy + critic copy in the engine, the frozen reference outside it)
-saves a consolidated policy. Checkpoints under ZeRO-2 and ZeRO-3: a run killed (SIGKILL) right after its
+saves a consolidated policy. Each uninterrupted run is launched once and read by all three checks of its
+(stage, rank). Checkpoints under ZeRO-2 and ZeRO-3: a run killed (SIGKILL) right after its
 step-2 checkpoint and resumed on 2 processes logs the uninterrupted run's figures and ends with its weights;
 a NaN in one process's ZeRO-3 partition makes both refuse to save, naming the parameter.
 
@@ -17,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +27,7 @@ import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests_support import free_port, subprocess_env, tiny_raw
+from tests_support import free_port, logged_bytes, planned_bytes, subprocess_env, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.multiprocess
@@ -46,14 +49,14 @@ def _recipe(tmp: Path, stage: int, rank: int | str = 1, **train: int) -> Path:
     return path
 
 
-def _check_run(run: Path, ranks: int) -> None:
+def _check_run(run: Path, ranks: int, last: int = 4) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r["step"] > 0]
-    assert [r["step"] for r in steps] == [1, 2, 3], "one metrics file, written once (main process only)"
+    assert [r["step"] for r in steps] == list(range(1, last + 1)), "one metrics file, written once (main process only)"
     assert all(math.isfinite(r[key]) for r in steps for key in ("loss", "loss/policy", "loss/value", "reward"))
     assert steps[-1]["num_tokens"] > steps[0]["num_tokens"] > 0
     reports = [json.loads((run / "ranks" / f"rank{i}.json").read_text()) for i in range(ranks)]
-    assert {r["global_step"] for r in reports} == {3}
+    assert {r["global_step"] for r in reports} == {last}
     assert len({r["trainable_hash"] for r in reports}) == 1, f"ranks disagree: {reports}"
     assert not any(r["empty_trainable"] for r in reports)
     assert (run / "summary.json").is_file()
@@ -65,13 +68,35 @@ def _run(recipe: Path, *args: str, env: dict[str, str] | None = None) -> subproc
                           cwd=REPO, env=env or subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_ppo_lora_two_processes(tmp_path: Path, stage: int) -> None:
-    recipe = _recipe(tmp_path, stage)
-    proc = _run(recipe, "logging.run_name=ppo")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = tmp_path / "runs" / "ppo"
+@pytest.fixture(scope="module")
+def whole_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int | str], Path]:
+    """(stage, rank) -> the folder of an uninterrupted 4-step PPO run on 2 processes sealing a checkpoint every
+    2 steps (its recipe beside runs/): made once and read by the run's own checks, the plan's bytes check and
+    the resume test (each launch costs ~15 CPU-s)."""
+    made: dict[tuple[int, int | str], Path] = {}
+
+    def run_for(stage: int, rank: int | str) -> Path:
+        if (stage, rank) not in made:
+            tmp = tmp_path_factory.mktemp(f"ppo-zero{stage}-{rank}")
+            proc = _run(_recipe(tmp, stage, rank, steps=4, save_every=2, eval_every=4), "logging.run_name=whole")
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            made[(stage, rank)] = tmp
+        return made[(stage, rank)]
+
+    return run_for
+
+
+def _shared(stage: int, rank: int | str) -> pytest.MarkDecorator:
+    """Tests reading one (stage, rank)'s run stay on one pytest-xdist worker (--dist loadgroup): one launch."""
+    return pytest.mark.xdist_group(f"ppo-whole-{stage}-{rank}")
+
+
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=_shared(2, 1)), pytest.param(3, marks=_shared(3, 1))])
+def test_ppo_lora_two_processes(whole_runs: Callable[[int, int | str], Path], stage: int) -> None:
+    tmp = whole_runs(stage, 1)
+    run = tmp / "runs" / "whole"
     _check_run(run, 2)
+    assert logged_bytes(run) == planned_bytes(yaml.safe_load((tmp / f"ppo_zero{stage}.yaml").read_text()), devices=2)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ppo_param_bytes_vs_base"] <= 1.1  # one shared base, whole sizes even under ZeRO-3
     base = AutoModelForCausalLM.from_pretrained(summary["base_model"])
@@ -84,12 +109,12 @@ def test_ppo_lora_two_processes(tmp_path: Path, stage: int) -> None:
         assert all(p.abs().sum() > 0 for p in trained_b), f"{adapter}: B matrices still zero, saved empty"
 
 
-def test_ppo_full_parameter_zero3_saves_a_consolidated_policy(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, 3, rank="full")
-    proc = _run(recipe, "logging.run_name=full")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    run = tmp_path / "runs" / "full"
+@_shared(3, "full")
+def test_ppo_full_parameter_zero3_saves_a_consolidated_policy(whole_runs: Callable[[int, int | str], Path]) -> None:
+    tmp = whole_runs(3, "full")
+    run = tmp / "runs" / "whole"
     _check_run(run, 2)
+    assert logged_bytes(run) == planned_bytes(yaml.safe_load((tmp / "ppo_zero3.yaml").read_text()), devices=2)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ppo_param_bytes_vs_base"] >= 3.0  # policy, critic and reference, counted whole
     model = AutoModelForCausalLM.from_pretrained(run / "model")
@@ -99,8 +124,10 @@ def test_ppo_full_parameter_zero3_saves_a_consolidated_policy(tmp_path: Path) ->
     assert moved, "the saved policy equals the base: training or consolidation was lost"
 
 
-@pytest.mark.parametrize(("stage", "rank"), [(2, 1), (3, 1), (3, "full")])
-def test_ppo_resume_with_two_processes_reproduces_the_run(tmp_path: Path, stage: int, rank: int | str) -> None:
+@pytest.mark.parametrize(("stage", "rank"), [pytest.param(*key, marks=_shared(*key)) for key in
+                                            ((2, 1), (3, 1), (3, "full"))])
+def test_ppo_resume_with_two_processes_reproduces_the_run(whole_runs: Callable[[int, int | str], Path], stage: int,
+                                                          rank: int | str) -> None:
     """4 steps, a checkpoint every 2: uninterrupted, against killed right after sealing step 2 and resumed.
 
     The main process SIGKILLs itself the moment checkpoint 2 is sealed (tests/kill_hook, the same hook as
@@ -108,10 +135,8 @@ def test_ppo_resume_with_two_processes_reproduces_the_run(tmp_path: Path, stage:
     torchrun tears it down. The resumed run must log the same figures and end with the same weights on
     both ranks: every process's RNG streams, data position and DeepSpeed shards came back.
     """
-    recipe = _recipe(tmp_path, stage, rank, steps=4, save_every=2, eval_every=4)
-    whole = _run(recipe, "logging.run_name=whole")
-    assert whole.returncode == 0, whole.stderr[-4000:]
-
+    tmp_path = whole_runs(stage, rank)
+    recipe = tmp_path / f"ppo_zero{stage}.yaml"
     cut = tmp_path / "runs" / "cut"
     kill_env = {**subprocess_env(), "RL_LORA_TEST_KILL_AFTER_STEP": "2",
                 "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "kill_hook"), str(REPO / "tests")])}

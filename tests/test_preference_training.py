@@ -19,6 +19,9 @@ from reward_models.learned import LearnedReward
 from rl_lora.config.schema import validate
 from tests_support import tiny_raw, train_in_process
 
+# One pytest-xdist worker for the file (--dist loadgroup): its tests share a run trained once.
+pytestmark = pytest.mark.xdist_group("preference_training")
+
 # What both DPO runs (rank 1 and full) must log at every step.
 DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "lr",
             "peak_rss_bytes", "param_bytes", "optimizer_bytes", "trainable_params", "reference_param_bytes")

@@ -16,7 +16,8 @@ from tests_support import kill_after_checkpoint, subprocess_env, tiny_raw
 
 REPO = Path(__file__).resolve().parent.parent
 COMPARED = ("loss", "reward", "lr", "grad_norm")
-
+# The tests reading the shared GRPO run stay on one pytest-xdist worker (--dist loadgroup): one launch.
+SHARED_GRPO_RUN = pytest.mark.xdist_group("resume-grpo-whole")
 
 
 def _recipe(tmp: Path, train: dict | None = None, algorithm: str = "grpo") -> Path:
@@ -38,6 +39,16 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def _records(run: Path) -> dict[int, dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if r["step"] > 0 and "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def grpo_whole(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder (recipe.yaml, runs/whole) of one uninterrupted 8-step GRPO run sealing a checkpoint every 2
+    steps, read by every test below that compares or resumes against it (each launch costs ~8 CPU-s)."""
+    tmp = tmp_path_factory.mktemp("grpo-whole")
+    whole = _cli("run", str(_recipe(tmp)), "logging.run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    return tmp
 
 
 # Logged but not expected to repeat: wall-clock speed and process memory.
@@ -72,14 +83,20 @@ RESUMED = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", sorted(RESUMED))
-def test_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, algorithm: str) -> None:
+@pytest.mark.parametrize("algorithm", [pytest.param(a, marks=SHARED_GRPO_RUN) if a == "grpo" else a
+                                       for a in sorted(RESUMED)])
+def test_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, algorithm: str,
+                                                           request: pytest.FixtureRequest) -> None:
     """A run killed after its step-4 checkpoint and resumed in a new process logs what an uninterrupted
     run logs at each of 8 steps, and saves the same adapter bytes."""
     compared, required = RESUMED[algorithm]
-    recipe = _recipe(tmp_path, algorithm=algorithm)
-    whole = _cli("run", str(recipe), "logging.run_name=whole")
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    if algorithm == "grpo":
+        tmp_path = request.getfixturevalue("grpo_whole")
+        recipe = tmp_path / "recipe.yaml"
+    else:
+        recipe = _recipe(tmp_path, algorithm=algorithm)
+        whole = _cli("run", str(recipe), "logging.run_name=whole")
+        assert whole.returncode == 0, whole.stderr[-2000:]
     assert required <= set(_records(tmp_path / "runs" / "whole")[1])
 
     cut = tmp_path / "runs" / "cut"
@@ -90,13 +107,14 @@ def test_kill_then_resume_reproduces_the_uninterrupted_run(tmp_path: Path, algor
     _assert_same_run(tmp_path / "runs" / "whole", cut, compared, 8)
 
 
-def test_resume_refuses_a_changed_rank(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, train={"steps": 2, "save_every": 2})
-    first = _cli("run", str(recipe), "logging.run_name=r")
-    assert first.returncode == 0, first.stderr[-2000:]
-    again = _cli("run", str(recipe), "lora.rank=2", "--resume", str(tmp_path / "runs" / "r"))
+@SHARED_GRPO_RUN
+def test_resume_refuses_a_changed_rank(grpo_whole: Path) -> None:
+    run = grpo_whole / "runs" / "whole"
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    again = _cli("run", str(grpo_whole / "recipe.yaml"), "lora.rank=2", "--resume", str(run))
     assert again.returncode == 2
     assert "lora.rank" in again.stderr and "cannot resume" in again.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing written
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
@@ -106,21 +124,21 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert out.returncode == 2 and "no complete checkpoint" in out.stderr
 
 
+@SHARED_GRPO_RUN
 @pytest.mark.slow
-def test_a_run_killed_after_its_final_checkpoint_is_finished_by_resume(tmp_path: Path) -> None:
+def test_a_run_killed_after_its_final_checkpoint_is_finished_by_resume(grpo_whole: Path) -> None:
     """Killed after sealing the step-8 checkpoint of 8 (before its own save): --resume trains nothing, and writes
     the adapter and summary.json the uninterrupted run wrote."""
-    recipe = _recipe(tmp_path)
-    whole = _cli("run", str(recipe), "logging.run_name=whole")
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    cut = tmp_path / "runs" / "cut"
+    tmp_path = grpo_whole
+    recipe = tmp_path / "recipe.yaml"
+    cut = tmp_path / "runs" / "cut_final"
     kill_after_checkpoint(recipe, cut, 8)
     (cut / "adapter").mkdir()  # what a kill inside the final save leaves: an empty adapter folder
     resumed = _cli("run", str(recipe), "--resume", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "is the final step (8): saving the policy and the summary from it, nothing to train" in resumed.stderr
     _assert_same_run(tmp_path / "runs" / "whole", cut, COMPARED, 8)
-    a, b = (json.loads((tmp_path / "runs" / r / "summary.json").read_text()) for r in ("whole", "cut"))
+    a, b = (json.loads((tmp_path / "runs" / r / "summary.json").read_text()) for r in ("whole", "cut_final"))
     for key in ("start_accuracy", "final_accuracy", "best_accuracy", "final_reward", "trained_steps"):
         assert a[key] == b[key], key
 

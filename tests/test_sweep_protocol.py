@@ -239,29 +239,33 @@ def test_tiny_grid_sweep_chooses_on_selection_seeds_and_two_jobs_match_one(tmp_p
     recipe.write_text(yaml.safe_dump(tiny_raw(tmp_path / "unused", train={"steps": 2, "eval_every": 1})))
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
 
-    def sweep(name: str, jobs: int) -> Path:
-        command = [sys.executable, "-m", "rl_lora.cli", "sweep", str(recipe), "--ranks", "1,full",
-                   "--lrs", "full=1e-3;r1=1e-2,3e-2", "--selection-seeds", "1", "--seeds", "2,3",
+    def sweep(name: str, jobs: int, *args: str) -> Path:
+        command = [sys.executable, "-m", "rl_lora.cli", "sweep", str(recipe), "--ranks", "1,full", *args,
                    "--jobs", str(jobs), "--output-dir", str(tmp_path / "out"), "--name", name]
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         return tmp_path / "out" / name
 
-    two = sweep("two-jobs", 2)
+    two = sweep("two-jobs", 2, "--lrs", "full=1e-3;r1=1.5e-2,3e-2", "--selection-seeds", "1", "--seeds", "2,3")
     chosen = json.loads((two / "selection.json").read_text())
     r1 = chosen["r1-all-b16"]
-    assert {k: len(v) for k, v in r1["scores"].items()} == {"0.01": 1, "0.03": 1}  # seed 1 only
+    assert {k: len(v) for k, v in r1["scores"].items()} == {"0.015": 1, "0.03": 1}  # seed 1 only
     best = r1["best_lr"]
     runs = sorted(p.name for p in (two / "runs").iterdir() if p.is_dir())
-    selection = [f"r1-all-b16-lr{lr:g}-s1" for lr in (0.01, 0.03)] + ["full-b16-lr0.001-s1"]
+    selection = [f"r1-all-b16-lr{lr:g}-s1" for lr in (0.015, 0.03)] + ["full-b16-lr0.001-s1"]
     confirmation = [f"{arm}-lr{lr:g}-s{s}" for arm, lr in (("r1-all-b16", best), ("full-b16", 0.001)) for s in (2, 3)]
     assert runs == sorted(selection + confirmation)
     report = (two / "report.md").read_text()
     assert f"| lora-r1 | {best:g} | 2 |" in report  # the verdict reads the two confirmation seeds
     assert "| full | 0.001 | 2 |" in report
 
-    one = sweep("one-job", 1)
-    for run in runs:
+    # One job at a time, without a grid: seed 1 at each method's rule LR (full 1e-3; r1 15x that, the rule's
+    # multiplier for runs under 100 steps) is two of the runs above under the same names, and must have learned
+    # the same, step for step.
+    one = sweep("one-job", 1, "--seeds", "1")
+    same = sorted(p.name for p in (one / "runs").iterdir() if p.is_dir())
+    assert same == ["full-b16-lr0.001-s1", "r1-all-b16-lr0.015-s1"]
+    for run in same:
         assert _metrics(one / "runs" / run) == _metrics(two / "runs" / run), run
 
 

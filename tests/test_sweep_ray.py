@@ -146,6 +146,11 @@ def test_ray_not_installed(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+# The tests on the cluster stay on one pytest-xdist worker (--dist loadgroup): one cluster, started once.
+ON_CLUSTER = pytest.mark.xdist_group("ray-cluster")
+
+
+@ON_CLUSTER
 def test_bad_input_is_one_line_before_any_run(cluster: tuple[object, str], tmp_path: Path) -> None:
     _, address = cluster
     out = tmp_path / "o"
@@ -165,6 +170,7 @@ def test_bad_input_is_one_line_before_any_run(cluster: tuple[object, str], tmp_p
         assert not out.exists(), extra  # nothing written
 
 
+@ON_CLUSTER
 @pytest.mark.slow
 def test_ray_sweep_equals_local_jobs_1(cluster: tuple[object, str], tmp_path: Path) -> None:
     """2 methods x 2 LRs x 1 selection seed, then 1 confirmation seed at each best LR: the Ray sweep on the
@@ -191,6 +197,7 @@ def test_ray_sweep_equals_local_jobs_1(cluster: tuple[object, str], tmp_path: Pa
     assert verdicts[0] == verdicts[1]
 
 
+@ON_CLUSTER
 @pytest.mark.slow
 def test_two_device_arm_runs_as_two_processes_beside_lora(cluster: tuple[object, str], tmp_path: Path) -> None:
     """--devices full=2 with one 3-slot node added: the full-parameter run is a 2-process gloo run (torchrun,
@@ -218,6 +225,7 @@ def test_two_device_arm_runs_as_two_processes_beside_lora(cluster: tuple[object,
     assert lora.stat().st_mtime < (full_run / "summary.json").stat().st_mtime
 
 
+@ON_CLUSTER
 @pytest.mark.slow
 def test_lost_node_resumes_from_checkpoint(cluster: tuple[object, str], tmp_path: Path) -> None:
     """The run's node is removed right after its step-2 checkpoint: Ray retries the task on the other node,

@@ -135,3 +135,28 @@ def train_in_process(raw: dict) -> tuple[Any, dict, dict, Any]:
         return run, before, after, finish_run(run, train_seconds=0.0)
     finally:
         torch.set_num_threads(threads)
+
+
+# The per-process state bytes a run's tracker logs (rl_lora.training.memory.state_bytes) and the plan models.
+LOGGED_BYTES = ("param_bytes", "trainable_param_bytes", "grad_bytes", "optimizer_bytes", "reference_param_bytes")
+
+
+def planned_bytes(raw: dict, devices: int = 1) -> dict[str, int]:
+    """What `rl-lora plan` says one process of ``raw``'s run holds on ``devices`` processes (Breakdown.logged)."""
+    from rl_lora.config.algorithms import algorithm_info
+    from rl_lora.config.schema import validate
+    from rl_lora.estimate.plan import model_facts, parts, plan_model_config, precision, recipe_layout, state_breakdown
+
+    config = validate(raw)
+    facts = model_facts(plan_model_config(config), algorithm_info(config.algorithm).scores_sequences)
+    return state_breakdown(parts(facts, config, config.lora.rank), recipe_layout(config, facts, devices),
+                           precision(config)).logged
+
+
+def logged_bytes(run_dir: Path, step: int = 1) -> dict[str, int]:
+    """The state bytes the run logged at ``step`` (step 1: a training step after step 0's held-out evaluation)."""
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    record = next(r for r in records if r["step"] == step)
+    return {k: record[k] for k in LOGGED_BYTES}
