@@ -225,6 +225,54 @@ def test_two_device_arm_runs_as_two_processes_beside_lora(cluster: tuple[object,
     assert lora.stat().st_mtime < (full_run / "summary.json").stat().st_mtime
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Pids of this machine's processes whose command line holds ``text`` (a test's own temporary path)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # ended while we read
+            continue
+    return [pid for pid in found if _alive(pid)]
+
+
+@ON_CLUSTER
+def test_an_interrupted_ray_sweep_stops_its_runs(cluster: tuple[object, str], tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM to the driver: every started task stops its run and the processes under it,
+    on the node it ran on, and the driver returns; a rerun of the same sweep starts the run again."""
+    import signal
+
+    _, address = cluster
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name
+        command = [sys.executable, "-m", "rl_lora.cli", "sweep", str(RECIPE), "--ranks", "1", "--seeds", "1",
+                   "--name", "s", "--output-dir", str(out), "--ray", address,
+                   *[o for o in TINY if not o.startswith("train.steps")], "train.steps=500"]
+        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            runs = out / "s" / "runs"
+            deadline = time.time() + 180
+            while time.time() < deadline and not any("run folder" in log.read_text()
+                                                      for log in runs.glob("*.log") if log.is_file()):
+                time.sleep(0.2)
+            (log,) = runs.glob("*.log")
+            assert "run folder" in log.read_text(), sig.name
+            assert _processes_naming(str(out / "s" / "runs")), "no run process found"
+            proc.send_signal(sig)
+            proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode != 0, sig.name
+        deadline = time.time() + 30
+        while time.time() < deadline and _processes_naming(str(out / "s" / "runs")):
+            time.sleep(0.5)
+        assert _processes_naming(str(out / "s" / "runs")) == [], f"{sig.name}: a run outlived its sweep"
+        assert not list((out / "s" / "runs").glob("*/summary.json"))
+
+
 @ON_CLUSTER
 @pytest.mark.slow
 def test_lost_node_resumes_from_checkpoint(cluster: tuple[object, str], tmp_path: Path) -> None:
