@@ -230,6 +230,31 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
     assert (run / "ranks" / "rank0.json").is_file()
 
 
+@pytest.mark.parametrize(("stage", "lora", "trained"), [
+    (3, {"adapter": "vera", "rank": 256}, 12_800),
+    (3, {"adapter": "dora", "rank": 1}, 15_872),
+    (2, {"adapter": "tinylora", "adapter_options": {"u": 13, "weight_tying": 1.0}}, 13),
+], ids=["vera-r256-zero3", "dora-r1-zero3", "tinylora-tied-zero2"])
+def test_other_adapter_types_two_processes(tmp_path: Path, stage: int, lora: dict, trained: int) -> None:
+    """PEFT's other adapter types under ZeRO (docs/adapters.md): the same checks as LoRA's, the trained count
+    the type's, the saved adapter complete (it loads with plain PEFT, every value finite), the plan's bytes."""
+    raw = tiny_raw(tmp_path / "runs", lora=lora, train={"steps": 3, "batch_size": 16, "threads": 1},
+                   distributed={"zero_stage": stage, "timeout": COLLECTIVE_TIMEOUT})
+    recipe = tmp_path / "typed.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    _launch(recipe, "logging.run_name=typed")
+    run = tmp_path / "runs" / "typed"
+    _check_run(run, 2)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["trainable_params"] == trained
+    base = AutoModelForCausalLM.from_pretrained(summary["base_model"])
+    model = PeftModel.from_pretrained(base, str(run / "adapter"))
+    prefix = "lora_" if lora["adapter"] == "dora" else f"{lora['adapter']}_"
+    saved = {n: p for n, p in model.named_parameters() if prefix in n}
+    assert saved and all(p.isfinite().all() for p in saved.values())
+    assert logged_bytes(run) == _planned_for(run)
+
+
 @pytest.mark.parametrize(("stage", "rank"), [(2, 1), (3, "full")])
 def test_dpo_two_processes(tmp_path: Path, stage: int, rank: int | str) -> None:
     _launch(_preference_recipe(tmp_path, "dpo", stage, rank), "logging.run_name=dpo")

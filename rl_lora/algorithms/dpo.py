@@ -54,6 +54,7 @@ from rl_lora.config.schema import BUILTIN_PREFERENCES, DpoRecipe
 from rl_lora.data.preferences import is_conversational
 from rl_lora.models.loading import load_policy
 from rl_lora.tasks.base import RATE, Metric
+from rl_lora.training.distributed import gather_container_parameters
 from rl_lora.training.nonfinite import NonFiniteGuard
 from rl_lora.utils.errors import DataError
 
@@ -189,6 +190,7 @@ def build_dpo_trainer(config: DpoRecipe, loaded: Loaded, lr: float, output_dir: 
     if config.model.quantization != "none":
         keep_adapters_fp32(trainer.model)  # TRL casts QLoRA adapters to bf16; keep them fp32 as for GRPO
     trainer.add_callback(RestoreTokenCount(trainer))
+    gather_container_parameters(trainer.model, config.distributed)
     return quiet(trainer)
 
 

@@ -33,6 +33,7 @@ from rl_lora.algorithms.contract import Loaded
 from rl_lora.algorithms.ppo.losses import adaptive_kl_coef
 from rl_lora.config.schema import GrpoRecipe
 from rl_lora.tasks.rewards import trainer_rewards
+from rl_lora.training.distributed import gather_container_parameters
 from rl_lora.training.nonfinite import NonFiniteGuard
 
 
@@ -122,6 +123,7 @@ class Grpo:
                                                                       config.grpo.kl_horizon, config.train.batch_size))
         if config.model.quantization != "none":
             keep_adapters_fp32(trainer.model)
+        gather_container_parameters(trainer.model, config.distributed)
         return quiet(trainer)
 
     def kl_budget(self, config: GrpoRecipe) -> float | None:

@@ -43,6 +43,7 @@ from rl_lora.algorithms.preference_data import (
 from rl_lora.config.schema import BUILTIN_PREFERENCES, RewardRecipe
 from rl_lora.models.loading import load_policy, load_reward_backbone, load_tokenizer, resolve_policy_path
 from rl_lora.tasks.base import RATE, Metric
+from rl_lora.training.distributed import gather_container_parameters
 from rl_lora.training.nonfinite import NonFiniteGuard
 
 CALIBRATION_BINS = 10
@@ -153,6 +154,7 @@ def build_reward_trainer(config: RewardRecipe, loaded: Loaded, lr: float, output
     )
     trainer.max_nonfinite_steps = config.train.max_nonfinite_steps
     trainer.add_callback(RestoreTokenCount(trainer))
+    gather_container_parameters(trainer.model, config.distributed)
     return quiet(trainer)
 
 

@@ -202,6 +202,43 @@ def share_zero3_fp32_master_weights() -> None:
     Stage3._create_fp32_partitions = create_fp32_partitions
 
 
+def gather_container_parameters(model: Any, spec: DistributedSpec) -> int:
+    """Under ZeRO-3, make the modules of PEFT's adapter types gather the parameters they read outside their
+    owners' forward; returns how many it registered (0 below ZeRO-3).
+
+    ZeRO-3 gathers a module's own parameters when the module's forward runs, and leaves every other
+    parameter partitioned (empty on every process). Two of PEFT's types read parameters that way:
+
+    - VeRA keeps its trained vectors (``vera_lambda_b``, ``vera_lambda_d``) in ``nn.ParameterDict``
+      children, whose forward never runs (a 2-process ZeRO-3 run failed in its first forward: "size of
+      tensor a (0) must match ... 256"): each module reading a container's parameters gathers them;
+    - DoRA's magnitude module reads the LoRA matrices and the base weight (its weight norm) in its own
+      forward ("tuple index out of range" on the empty ``lora_A.weight``): it gathers those.
+
+    DeepSpeed's ``register_external_parameter`` makes a module's forward gather and release a parameter it
+    does not own. Plain LoRA's matrices live in ``nn.Linear`` modules that are called, and need none of this.
+    """
+    if spec.zero_stage != 3:
+        return 0
+    from deepspeed.runtime.zero import register_external_parameter
+    from torch import nn
+
+    registered = 0
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, (nn.ParameterDict, nn.ParameterList)):
+                for param in child.parameters():
+                    register_external_parameter(module, param)
+                    registered += 1
+        magnitudes = getattr(module, "lora_magnitude_vector", None)  # a DoRA layer (peft.tuners.lora.LoraLayer)
+        if isinstance(magnitudes, nn.ModuleDict):
+            for name, magnitude in magnitudes.items():
+                for param in (module.get_base_layer().weight, module.lora_A[name].weight, module.lora_B[name].weight):
+                    register_external_parameter(magnitude, param)
+                    registered += 1
+    return registered
+
+
 def per_device_batch(batch_size: int, grad_accum: int) -> int:
     """Completions (or pairs) per process per micro-step, from the recipe's global batch."""
     share = world_size() * grad_accum

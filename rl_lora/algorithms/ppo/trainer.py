@@ -66,7 +66,7 @@ from rl_lora.algorithms.ppo.actor_critic import (
 )
 from rl_lora.config.schema import PpoRecipe
 from rl_lora.tasks.rewards import trainer_rewards
-from rl_lora.training.distributed import deepspeed_config
+from rl_lora.training.distributed import deepspeed_config, gather_container_parameters
 from rl_lora.training.sealing import non_finite_parameters
 from rl_lora.utils.errors import CheckpointError, ConfigError, RlLoraError
 
@@ -598,6 +598,7 @@ class Ppo:
         torch.manual_seed(config.train.seed)  # the value head's initialisation and the rollouts' sampling
         base_param_bytes = unique_param_bytes(loaded.model)
         ac = build_actor_critic(loaded.model, config.lora)
+        gather_container_parameters(ac, config.distributed)
         return PPOTrainer(config, ac, loaded.tokenizer, loaded.train_dataset, lr, base_param_bytes, output_dir)
 
     def kl_budget(self, config: PpoRecipe) -> float | None:
