@@ -5,6 +5,8 @@ most 5 points lost between the best evaluation and the last. ``ATEN_CPU_CAPABILI
 kernels of a CPU without vector units; no variable runs this machine's best (AVX2 or AVX-512). The old
 default (a locally built model, LoRA LR 1e-3 constant) left it on both: +3.3 points from 0.367 on AVX2,
 and 0.137 -> 0.113 with the default kernels. ``python bench/default_robustness.py`` runs the full matrix.
+Under the README's two test workers the runs take one torch thread each (tests/conftest.py); the band was
+measured over 1, 2 and 4 threads (docs/reproducibility.md).
 """
 
 from __future__ import annotations
