@@ -747,12 +747,17 @@ def smallest_devices(facts: ModelFacts, config: RecipeConfig, method: Method, la
     return counts[high]
 
 
+def recipe_facts(config: RecipeConfig) -> ModelFacts:
+    """The shapes the plan reads for ``config``'s policy (a sequence-scoring model for a reward model)."""
+    return model_facts(plan_model_config(config), algorithm_info(config.algorithm).scores_sequences,
+                       config.model.trust_remote_code)
+
+
 def fewest_devices(config: RecipeConfig, device_memory: int, prompt_tokens: int | None = None) -> int | None:
     """The fewest devices of ``device_memory`` bytes one run of ``config`` needs as written: its own method (full
     or its rank), ZeRO stage and gradient checkpointing (``trl.gradient_checkpointing``); None when no count the
     batch divides over fits. A sweep on Ray gives each arm this many devices unless ``--devices`` says otherwise."""
-    facts = model_facts(plan_model_config(config), algorithm_info(config.algorithm).scores_sequences,
-                        config.model.trust_remote_code)
+    facts = recipe_facts(config)
     method: Method = "full" if config.lora.is_full else int(config.lora.rank)
     checkpointing = bool((getattr(config, "trl", None) or {}).get("gradient_checkpointing", False))
     usable = int(device_memory * (1 - HEADROOM))
@@ -777,8 +782,7 @@ def make_plan(config: RecipeConfig, devices: int = 1, device_memory: int = 80 * 
         raise ConfigError(f"--devices {devices}: must be at least 1")
     if prompt_tokens is not None and prompt_tokens < 1:
         raise ConfigError(f"--prompt-tokens {prompt_tokens}: must be at least 1")
-    facts = model_facts(plan_model_config(config), algorithm_info(config.algorithm).scores_sequences,
-                        config.model.trust_remote_code)
+    facts = recipe_facts(config)
     layout = recipe_layout(config, facts, devices)
     usable = int(device_memory * (1 - HEADROOM))
     stages = [layout.zero_stage] + ([3] if layout.zero_stage != 3 else [])

@@ -85,6 +85,11 @@ def parse_devices(text: str | None, arms: Sequence[Arm]) -> dict[str, int]:
     return table
 
 
+def device_key(arm: Arm, table: dict[str, int]) -> str:
+    """The ``--devices`` key that sets ``arm``'s devices: ``full``, its rank's method if named, else ``lora``."""
+    return "full" if arm.is_full else (arm.method if arm.method in table else "lora")
+
+
 def devices_for(arm: Arm, table: dict[str, int]) -> int:
     """Devices one run of ``arm`` asks for: its rank's entry, else full/lora's, else 1."""
     if arm.is_full:
@@ -102,7 +107,7 @@ def planned_devices(recipe: Path, overrides: Sequence[str], arms: Sequence[Arm],
     memory = parse_memory(device_memory)
     planned: dict[Arm, int] = {}
     for arm in arms:
-        key = "full" if arm.is_full else (arm.method if arm.method in table else "lora")
+        key = device_key(arm, table)
         if key in table:
             continue
         config = load_recipe(recipe, [*overrides, *arm.overrides()])
@@ -293,7 +298,7 @@ class RayLauncher(Launcher):
         self.devices = {arm: planned.get(arm, devices_for(arm, table)) for arm in arms}
         for arm, count in self.devices.items():
             if count > self.largest:
-                key = "full" if arm.is_full else (arm.method if arm.method in table else "lora")
+                key = device_key(arm, table)
                 asked = (f"--devices {key}={count}" if key in table else
                          f"{arm.name}: {count} device(s) (rl-lora plan at --device-memory {device_memory})"
                          if arm in planned else f"{arm.name}: {count} device(s)")
