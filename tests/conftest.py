@@ -22,3 +22,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Built-in models go to a per-session folder, never the user's ~/.cache."""
     os.environ["RL_LORA_CACHE"] = str(tmp_path_factory.mktemp("rl-lora-cache"))
+
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, the long tests first (``slow`` or ``multiprocess``; the order is otherwise kept). A
+    worker takes the next group or test whenever it is free (xdist puts groups of several tests first), so a
+    long test collected last keeps one worker busy while the other has nothing left: longest first leaves the
+    short ones to fill in. A single process keeps pytest's order, which keeps each module's tests together so
+    that a module's fixtures are built once."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None
+                   and item.get_closest_marker("multiprocess") is None)

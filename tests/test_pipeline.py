@@ -54,6 +54,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_reward_model_then_grpo_on_it(tmp_path: Path) -> None:
     _stage_recipes(tmp_path)
     # Stage 2 points at a folder the reward model does not have: it fails, stage 1 is kept.

@@ -170,30 +170,40 @@ def test_bad_input_is_one_line_before_any_run(cluster: tuple[object, str], tmp_p
         assert not out.exists(), extra  # nothing written
 
 
+# 2 methods (full at one LR, rank 1 at two) on 1 selection seed, then 1 confirmation seed at each best LR: 5 runs.
+# Rank 1's 1.5e-3 is the LR rule's for these 4-step runs, which the lost-node test's sweep (no --lrs) takes.
+SWEEP = ["sweep", str(RECIPE), "--ranks", "1,full", "--lrs", "full=1e-4;lora=1.5e-3,3e-3", "--selection-seeds", "1",
+         "--seeds", "2", "--name", "s", *TINY]
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SWEEP run locally with --jobs 1 (no Ray): the reference of the Ray sweep and of the lost-node run."""
+    out = tmp_path_factory.mktemp("local")
+    _ok(_cli(*SWEEP, "--output-dir", str(out)), out / "s")
+    return out / "s"
+
+
 @ON_CLUSTER
 @pytest.mark.slow
-def test_ray_sweep_equals_local_jobs_1(cluster: tuple[object, str], tmp_path: Path) -> None:
-    """2 methods x 2 LRs x 1 selection seed, then 1 confirmation seed at each best LR: the Ray sweep on the
-    two worker nodes gives, run for run, the local --jobs 1 sweep's per-step figures, LR choice and report."""
+def test_ray_sweep_equals_local_jobs_1(cluster: tuple[object, str], local_sweep: Path, tmp_path: Path) -> None:
+    """The Ray sweep on the two worker nodes gives, run for run, the local --jobs 1 sweep's per-step figures, LR
+    choice and report."""
     _, address = cluster
-    sweep = ["sweep", str(RECIPE), "--ranks", "1,full", "--lrs", "full=1e-4,3e-4;lora=1e-3,3e-3",
-             "--selection-seeds", "1", "--seeds", "2", "--name", "s", *TINY]
-    local = _cli(*sweep, "--output-dir", str(tmp_path / "local"))
-    _ok(local, tmp_path / "local" / "s")
-    on_ray = _cli(*sweep, "--output-dir", str(tmp_path / "ray"), "--ray", address)
+    on_ray = _cli(*SWEEP, "--output-dir", str(tmp_path / "ray"), "--ray", address)
     _ok(on_ray, tmp_path / "ray" / "s")
-    assert "6 finished, 0 already done, 0 failed" in on_ray.stdout
+    assert "5 finished, 0 already done, 0 failed" in on_ray.stdout
 
-    local_runs, ray_runs = tmp_path / "local" / "s" / "runs", tmp_path / "ray" / "s" / "runs"
+    local_runs, ray_runs = local_sweep / "runs", tmp_path / "ray" / "s" / "runs"
     names = sorted(p.parent.name for p in local_runs.glob("*/summary.json"))
-    assert len(names) == 6 and names == sorted(p.parent.name for p in ray_runs.glob("*/summary.json"))
+    assert len(names) == 5 and names == sorted(p.parent.name for p in ray_runs.glob("*/summary.json"))
     for name in names:
         assert _figures(ray_runs / name) == _figures(local_runs / name), name
     placed = {json.loads((ray_runs / f"{n}.ray.json").read_text())["node"] for n in names}
     assert placed <= set(WORKER_IPS)  # on the worker nodes (the head offers no slot)
     assert json.loads((tmp_path / "ray" / "s" / "selection.json").read_text()) == \
-        json.loads((tmp_path / "local" / "s" / "selection.json").read_text())
-    verdicts = [(tmp_path / d / "s" / "report.md").read_text().split("\n## ")[1] for d in ("local", "ray")]
+        json.loads((local_sweep / "selection.json").read_text())
+    verdicts = [(d / "report.md").read_text().split("\n## ")[1] for d in (local_sweep, tmp_path / "ray" / "s")]
     assert verdicts[0] == verdicts[1]
 
 
@@ -240,49 +250,56 @@ def _processes_naming(text: str) -> list[int]:
 @ON_CLUSTER
 def test_an_interrupted_ray_sweep_stops_its_runs(cluster: tuple[object, str], tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) or SIGTERM to the driver: every started task stops its run and the processes under it,
-    on the node it ran on, and the driver returns; a rerun of the same sweep starts the run again."""
+    on the node it ran on, and the driver returns; nothing is reported finished. The two sweeps run at once,
+    one on each worker node."""
     import signal
 
     _, address = cluster
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        out = tmp_path / sig.name
-        command = [sys.executable, "-m", "rl_lora.cli", "sweep", str(RECIPE), "--ranks", "1", "--seeds", "1",
-                   "--name", "s", "--output-dir", str(out), "--ray", address,
-                   *[o for o in TINY if not o.startswith("train.steps")], "train.steps=500"]
-        proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            runs = out / "s" / "runs"
+    procs: dict[signal.Signals, subprocess.Popen] = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            out = tmp_path / sig.name
+            command = [sys.executable, "-m", "rl_lora.cli", "sweep", str(RECIPE), "--ranks", "1", "--seeds", "1",
+                       "--name", "s", "--output-dir", str(out), "--ray", address,
+                       *[o for o in TINY if not o.startswith("train.steps")], "train.steps=500"]
+            procs[sig] = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True)
+        for sig in procs:
+            runs = tmp_path / sig.name / "s" / "runs"
             deadline = time.time() + 180
             while time.time() < deadline and not any("run folder" in log.read_text()
                                                       for log in runs.glob("*.log") if log.is_file()):
                 time.sleep(0.2)
             (log,) = runs.glob("*.log")
             assert "run folder" in log.read_text(), sig.name
-            assert _processes_naming(str(out / "s" / "runs")), "no run process found"
+            assert _processes_naming(str(runs)), f"{sig.name}: no run process found"
+        for sig, proc in procs.items():
             proc.send_signal(sig)
+        for proc in procs.values():
             proc.communicate(timeout=120)
-        finally:
+    finally:
+        for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    for sig, proc in procs.items():
+        runs = tmp_path / sig.name / "s" / "runs"
         assert proc.returncode != 0, sig.name
         deadline = time.time() + 30
-        while time.time() < deadline and _processes_naming(str(out / "s" / "runs")):
+        while time.time() < deadline and _processes_naming(str(runs)):
             time.sleep(0.5)
-        assert _processes_naming(str(out / "s" / "runs")) == [], f"{sig.name}: a run outlived its sweep"
-        assert not list((out / "s" / "runs").glob("*/summary.json"))
+        assert _processes_naming(str(runs)) == [], f"{sig.name}: a run outlived its sweep"
+        assert not list(runs.glob("*/summary.json"))
 
 
 @ON_CLUSTER
 @pytest.mark.slow
-def test_lost_node_resumes_from_checkpoint(cluster: tuple[object, str], tmp_path: Path) -> None:
+def test_lost_node_resumes_from_checkpoint(cluster: tuple[object, str], local_sweep: Path, tmp_path: Path) -> None:
     """The run's node is removed right after its step-2 checkpoint: Ray retries the task on the other node,
-    the run continues from that checkpoint and ends with an uninterrupted run's figures. Runs last: it leaves
-    one worker node."""
+    the run continues from that checkpoint and ends with the uninterrupted run's figures (the local sweep's run
+    of the same point). Runs last: it leaves one worker node."""
     handle, address = cluster
     sweep = ["sweep", str(RECIPE), "--ranks", "1", "--seeds", "1", "--name", "s", *TINY]
-    reference = _cli(*sweep, "--output-dir", str(tmp_path / "reference"))
-    _ok(reference, tmp_path / "reference" / "s")
 
     marker = tmp_path / "paused"
     env = {"PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "pause_hook"), os.environ.get("PYTHONPATH", "")]),
@@ -311,9 +328,10 @@ def test_lost_node_resumes_from_checkpoint(cluster: tuple[object, str], tmp_path
             proc.wait()
     assert proc.returncode == 0, err[-3000:]
     assert "1 finished, 0 already done, 0 failed" in out
+    assert (local_sweep / "runs" / name).is_dir(), f"{name} is not one of SWEEP's points"
     placement = json.loads((runs / f"{name}.ray.json").read_text())
     assert placement["resumed"] and placement["node"] != node_ip
     assert json.loads((runs / name / "summary.json").read_text())["resumed_from_step"] == 2
-    assert _figures(runs / name) == _figures(tmp_path / "reference" / "s" / "runs" / name)
+    assert _figures(runs / name) == _figures(local_sweep / "runs" / name)
     assert not _alive(int(marker.read_text()))  # the first attempt's process died with its node
     print("timeline (s):", {k: round(v - timeline["start"], 1) for k, v in timeline.items()})
