@@ -144,6 +144,8 @@ def test_best_lr_comes_from_selection_seeds_and_the_verdict_from_confirmation_se
     row = next(line for line in text.splitlines() if line.startswith("| lora-r1 | 0.001 | 2 |"))
     assert "| 0.610 ± 0.014 | -10.0 points |" in row and "below full by more than 5 points" in row
     assert "| full | 0.0001 | 2 | 0.710 ± 0.014 |" in text
+    assert "| lora-r1 | 0.001 | none: 2 non-collapsed LR(s); a parabola needs 3 | n/a | 2 | none |" in text
+    assert "| lora-r1 | 0.001 | 0.0001 | 10x | n/a (no fitted optimum) |" in text
     assert (tmp_path / "lr.png").is_file()
     assert "## Parameter efficiency" not in text  # one adapter size beside full: nothing to line up
 

@@ -70,7 +70,8 @@ def _finish(runs: Path, name: str, method: str, rank: int | str, lr: float, seed
     (folder / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (folder / "summary.json").write_text(json.dumps({
         "method": method, "rank": rank, "seed": seed, "lr": lr, "steps": 20, "trained_steps": 20,
-        "lora_targets": "all", "batch_size": 64, "headline_metric": "accuracy", "final_accuracy": curve[-1]}))
+        "lora_targets": "all", "batch_size": 64, "headline_metric": "accuracy", "final_accuracy": curve[-1],
+        "start_accuracy": curve[0]}))
 
 
 def test_the_csv_lists_every_run_selection_and_confirmation_finished_or_not(tmp_path: Path) -> None:
@@ -95,6 +96,7 @@ def test_the_csv_lists_every_run_selection_and_confirmation_finished_or_not(tmp_
     assert (r1["arm"], r1["method"], r1["rank"], r1["lr"], r1["seed"], r1["phase"], r1["steps"], r1["status"]) == (
         "r1-all-b64", "lora-r1", "1", "0.001", "1", "selection", "20", "finished")
     assert float(r1["score"]) == pytest.approx(0.6)  # the mean of the last 2 evaluations, as the verdict reads it
+    assert float(r1["start"]) == pytest.approx(0.1)  # the first evaluation, before any step
     failed = rows["full-b64-lr0.0001-s3"]
     assert (failed["status"], failed["exit_code"], failed["phase"], failed["score"]) == (
         "failed", "3", "confirmation", "")

@@ -41,7 +41,7 @@ RUNS_CSV = "runs.csv"
 FIXED_KEYS = ("selection_seeds", "selection_rule", "margin")
 LIBRARIES = ("rl-lora", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
 CSV_COLUMNS = ("run", "arm", "method", "rank", "layers", "batch_size", "lr", "seed", "phase", "steps",
-               "trained_steps", "status", "metric", "score", "final", "exit_code")
+               "trained_steps", "status", "metric", "score", "final", "start", "exit_code")
 
 
 def git_commit(where: Path | None = None) -> dict[str, Any] | None:
@@ -175,6 +175,7 @@ def run_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             "steps": summary.get("steps", arm.get("steps")), "trained_steps": summary.get("trained_steps"),
             "status": "finished" if name in finished else ("failed" if name in failures else "not finished"),
             "metric": metric, "score": value, "final": summary.get(f"final_{metric}") if metric else None,
+            "start": summary.get(f"start_{metric}") if metric else None,
             "exit_code": failures.get(name) if name not in finished else None,
         })
     return rows

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt
 
 from rl_lora.estimate.lr_rule import default_multiplier
 from rl_lora.study.comparison import LEVEL, choose_lr, equivalence_bound, selection_score, verdict, welch_gap
+from rl_lora.study.lr_fit import Fit, Interval, fit_optimum, optimum_interval, ratio_interval
 from rl_lora.study.records import read_manifests
 from rl_lora.study.sweep_plan import log_step
 from rl_lora.tasks.base import Metric
@@ -256,8 +257,52 @@ def verdict_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[
     return lines
 
 
+def selection_scores(arm: ArmRuns, protocol: Protocol, metric: Any) -> dict[float, list[float]]:
+    """Each grid LR's selection scores (one per finished selection seed)."""
+    return {lr: [x for x in (score(r, metric.name, protocol.select_last) for r in runs) if x is not None]
+            for lr, runs in arm.selection.items()}
+
+
+def start_score(arm: ArmRuns, metric: Any) -> float | None:
+    """The mean first evaluation (before any step) of the arm's selection runs, None where none is recorded."""
+    starts = [r.summary.get(f"start_{metric.name}") for runs in arm.selection.values() for r in runs]
+    numbers = [x for x in starts if isinstance(x, (int, float))]
+    return statistics.fmean(numbers) if numbers else None
+
+
+def _interval_text(interval: Interval, scale: str = "") -> str:
+    if interval.low is None or interval.high is None:
+        return f"n/a ({interval.defined:.0%} of resamples have a top)"
+    return f"{interval.low:.3g}{scale}..{interval.high:.3g}{scale}"
+
+
+def fit_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> tuple[list[str], dict[Any, Fit]]:
+    """The fitted-optimum table (rl_lora/study/lr_fit.py) and each arm's fit."""
+    pct = int(LEVEL * 100)
+    lines = [f"Fitted optimum: the top of a parabola in log-LR through every selection seed's score at the "
+             "non-collapsed LRs (collapsed: gave back more than half the best LR's gain over the first "
+             f"evaluation); interval: {pct}% bootstrap over seeds, each LR's seeds resampled "
+             "(rl_lora/study/lr_fit.py).", "",
+             f"| method | grid's best LR | fitted optimum | {pct}% bootstrap interval | LRs fitted | "
+             "left out as collapsed |", "|---|---|---|---|---|---|"]
+    fits = {}
+    for arm in arms:
+        scores = selection_scores(arm, protocol, metric)
+        fit = fit_optimum(scores, start_score(arm, metric), metric.higher_is_better)
+        fits[arm.key] = fit
+        dropped = ", ".join(f"{lr:g}" for lr in fit.collapsed) or "none"
+        if fit.lr is None:
+            lines.append(f"| {arm.label} | {_lr(arm.best_lr)} | none: {fit.why} | n/a | {len(fit.fitted)} | "
+                         f"{dropped} |")
+            continue
+        interval = optimum_interval(scores, fit, metric.higher_is_better)
+        lines.append(f"| {arm.label} | {_lr(arm.best_lr)} | {fit.lr:.3g} | {_interval_text(interval)} | "
+                     f"{len(fit.fitted)} | {dropped} |")
+    return [*lines, ""], fits
+
+
 def lr_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[str]:
-    """The selection table (score per LR, best marked) and the measured LoRA/full best-LR ratio."""
+    """The selection table (score per LR, best marked), the fitted optima, and the LoRA/full best-LR ratio."""
     grid_arms = [a for a in arms if a.selection]
     if not grid_arms:
         return []
@@ -274,20 +319,33 @@ def lr_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[str]:
     if edges:
         lines += [f"Best LR at the grid's edge for {', '.join(edges)}: the optimum may lie outside the grid; "
                   "extend it (`--lrs`) before reading the verdict.", ""]
+    fitted, fits = fit_lines(grid_arms, protocol, metric)
+    lines += fitted
     fulls = {a.key[2]: a for a in grid_arms if a.is_full and a.best_lr}
+    pct = int(LEVEL * 100)
     ratio_rows = []
     for arm in grid_arms:
         full = fulls.get(arm.key[2])
         if arm.is_full or full is None or arm.best_lr is None or full.best_lr is None:  # fulls have one
             continue
         step = log_step(sorted(arm.selection))
+        fit, full_fit = fits[arm.key], fits[full.key]
+        if fit.lr is None or full_fit.lr is None:
+            fitted_ratio = "n/a (no fitted optimum)"
+        else:
+            interval = ratio_interval(selection_scores(arm, protocol, metric), fit,
+                                      selection_scores(full, protocol, metric), full_fit, metric.higher_is_better)
+            fitted_ratio = f"{fit.lr / full_fit.lr:.3g}x ({_interval_text(interval, 'x')})"
         ratio_rows.append(f"| {arm.label} | {arm.best_lr:g} | {full.best_lr:g} | {arm.best_lr / full.best_lr:.3g}x | "
-                          f"{default_multiplier(arm.steps):g}x | {f'{step:.2g}x' if step else 'n/a'} |")
+                          f"{fitted_ratio} | {default_multiplier(arm.steps):g}x | "
+                          f"{f'{step:.2g}x' if step else 'n/a'} |")
     if ratio_rows:
         lines += ["LoRA's best LR over full's (claim 5 of docs/findings.md), next to the LR rule's multiplier; "
-                  "the measured ratio is only as fine as the grid's step:", "",
-                  "| method | best LR | full's best LR | measured ratio | rule | grid step |",
-                  "|---|---|---|---|---|---|",
+                  "the grid's ratio is only as fine as the grid's step, the fitted one comes with its "
+                  f"{pct}% bootstrap interval:", "",
+                  f"| method | best LR | full's best LR | grid's ratio | fitted ratio ({pct}% interval) | rule | "
+                  "grid step |",
+                  "|---|---|---|---|---|---|---|",
                   *ratio_rows, ""]
     return lines
 
