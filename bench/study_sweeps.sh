@@ -18,13 +18,17 @@
 #      2.5e-4, 5e-4; the grids below are the union, and rerun they give the same runs);
 #   6. the regime test (claim 1): ranks 1, 4 and full at three episode budgets (75, 300 and 900 steps of 64:
 #      4,800, 19,200 and 57,600 episodes) with the study's settings (constant LR, mean-centred advantages:
-#      train.lr_scheduler=constant grpo.scale_rewards=none), each over a 5-LR grid on selection seeds 1,2, then
+#      train.lr_scheduler=constant grpo.scale_rewards=none), each over its LR grid on selection seeds 1,2, then
 #      seeds 3-6 at its best; bench/regime_report.py puts the three together (gap against trainable parameters
-#      per episode-bit). A first try with 3-LR grids (full 1e-4..4e-4, r1 2.5e-4..1e-3, r4 5e-4..2e-3) put every
-#      method's best at the grid's low edge at 19,200 episodes (the constant LR moves the optimum down), hence
-#      the two lower points;
+#      per episode-bit). 75 and 300 steps: 5-LR grids (full 2.5e-5..4e-4, r1 6.25e-5..1e-3, r4 1.25e-4..2e-3;
+#      a first try with the top three points put every best at the low edge at 300 steps: the constant LR moves
+#      the optimum down). 900 steps: 3-LR grids a step below 300 steps' bests (which halved from 75 to 300
+#      steps), topped by those bests: full 1.25e-5..5e-5, r1 and r4 6.25e-5..2.5e-4;
 #   7. the batch test redone (claim 3): ranks 1, 16 and full at batch 16 (1,200 steps) and 256 (75 steps), the
-#      same 19,200 episodes, each (method, batch size) over its own 3-LR grid on seeds 1,2, then seeds 3-6.
+#      same 19,200 episodes, each (method, batch size) over its own 3-LR grid on seeds 1,2, then seeds 3-6: two
+#      sweeps into one folder, one per batch size, each grid (2x steps) centred where the square-root rule
+#      (LR x sqrt(batch / 64)) moves part 1's best at batch 64 (full 2e-4, r1 5e-4, r16 1e-3): batch 16 full
+#      5e-5..2e-4, r1 1.25e-4..5e-4, r16 2.5e-4..1e-3; batch 256 full 2e-4..8e-4, r1 5e-4..2e-3, r16 1e-3..4e-3.
 #
 # Usage: bash bench/study_sweeps.sh [1|2|3|4|5|6|7 ...]   (default: all; about four hours on 2 CPU cores)
 # Reports land in sweeps/study_*/report.md and are copied to docs/experiments/. PYTHON picks the interpreter
@@ -60,17 +64,21 @@ for part in "${@:-1 2 3 4 5 6 7}"; do
            --selection-seeds 1,2 --seeds 3,4,5,6 --name study_adapters
          publish study_adapters ;;
       6) for steps in 75 300 900; do
-           "${RL[@]}" --ranks 1,4,full \
-             --lrs "full=2.5e-5,5e-5,1e-4,2e-4,4e-4;r1=6.25e-5,1.25e-4,2.5e-4,5e-4,1e-3;r4=1.25e-4,2.5e-4,5e-4,1e-3,2e-3" \
+           lrs="full=2.5e-5,5e-5,1e-4,2e-4,4e-4;r1=6.25e-5,1.25e-4,2.5e-4,5e-4,1e-3;r4=1.25e-4,2.5e-4,5e-4,1e-3,2e-3"
+           [ "$steps" = 900 ] && lrs="full=1.25e-5,2.5e-5,5e-5;r1=6.25e-5,1.25e-4,2.5e-4;r4=6.25e-5,1.25e-4,2.5e-4"
+           "${RL[@]}" --ranks 1,4,full --lrs "$lrs" \
              --selection-seeds 1,2 --seeds 3,4,5,6 --name "study_regime_e$((steps * 64))" \
              train.lr_scheduler=constant grpo.scale_rewards=none train.steps=$steps \
              train.eval_every=$((steps / 6))
            publish "study_regime_e$((steps * 64))"
          done
          "${PYTHON:-python}" bench/regime_report.py sweeps docs/experiments/study_regime ;;
-      7) "${RL[@]}" --ranks 1,16,full --batch-sizes 16,256 \
-           --lrs "full=1e-4,2e-4,4e-4;r1=2.5e-4,5e-4,1e-3;r16=5e-4,1e-3,2e-3" \
-           --selection-seeds 1,2 --seeds 3,4,5,6 --name study_batch_lr
+      7) for batch in 16 256; do
+           lrs="full=5e-5,1e-4,2e-4;r1=1.25e-4,2.5e-4,5e-4;r16=2.5e-4,5e-4,1e-3"
+           [ "$batch" = 256 ] && lrs="full=2e-4,4e-4,8e-4;r1=5e-4,1e-3,2e-3;r16=1e-3,2e-3,4e-3"
+           "${RL[@]}" --ranks 1,16,full --batch-sizes $batch --lrs "$lrs" \
+             --selection-seeds 1,2 --seeds 3,4,5,6 --name study_batch_lr
+         done
          publish study_batch_lr ;;
       *) echo "unknown part '$p' (1-7)" >&2; exit 2 ;;
     esac
