@@ -265,3 +265,50 @@ def test_types_peft_puts_on_a_4_bit_base_train_there(lora: dict, expected: int, 
     run, before, after, result = train_in_process(raw)
     _check_trained_and_frozen(before, after)
     assert result.summary["trainable_params"] == expected
+
+
+# -- resume ---------------------------------------------------------------------------------------------------
+
+RESUMED_TYPES = ["dora-r1", "vera-r256", "tinylora", "tinylora-tied", "miss-mini"]
+
+
+@pytest.mark.parametrize("spec_id", RESUMED_TYPES)
+def test_a_run_of_each_type_resumed_from_a_checkpoint_ends_as_the_uninterrupted_one(spec_id: str,
+                                                                                    tmp_path: Path) -> None:
+    """Each type's trained values and optimizer state come back from a checkpoint: a 4-step GRPO run, cut back
+    to its step-2 checkpoint (the later checkpoint, the adapter and the summary removed, as a kill leaves it)
+    and resumed in this process, logs the same figures at steps 3-4 and saves the same adapter bytes. (The
+    kill itself and the new process are type-independent: tests/test_resume.py kills and resumes LoRA runs.)"""
+    import json
+    import shutil
+
+    import torch
+
+    from rl_lora.launch.runner import run_recipe
+    from rl_lora.training.checkpoint import step_name
+
+    lora, _ = SPECS[spec_id]
+    raw = _raw(tmp_path, lora, train={"steps": 4, "save_every": 2, "keep_last": 2, "eval_every": 2})
+    raw["logging"]["run_name"] = "whole"
+    threads = torch.get_num_threads()
+    try:
+        run_recipe(validate(raw))
+        whole, cut = tmp_path / "whole", tmp_path / "cut"
+        shutil.copytree(whole, cut)
+        shutil.rmtree(cut / "checkpoints" / step_name(4))
+        shutil.rmtree(cut / "adapter")
+        (cut / "summary.json").unlink()
+        raw["logging"]["run_name"] = "cut"
+        result = run_recipe(validate(raw), resume=str(cut), resuming=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert result is not None and result.summary["resumed_from_step"] == 2
+
+    def records(run: Path) -> dict[int, dict]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: r.get(k) for k in ("loss", "reward", "grad_norm", "lr", "eval/accuracy")}
+                for r in rows if "loss" in r}
+
+    assert records(whole) == records(cut) and sorted(records(cut)) == [1, 2, 3, 4]
+    adapter = "adapter/adapter_model.safetensors"
+    assert (whole / adapter).read_bytes() == (cut / adapter).read_bytes()

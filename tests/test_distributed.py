@@ -234,7 +234,8 @@ def test_two_nodes_on_one_machine(tmp_path: Path) -> None:
     (3, {"adapter": "vera", "rank": 256}, 12_800),
     (3, {"adapter": "dora", "rank": 1}, 15_872),
     (2, {"adapter": "tinylora", "adapter_options": {"u": 13, "weight_tying": 1.0}}, 13),
-], ids=["vera-r256-zero3", "dora-r1-zero3", "tinylora-tied-zero2"])
+    (3, {"adapter": "miss", "rank": 16, "adapter_options": {"init_weights": "mini", "mini_r": 8}}, 3_584),
+], ids=["vera-r256-zero3", "dora-r1-zero3", "tinylora-tied-zero2", "miss-mini-zero3"])
 def test_other_adapter_types_two_processes(tmp_path: Path, stage: int, lora: dict, trained: int) -> None:
     """PEFT's other adapter types under ZeRO (docs/adapters.md): the same checks as LoRA's, the trained count
     the type's, the saved adapter complete (it loads with plain PEFT, every value finite), the plan's bytes."""

@@ -22,8 +22,6 @@ SHARED_GRPO_RUN = pytest.mark.xdist_group("resume-grpo-whole")
 
 def _recipe(tmp: Path, train: dict | None = None, algorithm: str = "grpo") -> Path:
     raw = tiny_raw(tmp / "runs", train={"steps": 8, "save_every": 2, "keep_last": 2, "eval_every": 4, **(train or {})})
-    if algorithm == "grpo-vera":  # another PEFT adapter type: its trained vectors and frozen projections come back
-        raw["lora"] = {"adapter": "vera", "rank": 256}
     if algorithm in ("dpo", "reward"):  # tests/test_preference_training.py's recipes: built-in pairs, 8 a step
         raw = {k: v for k, v in raw.items() if k not in ("grpo", "reward")} | {"algorithm": algorithm}
         raw["data"] = {"max_operand": 30, "eval_size": 20}
@@ -81,8 +79,6 @@ RESUMED = {
     "dpo": (None, {"loss", "lr", "grad_norm", "rewards/margins", "rewards/accuracies"}),
     # Reward model: accuracy and margin; the adapter compared includes the score head.
     "reward": (None, {"loss", "lr", "grad_norm"}),
-    # GRPO with VeRA instead of LoRA (docs/adapters.md): the adapter compared is VeRA's.
-    "grpo-vera": (COMPARED, {"loss", "reward", "lr", "grad_norm"}),
 }
 
 
