@@ -116,6 +116,26 @@ def test_a_type_on_fused_moe_experts_is_refused_before_the_model_loads(tmp_path:
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("spec_id", ["dora-r1", "vera-r256", "tinylora", "tinylora-tied", "miss-mini"])
+def test_each_type_on_an_moe_model_s_attention_is_counted_as_peft_counts_it(spec_id: str, tmp_path: Path) -> None:
+    """On a (fused-expert) MoE model the other types go on the attention linears only (``lora.targets:
+    attention``; the experts are refused above): the count from shapes equals PEFT's after wrapping and the
+    plan's."""
+    from tests_support import save_tiny_moe
+
+    folder = save_tiny_moe(tmp_path / "moe")
+    lora = {**SPECS[spec_id][0], "targets": "attention"}
+    config = validate({"lora": lora, "model": {"policy": str(folder)}})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    counted = adapter_type_parameter_count(model_linear_shapes(model), config.lora.adapter, int(config.lora.rank),
+                                           config.lora.targets, config.lora.adapter_options)
+    peft_trainable, _ = get_peft_model(model, peft_config(config.lora, model=model)).get_nb_trainable_parameters()
+    assert counted == peft_trainable > 0
+    facts = model_facts(plan_model_config(config))
+    assert sum(sum(p.sizes) for p in parts(facts, config, config.lora.rank) if p.trainable) == counted
+
+
 def test_peft_s_own_value_checks_name_the_options() -> None:
     config = validate({"lora": {"adapter": "tinylora", "adapter_options": {"weight_tying": 2.0}}})
     with pytest.raises(ConfigError, match=r"lora.adapter_options \{'weight_tying': 2.0\}: PEFT's TinyLoraConfig"):
