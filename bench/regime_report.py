@@ -30,8 +30,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rl_lora.study.comparison import LEVEL, t_quantile, welch_gap  # noqa: E402
+from rl_lora.study.lr_fit import fit_optimum, optimum_interval, ratio_interval  # noqa: E402
 from rl_lora.study.report import headline_metric, load_runs  # noqa: E402
-from rl_lora.study.verdicts import arm_label, collect, read_protocol, score  # noqa: E402
+from rl_lora.study.verdicts import (  # noqa: E402
+    arm_label,
+    collect,
+    floor_sd,
+    read_protocol,
+    score,
+    selection_scores,
+    start_score,
+)
 
 PREFIX = "study_regime_e"
 
@@ -49,17 +58,34 @@ def budget_rows(sweep_dir: Path) -> list[dict]:
         values = [x for x in (score(r, metric.name, protocol.select_last) for r in confirmed) if x is not None]
         return lr, values, confirmed
 
-    full = next(a for a in arms if a.is_full)
+    def fitted(arm: object) -> dict:
+        grid = selection_scores(arm, protocol, metric)  # type: ignore[arg-type]
+        fit = fit_optimum(grid, start_score(arm, metric), metric.higher_is_better)  # type: ignore[arg-type]
+        return {"grid": grid, "fit": fit,
+                "fit_interval": optimum_interval(grid, fit, metric.higher_is_better) if fit.lr else None}
+
+    full = next((a for a in arms if a.is_full), None)
+    if full is None:
+        print(f"{sweep_dir}: no full-parameter run yet; left out", file=sys.stderr)
+        return []
     full_lr, full_scores, _ = scores_of(full)
+    full_fit = fitted(full)
     rows = [{"episodes": episodes, "method": "full", "lr": full_lr, "scores": full_scores, "params": None,
-             "at_edge": full.at_edge, "gap": None}]
+             "at_edge": full.at_edge, "gap": None, **full_fit, "ratio": None}]
     for arm in arms:
         if arm.is_full:
             continue
         lr, values, confirmed = scores_of(arm)
         params = int(confirmed[0].summary["trainable_params"]) if confirmed else None
+        mine = fitted(arm)
+        ratio = None
+        if mine["fit"].lr and full_fit["fit"].lr:
+            ratio = (mine["fit"].lr / full_fit["fit"].lr,
+                     ratio_interval(mine["grid"], mine["fit"], full_fit["grid"], full_fit["fit"],
+                                    metric.higher_is_better))
         rows.append({"episodes": episodes, "method": arm.label, "lr": lr, "scores": values, "params": params,
-                     "at_edge": arm.at_edge, "gap": welch_gap(values, full_scores) if values else None})
+                     "at_edge": arm.at_edge, **mine, "ratio": ratio,
+                     "gap": welch_gap(values, full_scores, floor_sd=floor_sd(metric)) if values else None})
     return rows
 
 
@@ -86,14 +112,16 @@ def main(sweeps: Path, out: Path) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for folder in folders for row in budget_rows(folder)]
+    folders = [f for f in folders if any(r["episodes"] == int(f.name.removeprefix(PREFIX)) for r in rows)]
     level = f"{int(LEVEL * 100)}%"
     md = ["# The regime test: rank 1's gap to full at three episode budgets", "",
           "Ranks 1 and 4 and full fine-tuning of the built-in model (GRPO, 64 completions a step) at "
           + ", ".join(f"{int(f.name.removeprefix(PREFIX)):,}" for f in folders)
           + " episodes, with the study's settings (constant LR, mean-centred advantages). Each method's LR was "
-          "chosen per budget on selection seeds 1-2 from a 3-point grid (2x apart); the gap reads seeds 3-6 at "
-          f"that LR, with a Welch t {level} interval. Parameters per episode-bit: trainable parameters over "
-          "episodes (each episode's reward is 0 or 1: at most one bit).", "",
+          "chosen per budget on selection seeds 1-2 from its own grid (2x steps; the grids are listed below); the "
+          f"gap reads seeds 3-6 at that LR, with a Welch t {level} interval (each side's spread floored at one "
+          "held-out item, 1/300). Parameters per episode-bit: trainable parameters over episodes (each "
+          "episode's reward is 0 or 1: at most one bit).", "",
           f"| episodes | method | best LR | seeds | score (mean ± sd) | trainable params | params per episode-bit "
           f"| gap to full (points) | {level} interval |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -108,6 +136,23 @@ def main(sweeps: Path, out: Path) -> int:
         md.append(f"| {r['episodes']:,} | {r['method']} | {r['lr']:g}{edge} | {len(r['scores'])} | {mean:.3f} ± "
                   f"{sd:.3f} | {params} | {per_bit} | "
                   f"{'—' if gap is None else f'{gap.gap * 100:+.1f}'} | {interval} |")
+    md += ["", "## Best LRs: the grid's and the fitted optimum", "",
+           "Fitted optimum: the top of a parabola in log-LR through every selection seed's score at the "
+           "non-collapsed grid LRs, with a " + level + " bootstrap interval over seeds (rl_lora/study/lr_fit.py; "
+           "2 seeds per LR, so coarse). Ratio: the method's fitted optimum over full's at the same budget.", "",
+           f"| episodes | method | grid | grid's best | fitted optimum ({level}) | fitted ratio to full ({level}) |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        grid = ", ".join(f"{lr:g}" for lr in sorted(r["grid"]))
+        fit, span = r["fit"], r["fit_interval"]
+        fitted = (f"none ({fit.why})" if fit.lr is None else
+                  f"{fit.lr:.3g} ({'n/a' if span is None or span.low is None else f'{span.low:.3g}..{span.high:.3g}'})")
+        ratio = "—"
+        if r["ratio"] is not None:
+            value, interval = r["ratio"]
+            ratio = (f"{value:.3g}x (" + ("n/a" if interval.low is None else
+                                          f"{interval.low:.3g}x..{interval.high:.3g}x") + ")")
+        md.append(f"| {r['episodes']:,} | {r['method']} | {grid} | {r['lr']:g} | {fitted} | {ratio} |")
     md += ["", "## Does the gap move with the budget?", ""]
     methods = sorted({r["method"] for r in rows if r["method"] != "full"})
     for method in methods:
