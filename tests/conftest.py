@@ -25,12 +25,23 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 
 
+
+def _long(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is not None or item.get_closest_marker("multiprocess") is not None
+
+
+def _group(item: pytest.Item) -> str | None:
+    mark = item.get_closest_marker("xdist_group")
+    return (mark.args[0] if mark.args else mark.kwargs.get("name")) if mark is not None else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, the long tests first (``slow`` or ``multiprocess``; the order is otherwise kept). A
     worker takes the next group or test whenever it is free (xdist puts groups of several tests first), so a
     long test collected last keeps one worker busy while the other has nothing left: longest first leaves the
-    short ones to fill in. A single process keeps pytest's order, which keeps each module's tests together so
-    that a module's fixtures are built once."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None
-                   and item.get_closest_marker("multiprocess") is None)
+    short ones to fill in. The tests of one ``xdist_group`` keep their order (they share a fixture, and some
+    must run last), and a single process keeps pytest's order, so that a module's fixtures are built once."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    long_groups = {_group(item) for item in items if _long(item)} - {None}
+    items.sort(key=lambda item: not (_long(item) or _group(item) in long_groups))
