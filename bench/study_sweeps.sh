@@ -23,7 +23,9 @@
 #      per episode-bit). 75 and 300 steps: 5-LR grids (full 2.5e-5..4e-4, r1 6.25e-5..1e-3, r4 1.25e-4..2e-3;
 #      a first try with the top three points put every best at the low edge at 300 steps: the constant LR moves
 #      the optimum down). 900 steps: 3-LR grids a step below 300 steps' bests (which halved from 75 to 300
-#      steps), topped by those bests: full 1.25e-5..5e-5, r1 and r4 6.25e-5..2.5e-4;
+#      steps), topped by those bests: full 1.25e-5..5e-5, r1 and r4 6.25e-5..2.5e-4; full's and r1's bests sat
+#      at their grids' top, so a second sweep into the folder added full 1e-4 and r1 5e-4 (manifests/ keeps
+#      both; the grids below are the union, and rerun they give the same runs);
 #   7. the batch test redone (claim 3): ranks 1, 16 and full at batch 16 (1,200 steps) and 256 (75 steps), the
 #      same 19,200 episodes, each (method, batch size) over its own 3-LR grid on seeds 1,2, then seeds 3-6: two
 #      sweeps into one folder, one per batch size, each grid (2x steps) centred where the square-root rule
@@ -65,7 +67,7 @@ for part in "${@:-1 2 3 4 5 6 7}"; do
          publish study_adapters ;;
       6) for steps in 75 300 900; do
            lrs="full=2.5e-5,5e-5,1e-4,2e-4,4e-4;r1=6.25e-5,1.25e-4,2.5e-4,5e-4,1e-3;r4=1.25e-4,2.5e-4,5e-4,1e-3,2e-3"
-           [ "$steps" = 900 ] && lrs="full=1.25e-5,2.5e-5,5e-5;r1=6.25e-5,1.25e-4,2.5e-4;r4=6.25e-5,1.25e-4,2.5e-4"
+           [ "$steps" = 900 ] && lrs="full=1.25e-5,2.5e-5,5e-5,1e-4;r1=6.25e-5,1.25e-4,2.5e-4,5e-4;r4=6.25e-5,1.25e-4,2.5e-4"
            "${RL[@]}" --ranks 1,4,full --lrs "$lrs" \
              --selection-seeds 1,2 --seeds 3,4,5,6 --name "study_regime_e$((steps * 64))" \
              train.lr_scheduler=constant grpo.scale_rewards=none train.steps=$steps \
