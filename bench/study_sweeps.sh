@@ -32,8 +32,9 @@
 #      (LR x sqrt(batch / 64)) moves part 1's best at batch 64 (full 2e-4, r1 5e-4, r16 1e-3): batch 16 full
 #      5e-5..2e-4, r1 1.25e-4..5e-4, r16 2.5e-4..1e-3; batch 256 full 2e-4..8e-4, r1 5e-4..2e-3, r16 1e-3..4e-3.
 #      Four LoRA bests sat at a grid edge, so a second sweep per batch size into the folder added a step: batch 16
-#      r1 1e-3 and r16 2e-3 (both at the top), batch 256 r1 4e-3 (top) and r16 5e-4 (bottom); the grids below are
-#      the union, and rerun they give the same runs.
+#      r1 1e-3 and r16 2e-3 (both at the top), batch 256 r1 4e-3 (top) and r16 5e-4 (bottom); rank 1's best then
+#      sat at the new top at both sizes, and a third sweep added r1 2e-3 (batch 16) and 8e-3 (256). The grids
+#      below are the union, and rerun they give the same runs.
 #
 # Usage: bash bench/study_sweeps.sh [1|2|3|4|5|6|7 ...]   (default: all; about four hours on 2 CPU cores)
 # Reports land in sweeps/study_*/report.md and are copied to docs/experiments/. PYTHON picks the interpreter
@@ -79,8 +80,8 @@ for part in "${@:-1 2 3 4 5 6 7}"; do
          done
          "${PYTHON:-python}" bench/regime_report.py sweeps docs/experiments/study_regime ;;
       7) for batch in 16 256; do
-           lrs="full=5e-5,1e-4,2e-4;r1=1.25e-4,2.5e-4,5e-4,1e-3;r16=2.5e-4,5e-4,1e-3,2e-3"
-           [ "$batch" = 256 ] && lrs="full=2e-4,4e-4,8e-4;r1=5e-4,1e-3,2e-3,4e-3;r16=5e-4,1e-3,2e-3,4e-3"
+           lrs="full=5e-5,1e-4,2e-4;r1=1.25e-4,2.5e-4,5e-4,1e-3,2e-3;r16=2.5e-4,5e-4,1e-3,2e-3"
+           [ "$batch" = 256 ] && lrs="full=2e-4,4e-4,8e-4;r1=5e-4,1e-3,2e-3,4e-3,8e-3;r16=5e-4,1e-3,2e-3,4e-3"
            "${RL[@]}" --ranks 1,16,full --batch-sizes $batch --lrs "$lrs" \
              --selection-seeds 1,2 --seeds 3,4,5,6 --name study_batch_lr
          done
