@@ -35,8 +35,11 @@
 #      r1 1e-3 and r16 2e-3 (both at the top), batch 256 r1 4e-3 (top) and r16 5e-4 (bottom); rank 1's best then
 #      sat at the new top at both sizes, and a third sweep added r1 2e-3 (batch 16) and 8e-3 (256). The grids
 #      below are the union, and rerun they give the same runs.
+#   8. the kernel recheck of parts 6 and 7: each arm's confirmation (seeds 3-6, one selection seed) at its
+#      AVX2 best LR again under ATEN_CPU_CAPABILITY=default, as study_*_default_kernels did for parts 1 and 5
+#      (about 45 min on 2 cores).
 #
-# Usage: bash bench/study_sweeps.sh [1|2|3|4|5|6|7 ...]   (default: all; about four hours on 2 CPU cores)
+# Usage: bash bench/study_sweeps.sh [1|2|3|4|5|6|7|8 ...]   (default: all; about four hours on 2 CPU cores)
 # Reports land in sweeps/study_*/report.md and are copied to docs/experiments/. PYTHON picks the interpreter
 # (default: python on PATH, e.g. the activated .venv).
 set -euo pipefail
@@ -54,7 +57,7 @@ publish() {  # copy a sweep's report, plots and records (runs.csv, manifests, LR
   return 0
 }
 
-for part in "${@:-1 2 3 4 5 6 7}"; do
+for part in "${@:-1 2 3 4 5 6 7 8}"; do
   for p in $part; do
     case $p in
       1) "${RL[@]}" --ranks 1,16,full "${GRID[@]}" --name study_best_lr; publish study_best_lr ;;
@@ -86,7 +89,20 @@ for part in "${@:-1 2 3 4 5 6 7}"; do
              --selection-seeds 1,2 --seeds 3,4,5,6 --name study_batch_lr
          done
          publish study_batch_lr ;;
-      *) echo "unknown part '$p' (1-7)" >&2; exit 2 ;;
+      8) for pair in "75 full=1e-4;r1=5e-4;r4=1e-3" "300 full=5e-5;r1=2.5e-4;r4=2.5e-4" \
+                     "900 full=5e-5;r1=2.5e-4;r4=1.25e-4"; do
+           steps=${pair%% *}
+           ATEN_CPU_CAPABILITY=default "${RL[@]}" --ranks 1,4,full --lrs "${pair#* }" --selection-seeds 1 \
+             --seeds 3,4,5,6 --name "study_regime_e$((steps * 64))_default_kernels" train.lr_scheduler=constant \
+             grpo.scale_rewards=none train.steps=$steps train.eval_every=$((steps / 6))
+           publish "study_regime_e$((steps * 64))_default_kernels"
+         done
+         for pair in "16 full=1e-4;r1=1e-3;r16=1e-3" "256 full=4e-4;r1=4e-3;r16=1e-3"; do
+           ATEN_CPU_CAPABILITY=default "${RL[@]}" --ranks 1,16,full --batch-sizes "${pair%% *}" --lrs "${pair#* }" \
+             --selection-seeds 1 --seeds 3,4,5,6 --name study_batch_lr_default_kernels
+         done
+         publish study_batch_lr_default_kernels ;;
+      *) echo "unknown part '$p' (1-8)" >&2; exit 2 ;;
     esac
   done
 done
