@@ -30,17 +30,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from rl_lora.study.comparison import LEVEL, t_quantile, welch_gap  # noqa: E402
-from rl_lora.study.lr_fit import fit_optimum, optimum_interval, ratio_interval  # noqa: E402
+from rl_lora.study.lr_fit import ratio_interval  # noqa: E402
 from rl_lora.study.report import headline_metric, load_runs  # noqa: E402
-from rl_lora.study.verdicts import (  # noqa: E402
-    arm_label,
-    collect,
-    floor_sd,
-    read_protocol,
-    score,
-    selection_scores,
-    start_score,
-)
+from rl_lora.study.verdicts import arm_fit, arm_label, collect, floor_sd, read_protocol, score  # noqa: E402
 
 PREFIX = "study_regime_e"
 
@@ -59,10 +51,8 @@ def budget_rows(sweep_dir: Path) -> list[dict]:
         return lr, values, confirmed
 
     def fitted(arm: object) -> dict:
-        grid = selection_scores(arm, protocol, metric)  # type: ignore[arg-type]
-        fit = fit_optimum(grid, start_score(arm, metric), metric.higher_is_better)  # type: ignore[arg-type]
-        return {"grid": grid, "fit": fit,
-                "fit_interval": optimum_interval(grid, fit, metric.higher_is_better) if fit.lr else None}
+        found = arm_fit(arm, protocol, metric)  # type: ignore[arg-type]
+        return {"grid": found.scores, "fit": found.fit, "fit_interval": found.interval}
 
     full = next((a for a in arms if a.is_full), None)
     if full is None:

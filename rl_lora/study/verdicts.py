@@ -276,7 +276,25 @@ def _interval_text(interval: Interval, scale: str = "") -> str:
     return f"{interval.low:.3g}{scale}..{interval.high:.3g}{scale}"
 
 
-def fit_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> tuple[list[str], dict[Any, Fit]]:
+@dataclass(frozen=True)
+class ArmFit:
+    """One arm's selection scores by LR, its fitted optimum, and that optimum's bootstrap interval (None
+    without an optimum)."""
+
+    scores: dict[float, list[float]]
+    fit: Fit
+    interval: Interval | None
+
+
+def arm_fit(arm: ArmRuns, protocol: Protocol, metric: Any) -> ArmFit:
+    """The fitted optimum of ``arm``'s selection runs (rl_lora/study/lr_fit.py)."""
+    scores = selection_scores(arm, protocol, metric)
+    fit = fit_optimum(scores, start_score(arm, metric), metric.higher_is_better)
+    interval = optimum_interval(scores, fit, metric.higher_is_better) if fit.lr is not None else None
+    return ArmFit(scores, fit, interval)
+
+
+def fit_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> tuple[list[str], dict[Any, ArmFit]]:
     """The fitted-optimum table (rl_lora/study/lr_fit.py) and each arm's fit."""
     pct = int(LEVEL * 100)
     lines = [f"Fitted optimum: the top of a parabola in log-LR through every selection seed's score at the "
@@ -287,16 +305,14 @@ def fit_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> tuple[lis
              "left out as collapsed |", "|---|---|---|---|---|---|"]
     fits = {}
     for arm in arms:
-        scores = selection_scores(arm, protocol, metric)
-        fit = fit_optimum(scores, start_score(arm, metric), metric.higher_is_better)
-        fits[arm.key] = fit
+        fitted = fits[arm.key] = arm_fit(arm, protocol, metric)
+        fit = fitted.fit
         dropped = ", ".join(f"{lr:g}" for lr in fit.collapsed) or "none"
-        if fit.lr is None:
+        if fit.lr is None or fitted.interval is None:
             lines.append(f"| {arm.label} | {_lr(arm.best_lr)} | none: {fit.why} | n/a | {len(fit.fitted)} | "
                          f"{dropped} |")
             continue
-        interval = optimum_interval(scores, fit, metric.higher_is_better)
-        lines.append(f"| {arm.label} | {_lr(arm.best_lr)} | {fit.lr:.3g} | {_interval_text(interval)} | "
+        lines.append(f"| {arm.label} | {_lr(arm.best_lr)} | {fit.lr:.3g} | {_interval_text(fitted.interval)} | "
                      f"{len(fit.fitted)} | {dropped} |")
     return [*lines, ""], fits
 
@@ -329,12 +345,12 @@ def lr_lines(arms: list[ArmRuns], protocol: Protocol, metric: Any) -> list[str]:
         if arm.is_full or full is None or arm.best_lr is None or full.best_lr is None:  # fulls have one
             continue
         step = log_step(sorted(arm.selection))
-        fit, full_fit = fits[arm.key], fits[full.key]
+        fit, full_fit = fits[arm.key].fit, fits[full.key].fit
         if fit.lr is None or full_fit.lr is None:
             fitted_ratio = "n/a (no fitted optimum)"
         else:
-            interval = ratio_interval(selection_scores(arm, protocol, metric), fit,
-                                      selection_scores(full, protocol, metric), full_fit, metric.higher_is_better)
+            interval = ratio_interval(fits[arm.key].scores, fit, fits[full.key].scores, full_fit,
+                                      metric.higher_is_better)
             fitted_ratio = f"{fit.lr / full_fit.lr:.3g}x ({_interval_text(interval, 'x')})"
         ratio_rows.append(f"| {arm.label} | {arm.best_lr:g} | {full.best_lr:g} | {arm.best_lr / full.best_lr:.3g}x | "
                           f"{fitted_ratio} | {default_multiplier(arm.steps):g}x | "
