@@ -16,6 +16,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # 79 s). Set before torch is imported; a run's own train.threads still wins.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Nothing in rl-lora compiles, but bitsandbytes (the qlora extra, imported by PEFT) wraps its kernels in
+# torch.compile at import, which loads torch's compiler: about 1.4 CPU-s in each of the suite's processes (the
+# runs it launches, torchrun's workers, Ray's) for nothing. The tests and every process they start inherit this.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -128,7 +128,7 @@ def _check_run(run: Path, ranks: int, steps: int = 3) -> None:
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
-    """stage -> the folder of an 8-step rank-1 GRPO run on 2 processes, sealing a checkpoint every 2 steps.
+    """stage -> the folder of a 4-step rank-1 GRPO run on 2 processes, sealing a checkpoint every 2 steps.
 
     Made once per stage and shared by the GRPO test and the resume test (each launch costs ~17 CPU-s).
     """
@@ -137,7 +137,7 @@ def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]
     def run_for(stage: int) -> Path:
         if stage not in made:
             tmp = tmp_path_factory.mktemp(f"lora-zero{stage}")
-            raw = tiny_raw(tmp / "runs", train={"steps": 8, "batch_size": 16, "threads": 1, "save_every": 2,
+            raw = tiny_raw(tmp / "runs", train={"steps": 4, "batch_size": 16, "threads": 1, "save_every": 2,
                                                 "eval_every": 3}, distributed={"zero_stage": stage})
             (tmp / "r.yaml").write_text(yaml.safe_dump(raw))
             _launch(tmp / "r.yaml", "logging.run_name=whole")
@@ -157,7 +157,7 @@ SHARED_FULL_RUN = pytest.mark.xdist_group("distributed-full-zero3")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_grpo_lora_two_processes(lora_runs: Callable[[int], Path], stage: int) -> None:
     run = lora_runs(stage) / "runs" / "whole"
-    _check_run(run, 2, steps=8)
+    _check_run(run, 2, steps=4)
     assert logged_bytes(run) == planned_bytes(yaml.safe_load((lora_runs(stage) / "r.yaml").read_text()), devices=2)
     # the adapter saved under ZeRO is complete and loads with plain PEFT
     summary = json.loads((run / "summary.json").read_text())
