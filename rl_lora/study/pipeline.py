@@ -42,7 +42,6 @@ from typing import Any
 import yaml
 
 from rl_lora.config.schema import apply_overrides, read_recipe_file, validate
-from rl_lora.study.report import proxy_plot
 from rl_lora.training.run_dir import write_json_atomic
 from rl_lora.utils.errors import ConfigError
 
@@ -253,6 +252,8 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
                                   f"in {folder}; rerun with --resume {folder} once fixed")
         outputs[stage.name] = _stage_outputs(stage_dir)
         records.append(_stage_record(stage, stage_dir))
+        from rl_lora.study.report import proxy_plot  # matplotlib: only where a pipeline draws, not in every run
+
         plot = proxy_plot(stage_dir, folder / f"{stage.name}_proxy_vs_held_out.png")
         if plot is not None:
             records[-1]["proxy_plot"] = str(plot)
