@@ -142,6 +142,21 @@ def test_the_study_layer_and_the_light_checks_load_no_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_a_run_loads_no_plotting_library() -> None:
+    """``rl-lora run`` (the command line and the pipeline check it makes first) and every layer a run passes
+    through load no matplotlib: about 0.8 CPU-s in each process of a run, its launcher and torchrun's workers
+    included. Plots are drawn by the study layer, after runs."""
+    code = "import sys, rl_lora.cli, rl_lora.study.pipeline\nprint('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         timeout=300)
+    assert out.stdout.strip() == "False"
+    run_layers = [p for p in (ROOT / "rl_lora").rglob("*.py") if p.relative_to(ROOT / "rl_lora").parts[0] != "study"]
+    assert len(run_layers) > 30, "the scan found too few modules"
+    plotting = [str(p.relative_to(ROOT)) for p in run_layers
+                if any(line.startswith(("import matplotlib", "from matplotlib")) for line in p.read_text().split("\n"))]
+    assert plotting == []
+
+
 def test_layers_are_documented() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text()
     missing = [name for name in LAYERS[:-2] if f"`{name}/`" not in text]

@@ -290,7 +290,7 @@ def _write_rank_report(run: PreparedRun) -> None:
 
 
 def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
-    """Save, write summary.json, close W&B and print the closing lines (main process; others return None)."""
+    """Save, close W&B, write summary.json and print the closing lines (main process; others return None)."""
     _write_rank_report(run)
     out = save_policy(run)
     if not is_main():
@@ -326,8 +326,12 @@ def finish_run(run: PreparedRun, train_seconds: float) -> RunResult | None:
         "memory": peak_memory(),
     })
     summary["fell_back"] = fell_back(summary, run.metric)
-    write_json_atomic(run.run_dir / "summary.json", summary)
-    sync = run.sink.finish(summary) if run.sink is not None else None
+    # summary.json marks the run finished (a resumed sweep skips it), so W&B closes its record first: a kill in
+    # between leaves a run to be run again, not a finished one whose offline W&B file was cut short.
+    try:
+        sync = run.sink.finish(summary) if run.sink is not None else None
+    finally:
+        write_json_atomic(run.run_dir / "summary.json", summary)
     _print_summary(summary, run.run_dir, list(run.tracker.last_eval), list(run.algorithm.final_metrics), sync,
                    run.metric)
     if summary["fell_back"]:
