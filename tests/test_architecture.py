@@ -206,5 +206,5 @@ def test_the_tests_of_one_xdist_group_go_to_one_worker(request: pytest.FixtureRe
     the group to each test's node id. pytest 9.2 keeps node ids where xdist 3.8 does not write, so the groups
     were split: module fixtures (2-process runs, the Ray cluster) built once per worker, and two Ray clusters
     on the same loopback addresses at once. pyproject.toml keeps pytest below 9; this fails if that breaks."""
-    if request.config.getvalue("loadgroup"):
+    if request.config.getoption("loadgroup", default=False):  # set on xdist workers only
         assert request.node.nodeid.endswith("@suite-grouping-check"), request.node.nodeid

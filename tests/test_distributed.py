@@ -131,7 +131,7 @@ def _check_run(run: Path, ranks: int, steps: int = 3) -> None:
 def lora_runs(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
     """stage -> the folder of a 4-step rank-1 GRPO run on 2 processes, sealing a checkpoint every 2 steps.
 
-    Made once per stage and shared by the GRPO test and the resume test (each launch costs ~17 CPU-s).
+    Made once per stage and shared by the GRPO test and the resume test (each launch costs ~30 CPU-s, measured).
     """
     made: dict[int, Path] = {}
 

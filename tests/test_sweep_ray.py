@@ -249,7 +249,8 @@ def _processes_naming(text: str) -> list[int]:
 
 @ON_CLUSTER
 @pytest.mark.xfail(strict=False, reason="known bug, open: in 3 of 4 full suites on a loaded 2-core machine "
-                   "(2026-12-07) the SIGINT'd driver exited 0 or did not return within 240 s; alone it passes")
+                   "(2026-12-07) the SIGINT'd driver exited 0 (twice) or did not return in time (once); "
+                   "alone it passes")
 def test_an_interrupted_ray_sweep_stops_its_runs(cluster: tuple[object, str], tmp_path: Path) -> None:
     """Ctrl-C (SIGINT) or SIGTERM to the driver: every started task stops its run and the processes under it,
     on the node it ran on, and the driver returns; nothing is reported finished. The two sweeps run at once,

@@ -216,6 +216,8 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
 
     Returns the pipeline folder and one record per stage (its run folder and held-out figures).
     """
+    from rl_lora.study.report import proxy_plot  # matplotlib: only where a pipeline draws, not in every run
+
     if resume is not None:
         if not (resume / "pipeline.json").is_file():
             raise ConfigError(f"--resume: '{resume}' is not a pipeline folder (no pipeline.json)")
@@ -252,8 +254,6 @@ def run_pipeline(pipeline: Pipeline, resume: Path | None = None) -> tuple[Path, 
                                   f"in {folder}; rerun with --resume {folder} once fixed")
         outputs[stage.name] = _stage_outputs(stage_dir)
         records.append(_stage_record(stage, stage_dir))
-        from rl_lora.study.report import proxy_plot  # matplotlib: only where a pipeline draws, not in every run
-
         plot = proxy_plot(stage_dir, folder / f"{stage.name}_proxy_vs_held_out.png")
         if plot is not None:
             records[-1]["proxy_plot"] = str(plot)
