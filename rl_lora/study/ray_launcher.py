@@ -43,7 +43,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rl_lora.study.sweep import POLL_SECONDS, Launcher, Outcome, _exit_on_sigterm, _main_thread
+from rl_lora.study.sweep import POLL_SECONDS, Launcher, Outcome, StopSignals
 from rl_lora.study.sweep_plan import Arm, SweepPoint
 from rl_lora.training import checkpoint
 from rl_lora.training.run_dir import write_json_atomic
@@ -358,26 +358,26 @@ class RayLauncher(Launcher):
         outcome, todo = self.split_done(points)
         bar = self.progress_bar(points, outcome, label)
         pending: dict[Any, tuple[SweepPoint, float]] = {}
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
-        try:
-            for point, fingerprint in todo:  # Ray queues them and starts each when a node has its devices
-                ref, submitted = self._prepare(point, fingerprint)
-                pending[ref] = (point, submitted)
-            while pending:
-                ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS * 5)
-                for ref in ready:
-                    point, submitted = pending.pop(ref)
-                    self._finish(point, ref, submitted, outcome)
-                    bar.update(1)
-                bar.set_postfix_str(self._where(pending))
-        finally:
-            if pending:  # interrupted: each started task stops its run and the processes under it (run_task)
-                for ref in pending:
-                    self.ray.cancel(ref)
-                self.ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_SECONDS)
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+        with StopSignals() as stop:  # Ctrl-C or SIGTERM: the finally cancels the tasks, which stop their runs
+            try:
+                for point, fingerprint in todo:  # Ray queues them and starts each when a node has its devices
+                    ref, submitted = self._prepare(point, fingerprint)
+                    pending[ref] = (point, submitted)
+                    stop.check()
+                while pending:
+                    ready, _ = self.ray.wait(list(pending), num_returns=1, timeout=POLL_SECONDS * 5)
+                    for ref in ready:
+                        point, submitted = pending.pop(ref)
+                        self._finish(point, ref, submitted, outcome)
+                        bar.update(1)
+                    bar.set_postfix_str(self._where(pending))
+                    stop.check()
+            finally:
+                if pending:  # interrupted: each started task stops its run and the processes under it (run_task)
+                    for ref in pending:
+                        self.ray.cancel(ref)
+                    self.ray.wait(list(pending), num_returns=len(pending), timeout=CANCEL_SECONDS)
+                bar.close()
         return outcome
 
     def _finish(self, point: SweepPoint, ref: Any, submitted: float, outcome: Outcome) -> None:

@@ -156,32 +156,31 @@ class Launcher:
         outcome, todo = self.split_done(points)
         bar = self.progress_bar(points, outcome, label)
         running: dict[int, tuple[subprocess.Popen, SweepPoint, float, TextIO]] = {}
-        # A SIGTERM (kill, a scheduler's stop) ends the sweep through the finally below, so its runs stop too.
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if _main_thread() else None
-        try:
-            while todo or running:
-                while todo and len(running) < self.jobs:
-                    slot = next(i for i in range(self.jobs) if i not in running)
-                    point, fingerprint = todo.pop(0)
-                    running[slot] = self._start(point, fingerprint, slot)
-                    bar.set_postfix_str(", ".join(p.name for _, p, _, _ in running.values()))
-                for slot, (proc, point, started, log) in list(running.items()):
-                    if proc.poll() is None:
-                        continue
+        # Ctrl-C or a SIGTERM (kill, a scheduler's stop) ends the sweep at stop.check(); the finally stops its runs.
+        with StopSignals() as stop:
+            try:
+                while todo or running:
+                    while todo and len(running) < self.jobs:
+                        slot = next(i for i in range(self.jobs) if i not in running)
+                        point, fingerprint = todo.pop(0)
+                        running[slot] = self._start(point, fingerprint, slot)
+                        bar.set_postfix_str(", ".join(p.name for _, p, _, _ in running.values()))
+                    for slot, (proc, point, started, log) in list(running.items()):
+                        if proc.poll() is None:
+                            continue
+                        log.close()
+                        del running[slot]
+                        self._record(point, proc.returncode, time.perf_counter() - started, outcome)
+                        bar.update(1)
+                    if running:
+                        time.sleep(POLL_SECONDS)
+                    stop.check()
+            finally:
+                for proc, _, _, log in running.values():  # interrupted: stop the runs this sweep started
+                    proc.terminate()
+                    proc.wait()
                     log.close()
-                    del running[slot]
-                    self._record(point, proc.returncode, time.perf_counter() - started, outcome)
-                    bar.update(1)
-                if running:
-                    time.sleep(POLL_SECONDS)
-        finally:
-            for proc, _, _, log in running.values():  # interrupted: stop the runs this sweep started
-                proc.terminate()
-                proc.wait()
-                log.close()
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+                bar.close()
         return outcome
 
     def _start(self, point: SweepPoint, fingerprint: dict,
@@ -211,14 +210,43 @@ class Launcher:
         tqdm.write(f"rl-lora: sweep run {point.name} failed (exit {code}); see {self.runs_dir / point.name}.log")
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while a launcher's runs go: recorded, and raised by ``check()`` where the
+    launcher's loop calls it (KeyboardInterrupt, or SystemExit(128 + 15) for SIGTERM); its ``finally`` then stops
+    the runs. Active in the main thread only.
 
+    A handler that raised would raise wherever the main thread happens to be: between starting a run's process
+    and recording it (orphaning the run), inside a finalizer (Python prints the exception and drops it), or inside
+    Ray's ``ray.wait``, which turns a SystemExit into its own exit with status 1 before the ``finally`` runs and
+    passes other exceptions over. A signal the process was started ignoring stays ignored."""
 
-def _main_thread() -> bool:
-    import threading
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
 
-    return threading.current_thread() is threading.main_thread()
+    def __enter__(self) -> StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._receive)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _receive(self, signum: int, frame: object) -> None:
+        self.received = self.received or signum  # the first one decides; a second one is not lost either
+
+    def check(self) -> None:
+        """Raise the signal received, if any."""
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is not None:
+            raise SystemExit(128 + self.received)
 
 
 def _gpu_count() -> int:
