@@ -61,3 +61,22 @@ def test_each_environment_builds_into_its_own_folder(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sys, "prefix", "/nowhere/a-second-environment")
     distributed.bound_extension_builds(timeout=3)
     assert Path(os.environ.pop("TORCH_EXTENSIONS_DIR")) != folder
+
+
+def test_deepspeed_starts_without_compiling_its_inference_only_op(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """DeepSpeed's communication backend compiled its shared-memory all-reduce op at every environment's first
+    start (about 50 CPU-s, a C++ compiler needed) though training never calls it; a run marks it unavailable, so
+    the backend starts without it (and its inference all-reduce falls back to the process group's)."""
+    import importlib
+
+    import deepspeed.ops
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # the module (its package's `torch` is torch's)
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm",
+                        deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm", False))  # restored after
+    distributed.skip_inference_comm_build()
+    assert ds_comm.build_shm_op() is None
+    assert not (tmp_path / "ext").exists()  # nothing was built

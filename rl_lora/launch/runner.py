@@ -44,6 +44,7 @@ from rl_lora.training.distributed import (
     init_process_group,
     is_main,
     rank_report,
+    skip_inference_comm_build,
     stalled_message,
     world_size,
 )
@@ -229,7 +230,8 @@ def prepare_run(config: RecipeConfig, resume: str | None = None, resuming: bool 
     # Several processes: the process group starts here (where the trainer's arguments would start it), with
     # distributed.timeout, so a stalled process fails the run instead of hanging it.
     init_process_group(config.distributed.timeout)
-    if config.distributed.zero_stage is not None:  # DeepSpeed compiles an op as it starts: bound a stale lock's wait
+    if config.distributed.zero_stage is not None:  # DeepSpeed: skip the op it would compile for inference only, and
+        skip_inference_comm_build()               # bound the wait on a stale lock of any other build
         bound_extension_builds(config.distributed.timeout)
     trainer = algorithm.build(config, loaded, lr.lr, run_dir / "trainer")
     # Read before training: under ZeRO-3 the counts would be of each process's partition afterwards.

@@ -77,9 +77,10 @@ STALE_BUILD_LOCK_S = 600  # a JIT build (DeepSpeed's CPU shared-memory op) takes
 def bound_extension_builds(timeout: int) -> None:
     """Under DeepSpeed: a wait on a JIT build's lock file ends with one line instead of lasting for ever.
 
-    DeepSpeed compiles its CPU shared-memory op (``deepspeed_shm_comm``) when it starts, under a ``lock`` file in
-    torch's extension folder; a process killed while compiling leaves the file, and every later start waited on it
-    for ever, idle, on every process (no collective runs, so ``distributed.timeout`` never fired: issue #28 item 9,
+    A JIT build (DeepSpeed's CPU shared-memory op, before ``skip_inference_comm_build``; any op a library compiles
+    at start) runs under a ``lock`` file in torch's extension folder; a process killed while compiling leaves the
+    file, and every later start waited on it for ever, idle, on every process (no collective runs, so
+    ``distributed.timeout`` never fired: issue #28 item 9,
     seen with two environments' test runs sharing the folder, each rebuilding the op the other had built). Here
     the wait raises DistributedError, naming the file, once the lock is ``STALE_BUILD_LOCK_S`` old or the wait
     passes ``timeout`` s; and each Python environment builds into its own folder (``TORCH_EXTENSIONS_DIR``, unless
@@ -118,6 +119,22 @@ def bound_extension_builds(timeout: int) -> None:
 
     wait.bounded_by_rl_lora = True  # type: ignore[attr-defined]
     file_baton.FileBaton.wait = wait  # type: ignore[method-assign]
+
+
+def skip_inference_comm_build() -> None:
+    """Under DeepSpeed: do not compile its shared-memory all-reduce op (``deepspeed_shm_comm``), which training
+    never calls.
+
+    DeepSpeed's communication backend builds that op as it starts, on the CPU, for its inference all-reduce
+    (tensor-parallel inference) and nothing else; without the op that call falls back to the process group's
+    all-reduce. Building it took about 50 CPU-seconds at a run's first start in each environment and needs a C++
+    compiler. Here the op is marked unavailable in DeepSpeed's own table of compatible ops, as on a platform that
+    lacks it.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed once, then kept by DeepSpeed
+    compatible["deepspeed_shm_comm"] = False
 
 
 # How gloo (and torch.distributed) word a collective that waited past the process group's timeout, or whose peer
