@@ -38,8 +38,11 @@
 #   8. the kernel recheck of parts 6 and 7: each arm's confirmation (seeds 3-6, one selection seed) at its
 #      AVX2 best LR again under ATEN_CPU_CAPABILITY=default, as study_*_default_kernels did for parts 1 and 5
 #      (about 45 min on 2 cores).
+#   9. the AVX-512 recheck of parts 1, 5, 6 and 7: each arm's confirmation (seeds 3-6, one selection seed) at its
+#      AVX2 best LR under ATEN_CPU_CAPABILITY=avx512, into study_*_avx512; refused on a CPU without AVX-512
+#      (torch would quietly run its best kernels instead). About 55 min on 2 cores with AVX-512.
 #
-# Usage: bash bench/study_sweeps.sh [1|2|3|4|5|6|7|8 ...]   (default: all; about four hours on 2 CPU cores)
+# Usage: bash bench/study_sweeps.sh [1|2|3|4|5|6|7|8|9 ...]   (default: all; about four hours on 2 CPU cores)
 # Reports land in sweeps/study_*/report.md and are copied to docs/experiments/. PYTHON picks the interpreter
 # (default: python on PATH, e.g. the activated .venv).
 set -euo pipefail
@@ -102,7 +105,31 @@ for part in "${@:-1 2 3 4 5 6 7 8}"; do
              --selection-seeds 1 --seeds 3,4,5,6 --name study_batch_lr_default_kernels
          done
          publish study_batch_lr_default_kernels ;;
-      *) echo "unknown part '$p' (1-8)" >&2; exit 2 ;;
+      9) ATEN_CPU_CAPABILITY=avx512 "${PYTHON:-python}" -c "import sys, torch
+sys.exit(0 if torch.backends.cpu.get_cpu_capability() == 'AVX512' else 'part 9 needs a CPU with AVX-512')"
+         export ATEN_CPU_CAPABILITY=avx512
+         "${RL[@]}" --ranks 1,16,full --lrs "full=2e-4;r1=5e-4;r16=1e-3" --selection-seeds 1 --seeds 3,4,5,6 \
+           --name study_best_lr_avx512
+         publish study_best_lr_avx512
+         "${RL[@]}" --adapters full,lora-r16,lora-r1,dora-r1,vera-r256,tinylora,tinylora-tied \
+           --lrs "full=2e-4;r16=1e-3;r1=5e-4;dora=1e-3;vera=3.2e-2;tinylora-r2=5e-4;tinylora-r2-weight_tying1.0=8e-3" \
+           --selection-seeds 1 --seeds 3,4,5,6 --name study_adapters_avx512
+         publish study_adapters_avx512
+         for pair in "75 full=1e-4;r1=5e-4;r4=1e-3" "300 full=5e-5;r1=2.5e-4;r4=2.5e-4" \
+                     "900 full=5e-5;r1=2.5e-4;r4=1.25e-4"; do
+           steps=${pair%% *}
+           "${RL[@]}" --ranks 1,4,full --lrs "${pair#* }" --selection-seeds 1 --seeds 3,4,5,6 \
+             --name "study_regime_e$((steps * 64))_avx512" train.lr_scheduler=constant grpo.scale_rewards=none \
+             train.steps=$steps train.eval_every=$((steps / 6))
+           publish "study_regime_e$((steps * 64))_avx512"
+         done
+         for pair in "16 full=1e-4;r1=1e-3;r16=1e-3" "256 full=4e-4;r1=4e-3;r16=1e-3"; do
+           "${RL[@]}" --ranks 1,16,full --batch-sizes "${pair%% *}" --lrs "${pair#* }" \
+             --selection-seeds 1 --seeds 3,4,5,6 --name study_batch_lr_avx512
+         done
+         publish study_batch_lr_avx512
+         unset ATEN_CPU_CAPABILITY ;;
+      *) echo "unknown part '$p' (1-9)" >&2; exit 2 ;;
     esac
   done
 done
