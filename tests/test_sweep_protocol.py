@@ -304,19 +304,25 @@ def test_a_terminated_sweep_stops_its_runs(tmp_path: Path) -> None:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2], pid
 
 
+def _signal_self(sig: int) -> None:
+    """Send ``sig`` to this process and run some bytecode, where Python calls its handler."""
+    import os
+
+    os.kill(os.getpid(), sig)
+    sum(range(1000))
+
+
 def test_a_signal_inside_a_library_call_is_not_raised_there_but_at_the_launchers_check() -> None:
     """Ray's ray.wait turns a SystemExit raised inside it into its own exit 1 (before the launcher's finally can
     cancel the runs) and passes other exceptions over; Python drops one raised inside a finalizer. So the sweep's
     handler only records a signal, and the launcher's loop raises it where its finally stops the runs."""
-    import os
     import signal
 
     from rl_lora.study.sweep import StopSignals
 
     def library_call() -> str:
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            sum(range(1000))  # bytecode for the handler to run on, inside the call
+            _signal_self(signal.SIGTERM)
         except BaseException as exc:  # what the library would do with anything raised here
             return f"swallowed {type(exc).__name__}"
         return "returned"
@@ -324,8 +330,7 @@ def test_a_signal_inside_a_library_call_is_not_raised_there_but_at_the_launchers
     before = signal.getsignal(signal.SIGTERM)
     with StopSignals() as stop:
         assert library_call() == "returned"
-        os.kill(os.getpid(), signal.SIGINT)  # a second signal (Ctrl-C while stopping): kept, the first decides
-        sum(range(1000))
+        _signal_self(signal.SIGINT)  # a second signal (Ctrl-C while stopping): kept, the first decides
         with pytest.raises(SystemExit) as exited:
             stop.check()
         assert exited.value.code == 143
@@ -333,22 +338,19 @@ def test_a_signal_inside_a_library_call_is_not_raised_there_but_at_the_launchers
 
 
 def test_a_ctrl_c_exits_through_the_check_as_keyboard_interrupt() -> None:
-    import os
     import signal
 
     from rl_lora.study.sweep import StopSignals
 
     with StopSignals() as stop:
         stop.check()  # nothing received: no-op
-        os.kill(os.getpid(), signal.SIGINT)
-        sum(range(1000))
+        _signal_self(signal.SIGINT)
         with pytest.raises(KeyboardInterrupt):
             stop.check()
 
 
 def test_a_signal_the_sweep_was_started_ignoring_stays_ignored() -> None:
     """`rl-lora sweep ... &` from a script starts with SIGINT ignored; the sweep must not take it back."""
-    import os
     import signal
 
     from rl_lora.study.sweep import StopSignals
@@ -356,8 +358,7 @@ def test_a_signal_the_sweep_was_started_ignoring_stays_ignored() -> None:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with StopSignals() as stop:
-            os.kill(os.getpid(), signal.SIGINT)
-            sum(range(1000))
+            _signal_self(signal.SIGINT)
             stop.check()
             assert stop.received is None
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN

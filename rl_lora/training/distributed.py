@@ -70,8 +70,8 @@ def init_process_group(timeout: int) -> None:
         dist.init_process_group(backend="gloo", timeout=timedelta(seconds=timeout))
 
 
-STALE_BUILD_LOCK_S = 600  # a JIT build (DeepSpeed's CPU shared-memory op) takes about a minute; a lock older is a
-# killed build's
+STALE_BUILD_LOCK_S = 600  # a JIT build (DeepSpeed's CPU shared-memory op, when it was built) took about a minute; a
+# lock older is a killed build's
 
 
 def bound_extension_builds(timeout: int) -> None:
@@ -80,8 +80,8 @@ def bound_extension_builds(timeout: int) -> None:
     A JIT build (DeepSpeed's CPU shared-memory op, before ``skip_inference_comm_build``; any op a library compiles
     at start) runs under a ``lock`` file in torch's extension folder; a process killed while compiling leaves the
     file, and every later start waited on it for ever, idle, on every process (no collective runs, so
-    ``distributed.timeout`` never fired: issue #28 item 9,
-    seen with two environments' test runs sharing the folder, each rebuilding the op the other had built). Here
+    ``distributed.timeout`` never fired: issue #28 item 9, seen with two environments' test runs sharing the
+    folder, each rebuilding the op the other had built). Here
     the wait raises DistributedError, naming the file, once the lock is ``STALE_BUILD_LOCK_S`` old or the wait
     passes ``timeout`` s; and each Python environment builds into its own folder (``TORCH_EXTENSIONS_DIR``, unless
     set), so two environments no longer rebuild over each other.
@@ -133,8 +133,7 @@ def skip_inference_comm_build() -> None:
     """
     import deepspeed.ops
 
-    compatible = deepspeed.ops.__compatible_ops__  # probed once, then kept by DeepSpeed
-    compatible["deepspeed_shm_comm"] = False
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # the table is probed once, then kept
 
 
 # How gloo (and torch.distributed) word a collective that waited past the process group's timeout, or whose peer
